@@ -1,0 +1,206 @@
+"""The `carwash-jobs` console script: serve, db upgrade, enqueue, jobs ..., demo-data.
+
+A thin shell over the same engine operations the HTTP API calls (JobQueue and JobStore), so the
+two stay in step. Task types and the HTTP app are reached only through `carwash_jobs.app`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from carwash_jobs import app
+from carwash_jobs.errors import CarwashError
+from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.queue import EnqueueOptions
+from carwash_jobs.runtime import Runtime
+from carwash_jobs.settings import Settings, load_settings
+from carwash_jobs.store.base import FailedFilter, JobFilter
+from carwash_jobs.store.migrations import upgrade
+from carwash_jobs.types import JobId
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        settings = load_settings()
+        _configure_logging(settings)
+        result: int = asyncio.run(args.run(settings, args))
+    except CarwashError as exc:
+        print(f"carwash-jobs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _configure_logging(settings: Settings) -> None:
+    if settings.log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(app.JsonLogFormatter())
+        logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+    else:
+        logging.basicConfig(level=settings.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carwash-jobs", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the service (API, processor and scheduler)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--role", choices=["all", "api", "worker"], default="all")
+    serve.set_defaults(run=_serve)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(metavar="ACTION")
+    db.add_parser("upgrade", help="apply migrations").set_defaults(run=_db_upgrade)
+
+    enqueue = sub.add_parser("enqueue", help="enqueue one job")
+    enqueue.add_argument("task_type")
+    enqueue.add_argument("--json", dest="payload", required=True, help="the payload, as JSON")
+    enqueue.add_argument("--options", default="{}", help="enqueue options, as JSON")
+    enqueue.set_defaults(run=_enqueue)
+
+    jobs = sub.add_parser("jobs", help="inspect and steer jobs").add_subparsers(metavar="ACTION")
+    listing = jobs.add_parser("list", help="newest first")
+    listing.add_argument("--status", choices=[s.value for s in JobStatus])
+    listing.add_argument("--task-type")
+    listing.add_argument("--tag")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--cursor")
+    listing.set_defaults(run=_jobs_list)
+    for name, fn, text in (("show", _jobs_show, "one job"), ("rerun", _jobs_rerun, "clone a finished job"),
+                           ("cancel", _jobs_cancel, "cancel a job"),
+                           ("events", _jobs_events, "a job's timeline")):
+        cmd = jobs.add_parser(name, help=text)
+        cmd.add_argument("job_id")
+        cmd.set_defaults(run=fn)
+    retry = jobs.add_parser("retry-failed", help="requeue failed jobs (filters AND-ed)")
+    retry.add_argument("--id", dest="ids", action="append")
+    retry.add_argument("--task-type")
+    retry.add_argument("--failed-after", type=datetime.fromisoformat)
+    retry.add_argument("--failed-before", type=datetime.fromisoformat)
+    retry.set_defaults(run=_jobs_retry_failed)
+
+    return parser
+
+
+def _print(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+async def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    host = args.host or settings.host
+    port = settings.port if args.port is None else args.port
+    if args.role == "worker":
+        return await _run_worker(settings)
+    await app.serve_http(settings, role=args.role, host=host, port=port)
+    return 0
+
+
+async def _run_worker(settings: Settings) -> int:
+    """Process jobs until SIGTERM or SIGINT, then stop gracefully."""
+    runtime = app.build_runtime(settings, role="worker")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with runtime:
+        logging.getLogger(__name__).info("worker %s processing", runtime.owner)
+        await stop.wait()
+        logging.getLogger(__name__).info("stopping: running jobs get %.0fs to finish",
+                                         settings.shutdown_grace_seconds)
+    return 0
+
+
+async def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    await upgrade(settings.database_url)
+    print("database is at the latest schema")
+    return 0
+
+
+async def _with_runtime(settings: Settings, fn: Callable[[Runtime], Awaitable[Any]]) -> int:
+    """Run one admin operation with an api-role runtime (no processor, no scheduler)."""
+    async with app.build_runtime(settings, role="api") as runtime:
+        _print(await fn(runtime))
+    return 0
+
+
+async def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
+    payload = json.loads(args.payload)
+    options = EnqueueOptions.from_mapping(json.loads(args.options))
+
+    async def run(rt: Runtime) -> Any:
+        name = args.task_type if args.task_type in rt.registry else rt.registry.by_slug(args.task_type).name
+        return (await rt.queue.enqueue(name, payload, options)).job.public()
+
+    return await _with_runtime(settings, run)
+
+
+async def _jobs_list(settings: Settings, args: argparse.Namespace) -> int:
+    flt = JobFilter(status=JobStatus(args.status) if args.status else None,
+                    task_type=args.task_type, tag=args.tag)
+
+    async def run(rt: Runtime) -> Any:
+        page = await rt.store.list_jobs(flt, min(args.limit, 500), args.cursor)
+        return {"items": [j.public() for j in page.items], "next_cursor": page.next_cursor}
+
+    return await _with_runtime(settings, run)
+
+
+async def _jobs_show(settings: Settings, args: argparse.Namespace) -> int:
+    return await _with_runtime(settings, lambda rt: _public(rt.store.get(JobId(args.job_id))))
+
+
+async def _jobs_rerun(settings: Settings, args: argparse.Namespace) -> int:
+    return await _with_runtime(settings, lambda rt: _public(rt.queue.rerun(JobId(args.job_id))))
+
+
+async def _jobs_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    return await _with_runtime(settings, lambda rt: _public(rt.queue.cancel(JobId(args.job_id))))
+
+
+async def _jobs_events(settings: Settings, args: argparse.Namespace) -> int:
+    async def run(rt: Runtime) -> Any:
+        await rt.store.get(JobId(args.job_id))
+        return {"items": [vars_of(e) for e in await rt.store.events(JobId(args.job_id))]}
+
+    return await _with_runtime(settings, run)
+
+
+async def _jobs_retry_failed(settings: Settings, args: argparse.Namespace) -> int:
+    flt = FailedFilter(ids=[JobId(i) for i in args.ids] if args.ids else None,
+                       task_type=args.task_type, failed_after=args.failed_after,
+                       failed_before=args.failed_before)
+
+    async def run(rt: Runtime) -> Any:
+        ids = await rt.queue.retry_failed(flt)
+        return {"retried": len(ids), "ids": ids}
+
+    return await _with_runtime(settings, run)
+
+
+async def _public(row: Awaitable[Any]) -> Any:
+    return (await row).public()
+
+
+def vars_of(event: Any) -> dict[str, Any]:
+    return {"at": event.at.isoformat(), "event": event.event, "status": event.status,
+            "attempt": event.attempt, "process": event.process, "message": event.message}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

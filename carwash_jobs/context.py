@@ -1,0 +1,114 @@
+"""JobContext: everything a handler may touch, and nothing more.
+
+A handler gets `(ctx, payload)`. Through `ctx` it reports progress, saves a checkpoint that the
+next attempt reads back (so a retry resumes instead of redoing), checks for cancellation,
+queues follow-up jobs and adds final writes that commit together with the job's completion.
+It never sees the queue or the store directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from carwash_jobs.errors import LeaseLost
+
+if TYPE_CHECKING:
+    from carwash_jobs.lifecycle import Fence
+    from carwash_jobs.store.base import JobRow, JobStore, NewJob, T, TxFn
+    from carwash_jobs.types import JobId
+
+#: progress writes closer together than this are coalesced (the last one always goes out)
+PROGRESS_INTERVAL_SECONDS = 0.25
+
+BuildJob = Callable[[str, Mapping[str, Any], Mapping[str, Any]], "NewJob"]
+
+
+@dataclass(slots=True)
+class AttemptState:
+    """The mutable side of one attempt, owned by the processor."""
+
+    store: JobStore
+    fence: Fence
+    build_job: BuildJob
+    cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    follow_ups: list[NewJob] = field(default_factory=list)
+    finalizers: list[TxFn[None]] = field(default_factory=list)
+    last_progress_at: float = 0.0
+    lease_lost: bool = False
+    shutting_down: bool = False
+
+
+class JobLogger(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with the job and attempt and passes them on as `extra` fields."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = dict(self.extra or {})
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        return f"[{extra['job_id']} {extra['task_type']}#{extra['attempt']}] {msg}", kwargs
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    job_id: JobId
+    attempt: int
+    task_type: str
+    logger: logging.LoggerAdapter[logging.Logger]
+    #: what the last attempt saved with save_checkpoint, or None on a first attempt
+    checkpoint: dict[str, Any] | None
+    #: the small JSON object the enqueuer passed (who asked, from where)
+    context: Mapping[str, Any]
+    job: JobRow
+    #: process-wide services a task type needs (settings, SMTP, ...), keyed by name
+    services: Mapping[str, Any]
+    _state: AttemptState = field(repr=False)
+
+    async def progress(self, done: int, total: int | None = None) -> None:
+        """Report progress; frequent calls are coalesced so a tight loop does not flood the
+        database."""
+        now = time.monotonic()
+        final = total is not None and done >= total
+        if not final and now - self._state.last_progress_at < PROGRESS_INTERVAL_SECONDS:
+            return
+        self._state.last_progress_at = now
+        await self._write(done=done, total=total)
+
+    async def save_checkpoint(self, data: dict[str, Any], *, done: int | None = None,
+                              total: int | None = None) -> None:
+        """Persist where this job has got to; the next attempt receives it as `checkpoint`.
+        Raises LeaseLost if this attempt no longer holds the job."""
+        await self._write(checkpoint=data, done=done, total=total)
+
+    def cancelled(self) -> bool:
+        """True once the job was cancelled or its lease lost: stop at the next safe point."""
+        return self._state.cancel_requested.is_set()
+
+    def enqueue(self, task_type: str, payload: Mapping[str, Any], **options: Any) -> JobId:
+        """Queue a follow-up job, inserted in the same transaction that completes this one:
+        if this job does not complete, the follow-up never exists."""
+        job = self._state.build_job(task_type, payload, options)
+        self._state.follow_ups.append(job)
+        return job.id
+
+    def on_complete(self, fn: TxFn[None]) -> None:
+        """Run `fn(tx)` inside the transaction that marks this job completed, so the job's
+        final database writes happen exactly once."""
+        self._state.finalizers.append(fn)
+
+    async def transaction(self, fn: TxFn[T]) -> T:
+        """Run domain writes in their own transaction now (checkpoint after, to resume)."""
+        return await self._state.store.transaction(fn)
+
+    async def _write(self, *, done: int | None = None, total: int | None = None,
+                     checkpoint: dict[str, Any] | None = None) -> None:
+        held = await self._state.store.save_progress(
+            self.job_id, self._state.fence, done=done, total=total, checkpoint=checkpoint
+        )
+        if not held:
+            self._state.lease_lost = True
+            self._state.cancel_requested.set()
+            raise LeaseLost()

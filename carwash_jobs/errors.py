@@ -1,0 +1,94 @@
+"""The engine's exceptions. Each docstring is its default message; none knows HTTP
+(endpoints/errors.py maps them to status codes)."""
+
+from __future__ import annotations
+
+
+class CarwashError(Exception):
+    """Something went wrong in carwash-jobs."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigurationError(CarwashError):
+    """A setting is missing or invalid."""
+
+
+class JobNotFound(CarwashError):
+    """No job has that id."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job has the id {job_id!r}")
+        self.job_id = job_id
+
+
+class IllegalTransition(CarwashError):
+    """The job's state does not allow that action."""
+
+    def __init__(self, job_id: str, from_status: str, action: str) -> None:
+        super().__init__(f"cannot {action} job {job_id}: it is {from_status}")
+        self.job_id = job_id
+        self.from_status = from_status
+        self.action = action
+
+
+class UnknownTaskType(CarwashError):
+    """No task type has that name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown task type {name!r}")
+        self.name = name
+
+
+class InvalidPayload(CarwashError):
+    """The payload does not match the task type's payload model."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class UnknownDependency(CarwashError):
+    """A job named in depends_on does not exist."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"depends_on: no job has the id {job_id!r}")
+        self.job_id = job_id
+
+
+class PayloadTooLarge(CarwashError):
+    """The request body or upload is larger than the configured limit."""
+
+
+class StoreUnavailable(CarwashError):
+    """The database cannot be reached."""
+
+
+class RetryLater(Exception):
+    """Raised by a handler: try again after `delay_seconds`; the attempt is not held against it
+    unless `count_attempt` is true."""
+
+    def __init__(self, delay_seconds: float, reason: str = "retry requested",
+                 *, count_attempt: bool = True) -> None:
+        super().__init__(reason)
+        self.delay_seconds = delay_seconds
+        self.reason = reason
+        self.count_attempt = count_attempt
+
+
+class PermanentError(Exception):
+    """Raised by a handler: the job cannot succeed; fail it now without further attempts."""
+
+
+class StaleLease(IllegalTransition):
+    """The attempt no longer holds the job: its lease expired or a newer attempt took over."""
+
+
+class LeaseLost(CarwashError):
+    """This attempt no longer holds the job (its lease expired, or it was cancelled); stop."""

@@ -1,0 +1,435 @@
+"""QueueProcessor: takes due ids from the ready queue, claims them, runs their handlers and
+records each outcome.
+
+One dispatcher task claims as many ready jobs as there are free slots in a single statement;
+each claimed job runs in its own task through three short steps: `_execute` (the handler under
+middleware, timeout and cancellation, mapped to an Outcome) and `_record` (the lifecycle
+transition the outcome calls for). A heartbeat extends the leases of running jobs; a job whose
+lease was lost (cancelled elsewhere, or taken over) is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from carwash_jobs import lifecycle, retry
+from carwash_jobs.context import AttemptState, JobContext, JobLogger
+from carwash_jobs.errors import IllegalTransition, JobNotFound, LeaseLost, PermanentError, RetryLater
+from carwash_jobs.lifecycle import AttemptOutcome, JobStatus, Transition
+from carwash_jobs.middleware import Middleware, chain
+from carwash_jobs.queue import EnqueueOptions
+from carwash_jobs.types import Clock, JobId, utc_now
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from carwash_jobs.metrics import Metrics
+    from carwash_jobs.queue import JobQueue
+    from carwash_jobs.store.base import JobRow, NewJob
+
+log = logging.getLogger(__name__)
+
+CLAIM_BATCH_MAX = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Retryable:
+    error: str
+    traceback: str | None
+    outcome: AttemptOutcome
+    delay_seconds: float | None = None  #: set by RetryLater; None: the task type's backoff
+    count_attempt: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Permanent:
+    error: str
+    traceback: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """Stopped at shutdown: give the job back without counting the attempt."""
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    """The attempt lost the job (cancelled, or its lease lost): there is nothing to record."""
+
+    reason: str
+
+
+Outcome = Completed | Retryable | Permanent | Released | Discarded
+
+
+@dataclass(slots=True)
+class _Running:
+    job: JobRow
+    state: AttemptState
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True)
+class ProcessorConfig:
+    concurrency: int = 10
+    lease: timedelta = timedelta(seconds=60)
+    heartbeat_interval: timedelta = timedelta(seconds=15)
+    shutdown_grace: timedelta = timedelta(seconds=30)
+    middleware: Sequence[Middleware] = ()
+    services: Mapping[str, Any] = field(default_factory=dict)
+
+
+class QueueProcessor:
+    def __init__(
+        self,
+        queue: JobQueue,
+        *,
+        owner: str,
+        config: ProcessorConfig,
+        metrics: Metrics | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        if queue.ready is None:
+            raise ValueError("a processor needs a queue with a ready queue")
+        self._queue = queue
+        self._ready = queue.ready
+        self._store = queue.store
+        self._registry = queue.registry
+        self._owner = owner
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._running: dict[JobId, _Running] = {}
+        self._per_type: dict[str, int] = {}
+        self._claiming = 0
+        self._slot_free = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._claims_allowed = asyncio.Event()  #: cleared while heartbeat writes fail
+        self._claims_allowed.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        queue.on_cancel(self.cancel_local)
+
+    @property
+    def owner(self) -> str:
+        return self._owner
+
+    @property
+    def running_ids(self) -> list[JobId]:
+        return list(self._running)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._dispatch_loop(), name="processor-dispatch"),
+            loop.create_task(self._heartbeat_loop(), name="processor-heartbeat"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop claiming, let running jobs finish within the grace period, then give the rest
+        back to the queue without counting their attempt."""
+        self._stopping = True
+        for task in self._tasks[:1]:
+            task.cancel()
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._config.shutdown_grace.total_seconds())
+        for running in list(self._running.values()):
+            running.state.shutting_down = True
+            if running.task is not None:
+                running.task.cancel()
+        leftover = [r.task for r in self._running.values() if r.task is not None]
+        if leftover:
+            await asyncio.wait(leftover)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def cancel_local(self, job_id: JobId) -> bool:
+        """Stop a job running here (it was cancelled, or its lease lost)."""
+        running = self._running.get(job_id)
+        if running is None or running.task is None:
+            return False
+        running.state.cancel_requested.set()
+        running.task.cancel()
+        return True
+
+    def is_idle(self) -> bool:
+        return not self._running and not self._claiming and len(self._ready) == 0
+
+    async def run_until_idle(self, timeout: float = 10.0, *, include_timers: bool = False) -> None:
+        """Return once nothing is ready, claiming or running here (and, with include_timers,
+        no retry or delayed job is waiting on an in-process timer). For tests and bursts."""
+        async with asyncio.timeout(timeout):
+            while True:
+                await asyncio.sleep(0)
+                if self.is_idle() and not (include_timers and self._queue.timers):
+                    # settle: a record may have just offered follow-ups
+                    await asyncio.sleep(0.001)
+                    if self.is_idle() and not (include_timers and self._queue.timers):
+                        return
+                self._idle.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await self._idle.wait()
+
+    # -- dispatch ----------------------------------------------------------------------
+    def _free_slots(self) -> int:
+        return self._config.concurrency - len(self._running) - self._claiming
+
+    def _has_room(self, task_type: str) -> bool:
+        try:
+            limit = self._registry.get(task_type).options.concurrency
+        except Exception:
+            return True  # unknown here: claim and fail it loudly rather than park it forever
+        return limit is None or self._per_type.get(task_type, 0) < limit
+
+    async def _dispatch_loop(self) -> None:
+        while not self._stopping:
+            await self._claims_allowed.wait()
+            while self._free_slots() <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+            await self._ready.wait()
+            batch = self._ready.take(min(self._free_slots(), CLAIM_BATCH_MAX), self._has_room)
+            if not batch:
+                self._set_idle_if_idle()
+                continue
+            for due in batch:
+                self._per_type[due.task_type] = self._per_type.get(due.task_type, 0) + 1
+            self._claiming += len(batch)
+            try:
+                rows = await self._claim([d.id for d in batch])
+            finally:
+                self._claiming -= len(batch)
+            claimed = {row.id for row in rows}
+            for due in batch:
+                if due.id not in claimed:
+                    self._release_type_slot(due.task_type)
+            for row in rows:
+                self._start(row)
+            self._set_idle_if_idle()
+
+    async def _claim(self, ids: list[JobId]) -> list[JobRow]:
+        """Claim what this process may run; a lost race just leaves an id out."""
+        lease_until = self._clock() + self._config.lease
+        try:
+            return await self._store.claim(ids, self._owner, lease_until)
+        except Exception:
+            log.exception("claiming %d jobs failed; the reload will offer them again", len(ids))
+            return []
+
+    def _start(self, job: JobRow) -> None:
+        state = AttemptState(self._store, job.fence, self._build_follow_up)
+        running = _Running(job, state)
+        self._running[job.id] = running
+        running.task = asyncio.get_running_loop().create_task(
+            self._run(running), name=f"job-{job.id}"
+        )
+        if self._metrics is not None:
+            self._metrics.running.set(len(self._running))
+            pickup = (self._clock() - job.run_at).total_seconds()
+            self._metrics.pickup.labels(job.task_type).observe(max(pickup, 0.0))
+
+    async def _run(self, running: _Running) -> None:
+        job = running.job
+        try:
+            outcome = await self._execute(running)
+            await self._record(job, running.state, outcome)
+        except Exception:
+            log.exception("recording job %s failed; its lease will expire and it will run again",
+                          job.id)
+        finally:
+            self._running.pop(job.id, None)
+            self._release_type_slot(job.task_type)
+            if self._metrics is not None:
+                self._metrics.running.set(len(self._running))
+            self._slot_free.set()
+            self._set_idle_if_idle()
+
+    def _release_type_slot(self, task_type: str) -> None:
+        self._per_type[task_type] = max(self._per_type.get(task_type, 1) - 1, 0)
+        self._ready.unpark(task_type)
+
+    def _set_idle_if_idle(self) -> None:
+        if self.is_idle():
+            self._idle.set()
+
+    # -- one job -----------------------------------------------------------------------
+    async def _execute(self, running: _Running) -> Outcome:
+        """Run the handler under middleware, timeout and cancellation; map how it ended."""
+        job, state = running.job, running.state
+        try:
+            task_type = self._registry.get(job.task_type)
+            payload = task_type.validate_payload(job.payload)
+            ctx = self._context(job, state)
+            timeout = task_type.options.timeout
+            async with asyncio.timeout(timeout.total_seconds() if timeout else None):
+                result = await chain(
+                    self._config.middleware, ctx, lambda: task_type.handler(ctx, payload)
+                )
+        except asyncio.CancelledError:
+            if state.shutting_down:
+                return Released()
+            if state.cancel_requested.is_set():
+                return Discarded("cancelled" if not state.lease_lost else "lease lost")
+            raise
+        except TimeoutError:
+            return Retryable(f"timed out after {timeout}", None, AttemptOutcome.timeout)
+        except LeaseLost:
+            return Discarded("lease lost")
+        except RetryLater as exc:
+            return Retryable(exc.reason, None, AttemptOutcome.error if exc.count_attempt
+                             else AttemptOutcome.throttled, exc.delay_seconds, exc.count_attempt)
+        except PermanentError as exc:
+            return Permanent(_describe(exc), traceback.format_exc())
+        except Exception as exc:
+            return Retryable(_describe(exc), traceback.format_exc(), AttemptOutcome.error)
+        return Completed(_jsonable(result))
+
+    async def _record(self, job: JobRow, state: AttemptState, outcome: Outcome) -> None:
+        """Write the outcome as the lifecycle transition it calls for."""
+        if isinstance(outcome, Discarded):
+            log.info("job %s attempt %d ended without a record: %s", job.id, job.attempts,
+                     outcome.reason)
+            return
+        transition = self._transition_for(job, state, outcome)
+        try:
+            if isinstance(outcome, Completed):
+                applied = await self._store.apply(
+                    transition, follow_ups=state.follow_ups,
+                    before=_all(state.finalizers) if state.finalizers else None,
+                )
+            else:
+                applied = await self._store.apply(transition)
+        except (IllegalTransition, JobNotFound) as exc:
+            log.info("job %s: outcome of attempt %d discarded: %s", job.id, job.attempts, exc)
+            return
+        self._queue.offer([applied.job, *applied.woken])
+        self._count(applied.job)
+        await self._run_hook(applied.job)
+
+    def _transition_for(self, job: JobRow, state: AttemptState, outcome: Outcome) -> Transition:
+        now = self._clock()
+        fence = state.fence
+        if isinstance(outcome, Completed):
+            return lifecycle.complete(job.id, fence, outcome.result, now)
+        if isinstance(outcome, Released):
+            return lifecycle.release(job.id, fence, now)
+        if isinstance(outcome, Permanent):
+            return lifecycle.fail(job.id, fence, outcome.error, outcome.traceback,
+                                  AttemptOutcome.error, now)
+        assert isinstance(outcome, Retryable)
+        policy = self._registry.get(job.task_type).options.retry
+        if outcome.delay_seconds is not None and (
+            not outcome.count_attempt or job.attempts < job.max_attempts
+        ):
+            run_at = now + timedelta(seconds=outcome.delay_seconds)
+        else:
+            run_at = retry.next_attempt_at(job.attempts, job.max_attempts, now, policy)  # type: ignore[assignment]
+        if run_at is None:
+            return lifecycle.fail(job.id, fence, outcome.error, outcome.traceback,
+                                  outcome.outcome, now)
+        return lifecycle.schedule_retry(job.id, fence, run_at, outcome.error, outcome.traceback,
+                                        outcome.outcome, now, count_attempt=outcome.count_attempt)
+
+    def _count(self, job: JobRow) -> None:
+        if self._metrics is None:
+            return
+        counter = {
+            JobStatus.completed: self._metrics.completed,
+            JobStatus.failed: self._metrics.failed,
+            JobStatus.scheduled: self._metrics.retried,
+        }.get(job.status)
+        if counter is not None:
+            counter.labels(job.task_type).inc()
+
+    async def _run_hook(self, job: JobRow) -> None:
+        hooks = self._registry.get(job.task_type).hooks
+        hook = {
+            JobStatus.completed: hooks.on_completed,
+            JobStatus.failed: hooks.on_failed,
+            JobStatus.cancelled: hooks.on_cancelled,
+        }.get(job.status)
+        if hook is None:
+            return
+        try:
+            await hook(job)
+        except Exception:
+            log.exception("the %s hook of job %s failed", job.status.value, job.id)
+
+    def _context(self, job: JobRow, state: AttemptState) -> JobContext:
+        logger = JobLogger(log, {"job_id": job.id, "task_type": job.task_type,
+                                 "attempt": job.attempts})
+        return JobContext(
+            job_id=job.id, attempt=job.attempts, task_type=job.task_type, logger=logger,
+            checkpoint=job.checkpoint, context=job.context or {}, job=job,
+            services=self._config.services, _state=state,
+        )
+
+    def _build_follow_up(
+        self, task_type: str, payload: Mapping[str, Any], options: Mapping[str, Any]
+    ) -> NewJob:
+        return self._queue.build(task_type, payload, EnqueueOptions.from_mapping(options))
+
+    # -- heartbeat ---------------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        interval = self._config.heartbeat_interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        """Extend the leases of running jobs; stop the ones this process no longer holds.
+        While the write fails, claim nothing new (the leases may be running out)."""
+        ids = list(self._running)
+        try:
+            held = await self._store.extend_leases(
+                self._owner, ids, self._clock() + self._config.lease
+            )
+        except Exception:
+            log.exception("heartbeat failed: not claiming new jobs until it succeeds")
+            self._claims_allowed.clear()
+            return
+        self._claims_allowed.set()
+        for job_id in ids:
+            running = self._running.get(job_id)
+            if job_id not in held and running is not None:
+                log.warning("job %s: lease lost; stopping it", job_id)
+                running.state.lease_lost = True
+                self.cancel_local(job_id)
+
+
+def _all(finalizers: list[Any]) -> Any:
+    async def run(tx: Any) -> None:
+        for fn in finalizers:
+            await fn(tx)
+
+    return run
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _jsonable(result: Any) -> Any:
+    if isinstance(result, BaseModel):
+        return result.model_dump(mode="json")
+    return result
+

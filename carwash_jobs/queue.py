@@ -1,0 +1,345 @@
+"""JobQueue: the write-through queue. Every enqueue commits its row first, then hands the id
+to this process's in-memory ReadyQueue at once; a job due later waits on a timer (or, further
+out, for the scheduler's reload). The operations an admin needs (cancel, retry-failed, rerun,
+reload, stats) live here too, so the HTTP API and the CLI call the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from carwash_jobs import lifecycle
+from carwash_jobs.errors import IllegalTransition, InvalidPayload
+from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.store.base import (
+    DueJob,
+    FailedFilter,
+    Inserted,
+    JobRow,
+    JobStore,
+    NewJob,
+    Stats,
+    T,
+    Tx,
+)
+from carwash_jobs.types import Clock, JobId, new_job_id, utc_now
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from carwash_jobs.metrics import Metrics
+    from carwash_jobs.ready import ReadyQueue
+    from carwash_jobs.registry import AnyTaskType, TaskRegistry
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXT_BYTES = 4096
+#: a job due within this many seconds waits on an in-process timer; later ones, for the reload
+TIMER_HORIZON_SECONDS = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueOptions:
+    """What an enqueue may set beside the payload; None means the task type's default."""
+
+    run_at: datetime | None = None
+    delay_seconds: float | None = None
+    priority: int | None = None
+    max_attempts: int | None = None
+    queue: str | None = None
+    tags: Sequence[str] = ()
+    idempotency_key: str | None = None
+    context: Mapping[str, Any] | None = None
+    depends_on: Sequence[JobId] = ()
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> EnqueueOptions:
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InvalidPayload(sorted(unknown)[0], "unknown enqueue option")
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    in_memory: int
+    stats: Stats
+
+
+@dataclass(slots=True)
+class _Listeners:
+    on_cancel: list[Callable[[JobId], object]] = field(default_factory=list)
+
+
+class JobQueue:
+    """The one queue of a process. Built by the Runtime, never at import time."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        registry: TaskRegistry,
+        *,
+        ready: ReadyQueue | None,
+        metrics: Metrics | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.ready = ready  #: None in a process that runs no processor (role api)
+        self._metrics = metrics
+        self._clock = clock
+        self._timers: dict[JobId, asyncio.TimerHandle] = {}
+        self._listeners = _Listeners()
+
+    # -- enqueue -----------------------------------------------------------------------
+    def build(
+        self,
+        task_type_name: str,
+        payload: Mapping[str, Any] | BaseModel,
+        options: EnqueueOptions = EnqueueOptions(),
+        *,
+        rerun_of: JobId | None = None,
+    ) -> NewJob:
+        """Validate and fill in defaults: the row this enqueue would write."""
+        task_type = self.registry.get(task_type_name)
+        model = task_type.validate_payload(payload)
+        now = self._clock()
+        return NewJob(
+            id=new_job_id(),
+            task_type=task_type.name,
+            payload=model.model_dump(mode="json"),
+            status=JobStatus.queued,  # the store decides with the dependencies and run_at
+            run_at=_run_at(options, now),
+            created_at=now,
+            queue=options.queue or task_type.options.queue,
+            priority=task_type.options.priority if options.priority is None else options.priority,
+            max_attempts=_max_attempts(options, task_type),
+            tags=_tags(options.tags),
+            context=_context(options.context),
+            idempotency_key=options.idempotency_key,
+            rerun_of=rerun_of,
+            depends_on=list(dict.fromkeys(options.depends_on)),
+        )
+
+    async def enqueue(
+        self,
+        task_type: str,
+        payload: Mapping[str, Any] | BaseModel,
+        options: EnqueueOptions = EnqueueOptions(),
+        *,
+        tx: Tx | None = None,
+    ) -> Inserted:
+        """Commit one job and offer it to this process's workers. With `tx`, the job is part of
+        the caller's transaction (see `transaction`) and is offered after that commits."""
+        (inserted,) = await self.insert([self.build(task_type, payload, options)], tx=tx)
+        return inserted
+
+    async def enqueue_many(
+        self,
+        task_type: str,
+        payloads: Iterable[Mapping[str, Any] | BaseModel],
+        options: EnqueueOptions = EnqueueOptions(),
+    ) -> list[Inserted]:
+        """Bulk enqueue: every row in one commit."""
+        if options.idempotency_key is not None:
+            raise InvalidPayload("idempotency_key", "cannot be shared by a bulk enqueue")
+        return await self.insert([self.build(task_type, p, options) for p in payloads])
+
+    async def insert(self, jobs: Sequence[NewJob], *, tx: Tx | None = None) -> list[Inserted]:
+        results = await self.store.insert(jobs, tx=tx)
+        created = [r.job for r in results if r.created]
+        if self._metrics is not None:
+            for job in created:
+                self._metrics.enqueued.labels(job.task_type).inc()
+        if tx is None:
+            self.offer(created)
+        elif isinstance(tx, _QueueTx):
+            tx.inserted.extend(created)
+        return results
+
+    async def transaction(self, fn: Callable[[Tx], Any]) -> T:
+        """Run the caller's own writes and enqueues in one transaction: each job it enqueues
+        (with `tx=`) exists if and only if the transaction commits."""
+        queue_tx: _QueueTx | None = None
+
+        async def run(tx: Tx) -> T:
+            nonlocal queue_tx
+            queue_tx = _QueueTx(tx)
+            result: T = await fn(queue_tx)
+            return result
+
+        result = await self.store.transaction(run)
+        if queue_tx is not None:
+            self.offer(queue_tx.inserted)
+        return result
+
+    # -- the in-memory side ------------------------------------------------------------
+    def contains(self, job_id: JobId) -> bool:
+        """Whether this process holds the job in memory (ready, parked or on a timer)."""
+        return self.ready is not None and (self.ready.contains(job_id) or job_id in self._timers)
+
+    def offer(self, jobs: Iterable[JobRow]) -> None:
+        """Hand queued jobs to the ready queue now, and near scheduled ones to a timer."""
+        if self.ready is None:
+            return
+        now = self._clock()
+        for job in jobs:
+            if job.status == JobStatus.queued or (
+                job.status == JobStatus.scheduled and job.run_at <= now
+            ):
+                self.ready.put(_due(job))
+            elif job.status == JobStatus.scheduled:
+                self._start_timer(job, (job.run_at - now).total_seconds())
+
+    def _start_timer(self, job: JobRow, delay: float) -> None:
+        if delay > TIMER_HORIZON_SECONDS or job.id in self._timers:
+            return
+        due = _due(job)
+
+        def fire() -> None:
+            self._timers.pop(job.id, None)
+            if self.ready is not None:
+                self.ready.put(due)
+
+        self._timers[job.id] = asyncio.get_running_loop().call_later(delay, fire)
+
+    @property
+    def timers(self) -> int:
+        return len(self._timers)
+
+    def on_cancel(self, listener: Callable[[JobId], object]) -> None:
+        """Called with the id of every job this process cancels (the processor stops it)."""
+        self._listeners.on_cancel.append(listener)
+
+    def close(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+
+    # -- operations --------------------------------------------------------------------
+    async def cancel(self, job_id: JobId) -> JobRow:
+        """Cancel a job that has not ended; a running one is stopped wherever it runs."""
+        applied = await self.store.apply(lifecycle.cancel(job_id, self._clock()))
+        self._forget(job_id)
+        for listener in self._listeners.on_cancel:
+            listener(job_id)
+        return applied.job
+
+    def _forget(self, job_id: JobId) -> None:
+        if self.ready is not None:
+            self.ready.discard(job_id)
+        handle = self._timers.pop(job_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    async def retry_failed(self, flt: FailedFilter, limit: int = 10_000) -> list[JobId]:
+        """Move the failed jobs that match back to queued with fresh attempts."""
+        ids = await self.store.failed_ids(flt, limit)
+        now = self._clock()
+        results = await self.store.apply_many([lifecycle.retry_failed(i, now) for i in ids])
+        retried = [r.job for r in results if not isinstance(r, Exception)]
+        self.offer(retried)
+        return [job.id for job in retried]
+
+    async def rerun(self, job_id: JobId) -> JobRow:
+        """A new job cloned from a finished one (rerun_of = its id)."""
+        source = await self.store.get(job_id)
+        if source.status not in lifecycle.TERMINAL:
+            raise IllegalTransition(job_id, source.status.value, "rerun")
+        options = EnqueueOptions(
+            priority=source.priority, max_attempts=source.max_attempts, queue=source.queue,
+            tags=source.tags, context=source.context,
+        )
+        (inserted,) = await self.insert(
+            [self.build(source.task_type, source.payload, options, rerun_of=source.id)]
+        )
+        return inserted.job
+
+    async def reload(self, limit: int = 10_000) -> int:
+        """Load due rows this process does not hold yet (after a restart, a crash, a backoff
+        or another process's enqueue). Returns how many were new to memory."""
+        if self.ready is None:
+            return 0
+        await self.store.promote_due(self._clock())
+        loaded = 0
+        for due in await self.store.due(self._clock(), limit):
+            if due.task_type in self.registry and self.ready.put(due):
+                loaded += 1
+        return loaded
+
+    async def stats(self) -> QueueStats:
+        return QueueStats(len(self.ready) if self.ready else 0, await self.store.stats())
+
+
+class _QueueTx:
+    """A Tx that remembers the jobs enqueued through it, to offer them after the commit."""
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+        self.inserted: list[JobRow] = []
+        self.dialect = tx.dialect
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
+        return await self._tx.execute(sql, params)
+
+    async def executemany(self, sql: str, params: Sequence[Mapping[str, Any]]) -> None:
+        await self._tx.executemany(sql, params)
+
+    async def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        return await self._tx.fetch(sql, params)
+
+
+def _due(job: JobRow) -> DueJob:
+    return DueJob(job.id, job.task_type, job.queue, job.priority, job.run_at)
+
+
+def _run_at(options: EnqueueOptions, now: datetime) -> datetime:
+    if options.run_at is not None and options.delay_seconds is not None:
+        raise InvalidPayload("run_at", "give run_at or delay_seconds, not both")
+    if options.delay_seconds is not None:
+        if options.delay_seconds < 0:
+            raise InvalidPayload("delay_seconds", "must be >= 0")
+        return now + timedelta(seconds=options.delay_seconds)
+    if options.run_at is not None:
+        if options.run_at.tzinfo is None:
+            raise InvalidPayload("run_at", "needs a UTC offset")
+        return options.run_at
+    return now
+
+
+def _max_attempts(options: EnqueueOptions, task_type: AnyTaskType) -> int:
+    if options.max_attempts is None:
+        return task_type.options.max_attempts
+    if options.max_attempts < 1:
+        raise InvalidPayload("max_attempts", "must be >= 1")
+    return options.max_attempts
+
+
+def _tags(tags: Sequence[str]) -> list[str]:
+    if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+        raise InvalidPayload("tags", "must be a list of strings")
+    return list(tags)
+
+
+def _context(context: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if context is None:
+        return None
+    import json
+
+    if not isinstance(context, Mapping):
+        raise InvalidPayload("context", "must be a JSON object")
+    try:
+        size = len(json.dumps(context))
+    except (TypeError, ValueError) as exc:
+        raise InvalidPayload("context", f"must be JSON: {exc}") from exc
+    if size > MAX_CONTEXT_BYTES:
+        raise InvalidPayload("context", f"must be at most {MAX_CONTEXT_BYTES} bytes of JSON")
+    return dict(context)

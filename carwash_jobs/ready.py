@@ -1,0 +1,116 @@
+"""The singleton in-process queue: unbounded, ordered, and only a hint.
+
+It holds ids of due jobs (with what ordering needs), never whole jobs: the row is the truth
+and a worker's claim decides who runs a job, so a duplicate here is harmless. Within a named
+queue, higher priority first and FIFO within a priority; across named queues, strict rank or
+smooth weighted round-robin, so a big batch in `bulk` cannot starve `critical`. Entries of a
+task type at its concurrency limit are parked until one of its jobs ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from carwash_jobs.store.base import DueJob
+    from carwash_jobs.types import JobId
+
+QueueMode = Literal["priority", "weighted"]
+
+
+@dataclass(order=True, slots=True)
+class _Entry:
+    key: tuple[int, float, int]
+    job: DueJob = field(compare=False)
+
+
+class ReadyQueue:
+    def __init__(self, mode: QueueMode = "weighted", weights: Mapping[str, int] | None = None):
+        self._mode = mode
+        self._weights = dict(weights or {})
+        self._heaps: dict[str, list[_Entry]] = {}
+        self._current: dict[str, int] = {}  # smooth weighted round-robin credit
+        self._parked: dict[str, list[_Entry]] = {}
+        self._ids: set[JobId] = set()
+        self._seq = itertools.count()
+        self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def contains(self, job_id: JobId) -> bool:
+        return job_id in self._ids
+
+    def put(self, job: DueJob) -> bool:
+        """Add a due job; False when it is already here."""
+        if job.id in self._ids:
+            return False
+        self._ids.add(job.id)
+        key = (-job.priority, job.run_at.timestamp(), next(self._seq))
+        heapq.heappush(self._heaps.setdefault(job.queue, []), _Entry(key, job))
+        self._changed.set()
+        return True
+
+    def discard(self, job_id: JobId) -> None:
+        """Forget a job (cancelled); its entry is skipped when it comes up."""
+        self._ids.discard(job_id)
+
+    def take(self, n: int, has_room: Callable[[str], bool]) -> list[DueJob]:
+        """Up to `n` jobs in dispatch order; entries whose task type has no room are parked."""
+        taken: list[DueJob] = []
+        while len(taken) < n:
+            name = self._next_queue()
+            if name is None:
+                break
+            entry = heapq.heappop(self._heaps[name])
+            if not self._heaps[name]:
+                del self._heaps[name]
+            if entry.job.id not in self._ids:
+                continue  # discarded
+            if not has_room(entry.job.task_type):
+                self._parked.setdefault(entry.job.task_type, []).append(entry)
+                continue
+            self._ids.discard(entry.job.id)
+            taken.append(entry.job)
+        if not self._heaps:
+            self._changed.clear()
+        return taken
+
+    def unpark(self, task_type: str) -> None:
+        """A job of `task_type` ended: its parked entries may run again."""
+        for entry in self._parked.pop(task_type, ()):
+            heapq.heappush(self._heaps.setdefault(entry.job.queue, []), entry)
+            self._changed.set()
+
+    @property
+    def parked(self) -> int:
+        return sum(len(v) for v in self._parked.values())
+
+    async def wait(self) -> None:
+        """Until something may be taken."""
+        while not self._heaps:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _next_queue(self) -> str | None:
+        names = [name for name, heap in self._heaps.items() if heap]
+        if not names:
+            return None
+        if len(names) == 1:
+            return names[0]
+        if self._mode == "priority":
+            return max(names, key=lambda name: self._weights.get(name, 0))
+        total = 0
+        for name in names:
+            weight = max(self._weights.get(name, 1), 1)
+            self._current[name] = self._current.get(name, 0) + weight
+            total += weight
+        best = max(names, key=lambda name: self._current[name])
+        self._current[best] -= total
+        return best

@@ -1,0 +1,132 @@
+"""Task types: a name, a typed payload, a handler and its options, found by module path.
+
+The engine never imports task_types/: `TaskRegistry.load` imports the modules named in the
+settings, and each module exposes one `TASK_TYPE`. The endpoint, its OpenAPI schema, payload
+validation and the dashboard entry are all derived from this one object.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from carwash_jobs.errors import ConfigurationError, InvalidPayload, UnknownTaskType
+from carwash_jobs.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from carwash_jobs.context import JobContext
+    from carwash_jobs.store.base import JobRow
+
+PayloadT = TypeVar("PayloadT", bound=BaseModel)
+ResultT = TypeVar("ResultT")
+
+Handler = Callable[["JobContext", PayloadT], Awaitable[ResultT]]
+Hook = Callable[["JobRow"], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """Defaults for a task type's jobs; an enqueue may override priority, queue, max_attempts."""
+
+    max_attempts: int = 5
+    priority: int = 0
+    queue: str = "default"
+    timeout: timedelta | None = timedelta(minutes=30)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    concurrency: int | None = None  #: jobs of this type running at once per process; None: any
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHooks:
+    """Called after a job of this type reaches an end; a hook's failure is logged, not raised."""
+
+    on_completed: Hook | None = None
+    on_failed: Hook | None = None  #: e.g. tell an admin a job used up its attempts
+    on_cancelled: Hook | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskType(Generic[PayloadT, ResultT]):
+    name: str
+    payload_model: type[PayloadT]
+    handler: Handler[PayloadT, ResultT]
+    options: TaskOptions = field(default_factory=TaskOptions)
+    hooks: TaskHooks = field(default_factory=TaskHooks)
+    result_model: type[BaseModel] | None = None
+    slug: str = ""  #: the URL segment; defaults to the name with hyphens
+    description: str = ""
+    examples: Sequence[Mapping[str, Any]] = ()
+
+    @property
+    def route_slug(self) -> str:
+        return self.slug or self.name.replace("_", "-")
+
+    def validate_payload(self, payload: Mapping[str, Any] | BaseModel) -> PayloadT:
+        """Parse a payload or raise InvalidPayload naming the first wrong field."""
+        if isinstance(payload, self.payload_model):
+            return payload
+        try:
+            return self.payload_model.model_validate(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "payload"
+            raise InvalidPayload(where, first["msg"]) from exc
+
+
+AnyTaskType = TaskType[Any, Any]
+
+
+class TaskRegistry:
+    """Every task type this process knows, by name and by route slug."""
+
+    def __init__(self, task_types: Sequence[AnyTaskType] = ()) -> None:
+        self._by_name: dict[str, AnyTaskType] = {}
+        for task_type in task_types:
+            self.register(task_type)
+
+    @classmethod
+    def load(cls, module_paths: Sequence[str]) -> TaskRegistry:
+        registry = cls()
+        for path in module_paths:
+            try:
+                module = importlib.import_module(path)
+            except ImportError as exc:
+                raise ConfigurationError(f"CARWASH_TASK_TYPES: cannot import {path!r}: {exc}") from exc
+            task_type = getattr(module, "TASK_TYPE", None)
+            if not isinstance(task_type, TaskType):
+                raise ConfigurationError(
+                    f"CARWASH_TASK_TYPES: module {path!r} has no TASK_TYPE = TaskType(...)"
+                )
+            registry.register(task_type)
+        return registry
+
+    def register(self, task_type: AnyTaskType) -> None:
+        if task_type.name in self._by_name:
+            raise ConfigurationError(f"task type {task_type.name!r} is registered twice")
+        self._by_name[task_type.name] = task_type
+
+    def get(self, name: str) -> AnyTaskType:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise UnknownTaskType(name) from None
+
+    def by_slug(self, slug: str) -> AnyTaskType:
+        for task_type in self._by_name.values():
+            if task_type.route_slug == slug:
+                return task_type
+        raise UnknownTaskType(slug)
+
+    def __iter__(self) -> Iterator[AnyTaskType]:
+        return iter(self._by_name.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def names(self) -> list[str]:
+        return list(self._by_name)

@@ -1,0 +1,39 @@
+"""The retry policy: pure arithmetic that says when the next attempt may start."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff: base * factor**(attempt-1), capped, with +/- jitter."""
+
+    base_seconds: float = 2.0
+    factor: float = 2.0
+    max_seconds: float = 3600.0
+    jitter: float = 0.1  #: fraction of the delay added or removed at random
+
+
+def backoff_seconds(attempt: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
+    """The delay after failed attempt number `attempt` (1-based)."""
+    raw = policy.base_seconds * policy.factor ** max(attempt - 1, 0)
+    delay = min(raw, policy.max_seconds)
+    spread = delay * policy.jitter
+    pick = (rng or random).uniform(-spread, spread)
+    return max(0.0, delay + pick)
+
+
+def next_attempt_at(
+    attempt: int,
+    max_attempts: int,
+    now: datetime,
+    policy: RetryPolicy,
+    rng: random.Random | None = None,
+) -> datetime | None:
+    """When attempt `attempt + 1` may start, or None when `attempt` was the last one allowed."""
+    if attempt >= max_attempts:
+        return None
+    return now + timedelta(seconds=backoff_seconds(attempt, policy, rng))

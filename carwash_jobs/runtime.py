@@ -1,0 +1,149 @@
+"""Runtime: owns the store, the queue, the processor and the scheduler of one process, and
+starts and stops them in order. "The singleton queue" is a fact of construction: one Runtime
+per process, made by the composition root; tests make as many as they like."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+from carwash_jobs import lifecycle
+from carwash_jobs.metrics import Metrics
+from carwash_jobs.middleware import Middleware, logging_middleware, metrics_middleware, tracing_middleware
+from carwash_jobs.processor import ProcessorConfig, QueueProcessor
+from carwash_jobs.queue import JobQueue
+from carwash_jobs.ready import ReadyQueue
+from carwash_jobs.scheduler import Scheduler
+from carwash_jobs.store import open_store
+from carwash_jobs.store.migrations import upgrade
+from carwash_jobs.types import Clock, process_identity, utc_now
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from types import TracebackType
+
+    from carwash_jobs.registry import TaskRegistry
+    from carwash_jobs.settings import Settings
+
+Role = Literal["all", "api", "worker"]
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: TaskRegistry,
+        *,
+        role: Role = "all",
+        clock: Clock = utc_now,
+        middleware: Sequence[Middleware] = (),
+        services: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.role = role
+        self.owner = process_identity()
+        self.metrics = Metrics()
+        self.store = open_store(
+            settings.database_url, owner=self.owner, clock=clock,
+            synchronous=settings.sqlite_synchronous,
+            busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+            write_batch_max=settings.write_batch_max,
+        )
+        works = role in ("all", "worker")
+        ready = ReadyQueue(settings.queue_mode, settings.queues) if works else None
+        self.queue = JobQueue(self.store, registry, ready=ready, metrics=self.metrics, clock=clock)
+        self.processor: QueueProcessor | None = None
+        self.scheduler: Scheduler | None = None
+        if works:
+            chain = [logging_middleware, metrics_middleware(self.metrics)]
+            traced = tracing_middleware()
+            chain += [traced] if traced else []
+            self.processor = QueueProcessor(
+                self.queue, owner=self.owner, metrics=self.metrics, clock=clock,
+                config=ProcessorConfig(
+                    concurrency=settings.concurrency,
+                    lease=timedelta(seconds=settings.lease_seconds),
+                    heartbeat_interval=timedelta(seconds=settings.heartbeat_interval_seconds),
+                    shutdown_grace=timedelta(seconds=settings.shutdown_grace_seconds),
+                    middleware=[*chain, *middleware],
+                    services={"settings": settings, **(services or {})},
+                ),
+            )
+            self.scheduler = Scheduler(
+                self.queue, clock=clock,
+                reload_interval=timedelta(seconds=settings.reload_interval_seconds),
+                lease_check_interval=timedelta(seconds=settings.heartbeat_interval_seconds),
+            )
+        self._clock = clock
+        self.started = False
+
+    async def start(self, *, migrate: bool = True) -> None:
+        if migrate:
+            await upgrade(self.settings.database_url)
+        await self.store.open()
+        if self.processor is not None and self.scheduler is not None:
+            await self.recover_leftovers()
+            await self.queue.reload()
+            await self.processor.start()
+            await self.scheduler.start()
+        self.started = True
+
+    async def stop(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self.processor is not None:
+            await self.processor.stop()
+        self.queue.close()
+        await self.store.close()
+        self.started = False
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def recover_leftovers(self) -> int:
+        """Re-queue what earlier processes on this host left running when they died, without
+        waiting for their leases to run out. The lost attempt counts."""
+        dead = [o for o in await self.store.running_owners() if _is_dead_local(o)]
+        if not dead:
+            return 0
+        now = self._clock()
+        jobs = await self.store.running_owned_by(dead)
+        transitions = [
+            lifecycle.release_expired_lease(j.id, j.fence, j.attempts, j.max_attempts, now)
+            for j in jobs
+        ]
+        results = await self.store.apply_many(transitions)
+        recovered = [r.job for r in results if not isinstance(r, Exception)]
+        log.warning("recovered %d jobs left running by dead processes %s", len(recovered), dead)
+        return len(recovered)
+
+
+def _is_dead_local(owner: str) -> bool:
+    """Whether `owner` (host/pid/start) was a process on this host that no longer runs."""
+    host, _, rest = owner.partition("/")
+    pid_text, _, _ = rest.partition("/")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # another Runtime of this very process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

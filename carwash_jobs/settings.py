@@ -1,0 +1,327 @@
+"""Typed settings, read once at start-up: defaults < config/carwash.toml < CARWASH_* environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+from carwash_jobs.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
+
+ENV_PREFIX = "CARWASH_"
+#: The environment variable that names a config file other than the default one.
+CONFIG_ENV_VAR = "CARWASH_CONFIG"
+#: Relative to the working directory at load time, so `carwash-jobs serve` in a checkout finds it.
+CONFIG_FILE_DEFAULT = Path("config/carwash.toml")
+
+DATABASE_SCHEMES = ("sqlite+aiosqlite://", "postgresql+asyncpg://")
+SMTP_SCHEMES = ("smtp", "smtps")
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable that sets `field_name`, for messages that tell the operator what
+    to change."""
+    return f"{ENV_PREFIX}{field_name.upper()}"
+
+
+def config_path() -> Path | None:
+    """The TOML file that loading reads now, or None when the default file is absent.
+
+    pydantic-settings skips a missing TOML file silently. That is right for the default file
+    (defaults apply), but a file the operator named on purpose must exist: a typo there would
+    otherwise run production on defaults.
+    """
+    named = os.environ.get(CONFIG_ENV_VAR)
+    if named is None:
+        return CONFIG_FILE_DEFAULT if CONFIG_FILE_DEFAULT.is_file() else None
+    path = Path(named).expanduser()
+    if not path.is_file():
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise ConfigurationError(
+            f"{CONFIG_ENV_VAR} names {named!r}, which {problem} (working directory: {Path.cwd()})"
+        )
+    return path
+
+
+def _check_database_url(value: str) -> str:
+    if not value.startswith(DATABASE_SCHEMES):
+        # Only the scheme is echoed: the rest of a URL may hold a password.
+        scheme = value.split("://", 1)[0] if "://" in value else value[:20]
+        raise ValueError(f"must start with {' or '.join(DATABASE_SCHEMES)} (got {scheme!r})")
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob an operator may turn; `config/carwash.toml` lists them all with their defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        # An unknown key in the TOML file is almost always a typo: refuse it rather than
+        # silently running with the default.
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        # `CARWASH_API_TOKEN=` (as docker-compose writes an unset variable) means "not set".
+        env_ignore_empty=True,
+    )
+
+    database_url: str = Field(
+        default="sqlite+aiosqlite:///./carwash.db",
+        description="Where jobs are kept; the scheme picks the store adapter (SQLite or PostgreSQL).",
+    )
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for /api/*; when unset, `serve` generates one beside the database.",
+    )
+    smtp_url: str = Field(
+        default="outbox:./outbox",
+        description="Mail transport: outbox:PATH (a local Maildir) or smtp(s)://[user:pass@]host:port.",
+    )
+    financial_database_url: str | None = Field(
+        default=None,
+        description="Where POS transactions are read from; None means the main database.",
+    )
+    concurrency: int = Field(default=10, ge=1, description="Jobs run at once per process.")
+    email_rate_per_minute: int = Field(
+        default=600, ge=1, description="Messages per minute across the fleet, so no spam flags."
+    )
+    max_upload_bytes: int = Field(
+        default=10_000_000, ge=1, description="Largest request body or uploaded file accepted."
+    )
+    task_types: list[str] = Field(
+        default=[
+            "task_types.email",
+            "task_types.customer_credits",
+            "task_types.financial_sync",
+            "task_types.file_upload",
+        ],
+        description="Dotted module paths of the task types to register at start-up.",
+    )
+    queue_mode: Literal["priority", "weighted"] = Field(
+        default="weighted",
+        description="priority: higher-ranked queues first; weighted: share slots by weight.",
+    )
+    queues: dict[str, int] = Field(
+        default={"critical": 100, "default": 10, "bulk": 1},
+        description="Queue name -> weight (weighted mode) or rank (priority mode); all > 0.",
+    )
+    reload_interval_seconds: float = Field(
+        default=2.0, gt=0, description="How often the scheduler reloads due rows from the database."
+    )
+    lease_seconds: float = Field(
+        default=60.0, gt=0, description="How long a claim holds a job before others may take it."
+    )
+    heartbeat_interval_seconds: float = Field(
+        default=15.0, gt=0, description="How often a running job's lease is renewed; < lease."
+    )
+    shutdown_grace_seconds: float = Field(
+        default=30.0, ge=0, description="How long shutdown waits for running jobs to finish."
+    )
+    default_max_attempts: int = Field(
+        default=5, ge=1, description="Attempts of a job whose task type and request set none."
+    )
+    default_timeout_seconds: float = Field(
+        default=1800.0, gt=0, description="Longest a handler may run when its task type sets none."
+    )
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        default="FULL",
+        description="FULL survives a power cut after the acknowledgement; NORMAL may lose the last.",
+    )
+    sqlite_busy_timeout_ms: int = Field(
+        default=5000, ge=0, description="How long SQLite waits for a lock held by another process."
+    )
+    write_batch_max: int = Field(default=500, ge=1, description="Most writes one group commit carries.")
+    files_dir: str = Field(default="./files", min_length=1, description="Where uploaded files are kept.")
+    log_level: str = Field(default="INFO", description="One of DEBUG, INFO, WARNING, ERROR, CRITICAL.")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text for people, json for log collectors."
+    )
+    metrics_public: bool = Field(
+        default=True, description="Whether /metrics is open without the bearer token."
+    )
+    host: str = Field(default="127.0.0.1", min_length=1, description="Address `serve` binds to.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port `serve` binds to (0: any free port).")
+    schedules_file: str = Field(
+        default="config/schedules.toml", min_length=1, description="The cron schedules file."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file is looked up at every construction, not at import time, so tests and
+        # `chdir` see the file of the moment. Earlier sources win.
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=config_path()),
+        )
+
+    @property
+    def is_sqlite(self) -> bool:
+        """SQLite and PostgreSQL differ in how many processes may share the database."""
+        return self.database_url.startswith("sqlite+aiosqlite://")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_scheme(cls, value: str) -> str:
+        return _check_database_url(value)
+
+    @field_validator("financial_database_url")
+    @classmethod
+    def _financial_database_url_scheme(cls, value: str | None) -> str | None:
+        return None if value is None else _check_database_url(value)
+
+    @field_validator("api_token")
+    @classmethod
+    def _api_token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be blank; leave it unset to have one generated")
+        return value
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp_url_form(cls, value: str) -> str:
+        if value.startswith("outbox:"):
+            if not value.removeprefix("outbox:"):
+                raise ValueError("outbox: needs a directory, e.g. outbox:./outbox")
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in SMTP_SCHEMES:
+            raise ValueError(
+                f"must be outbox:PATH, smtp://[user:pass@]host:port or smtps://... "
+                f"(got scheme {parts.scheme!r})"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None:
+            raise ValueError(f"{parts.scheme}:// needs a host and a port, e.g. smtp://mail:587")
+        return value
+
+    @field_validator("task_types")
+    @classmethod
+    def _task_types_are_module_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not all(part.isidentifier() for part in path.split(".")):
+                raise ValueError(f"{path!r} is not a dotted module path")
+        if len(set(value)) != len(value):
+            raise ValueError("a task type module is listed twice")
+        return value
+
+    @field_validator("queues")
+    @classmethod
+    def _queues_are_weighted(cls, value: dict[str, int]) -> dict[str, int]:
+        if "default" not in value:
+            raise ValueError("must include the 'default' queue (jobs go there unless told)")
+        for name, weight in value.items():
+            if weight <= 0:
+                raise ValueError(f"queue {name!r} has {weight}; every weight must be > 0")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_known(cls, value: str) -> str:
+        level = value.upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (got {value!r})")
+        return level
+
+    @model_validator(mode="after")
+    def _heartbeat_before_lease_ends(self) -> Self:
+        if self.heartbeat_interval_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"{env_name('heartbeat_interval_seconds')} / heartbeat_interval_seconds "
+                f"({self.heartbeat_interval_seconds}) must be less than "
+                f"{env_name('lease_seconds')} / lease_seconds ({self.lease_seconds}): "
+                "otherwise a lease runs out before the heartbeat renews it"
+            )
+        return self
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the Settings for this process, failing with a message an operator can act on.
+
+    Keyword overrides win over everything (tests and CLI flags use them). Every failure becomes
+    a ConfigurationError naming the setting, its environment variable and where the bad value
+    came from; pydantic's own error is kept as the cause.
+    """
+    path = config_path()
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        origins = _Origins(path, overrides)
+        lines = [_describe(error, origins) for error in exc.errors(include_url=False)]
+        message = lines[0] if len(lines) == 1 else "invalid settings:\n  " + "\n  ".join(lines)
+        raise ConfigurationError(message) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc}") from exc
+    except SettingsError as exc:
+        # pydantic-settings raises this when a CARWASH_* value of a list/dict setting is not JSON.
+        found = re.search(r'field "([^"]+)"', str(exc))
+        name = f"{env_name(found.group(1))} / {found.group(1)}: " if found else ""
+        cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+        raise ConfigurationError(
+            f"{name}{exc}{cause} (lists and tables in environment variables are written as JSON)"
+        ) from exc
+
+
+class _Origins:
+    """Tells where a setting's value came from, so the message says what to edit."""
+
+    def __init__(self, path: Path | None, overrides: dict[str, Any]) -> None:
+        self._path = path
+        self._overrides = overrides
+        self._environment = {key.upper() for key in os.environ}
+        self._file_keys: set[str] = set()
+        if path is not None:
+            try:
+                self._file_keys = set(tomllib.loads(path.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+                self._file_keys = set()
+
+    def of(self, name: str) -> str:
+        if name in self._overrides:
+            return "passed to load_settings"
+        if env_name(name) in self._environment:
+            return f"set by {env_name(name)}"
+        if name in self._file_keys:
+            return f"in {self._path}"
+        return "the default"
+
+
+def _describe(error: ErrorDetails, origins: _Origins) -> str:
+    """One line per problem: `CARWASH_X / x: what is wrong (where it was set)`."""
+    ctx = error.get("ctx") or {}
+    message = str(ctx["error"]) if error["type"] == "value_error" and "error" in ctx else error["msg"]
+    if not error["loc"]:
+        return message
+    name = str(error["loc"][0])
+    if error["type"] == "extra_forbidden":
+        return f"unknown setting {name!r} ({origins.of(name)}); see config/carwash.toml for the list"
+    dotted = ".".join(str(part) for part in error["loc"])
+    return f"{env_name(name)} / {dotted}: {message} ({origins.of(name)})"

@@ -1,0 +1,309 @@
+"""The persistence port: what the engine asks of a database, in intents, not SQL.
+
+One adapter per database implements `JobStore` (sqlite.py, postgres.py); the same contract
+suite runs against each. Value types live here so that callers never import an adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from carwash_jobs.lifecycle import Fence, JobStatus, Transition
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from carwash_jobs.types import JobId
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """A job as stored. Read-only: a change is made by applying a lifecycle Transition."""
+
+    id: JobId
+    task_type: str
+    queue: str
+    status: JobStatus
+    priority: int
+    payload: dict[str, Any]
+    context: dict[str, Any] | None
+    tags: list[str]
+    attempts: int
+    max_attempts: int
+    run_at: datetime
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    lease_owner: str | None
+    lease_until: datetime | None
+    progress_done: int
+    progress_total: int | None
+    checkpoint: dict[str, Any] | None
+    result: Any
+    error: str | None
+    error_traceback: str | None
+    attempt_history: list[dict[str, Any]]
+    idempotency_key: str | None
+    rerun_of: JobId | None
+    depends_on: list[JobId]
+
+    @property
+    def fence(self) -> Fence:
+        """The fence of the attempt this row describes (meaningful while running)."""
+        return Fence(self.attempts, self.lease_owner or "")
+
+    def public(self) -> dict[str, Any]:
+        """The job as clients see it (shared/API.md), for the HTTP API and the CLI alike."""
+        return {
+            "id": self.id, "task_type": self.task_type, "status": self.status.value,
+            "payload": self.payload, "queue": self.queue, "priority": self.priority,
+            "attempts": self.attempts, "max_attempts": self.max_attempts,
+            "run_at": _iso(self.run_at), "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at), "finished_at": _iso(self.finished_at),
+            "progress": {"done": self.progress_done, "total": self.progress_total},
+            "result": self.result, "error": self.error, "tags": self.tags,
+            "rerun_of": self.rerun_of, "depends_on": self.depends_on,
+            "idempotency_key": self.idempotency_key, "context": self.context,
+            "lease_owner": self.lease_owner, "error_traceback": self.error_traceback,
+            "attempt_history": self.attempt_history,
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """Everything needed to insert a job; the queue fills in defaults from the task type."""
+
+    id: JobId
+    task_type: str
+    payload: dict[str, Any]
+    status: JobStatus
+    run_at: datetime
+    created_at: datetime
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 5
+    tags: Sequence[str] = ()
+    context: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    rerun_of: JobId | None = None
+    depends_on: Sequence[JobId] = ()
+    #: insert already claimed by this owner (the job is handed straight to a local worker)
+    claimed_by: str | None = None
+    lease_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Inserted:
+    """The stored job, and whether this call created it (False: its idempotency key existed)."""
+
+    job: JobRow
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The job after a transition, and the jobs the change set free (dependents now queued,
+    follow-ups inserted with the completion), which the caller hands to its in-memory queue."""
+
+    job: JobRow
+    woken: Sequence[JobRow] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DueJob:
+    """What the in-memory queue needs to order and dispatch a job without reading its row."""
+
+    id: JobId
+    task_type: str
+    queue: str
+    priority: int
+    run_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    """List filters; every field set is AND-ed."""
+
+    status: JobStatus | None = None
+    task_type: str | None = None
+    tag: str | None = None
+    queue: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FailedFilter:
+    """Which failed jobs a bulk retry touches; every field set is AND-ed."""
+
+    ids: Sequence[JobId] | None = None
+    task_type: str | None = None
+    failed_after: datetime | None = None
+    failed_before: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: Sequence[JobRow]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    at: datetime
+    event: str
+    status: str
+    attempt: int
+    process: str | None
+    message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    by_status: Mapping[str, int]
+    by_task_type: Mapping[str, Mapping[str, int]]
+    running_owners: Mapping[str, int] = field(default_factory=dict)
+
+
+class Tx(Protocol):
+    """A database transaction handed to user code: portable SQL with `:name` parameters.
+
+    Statements run in the caller's order inside one transaction; nothing is visible to others
+    until it commits, and an exception rolls all of it back.
+    """
+
+    @property
+    def dialect(self) -> str:
+        """'sqlite' or 'postgresql', for the rare statement that must differ."""
+        ...
+
+    async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
+        """Run one statement; returns the number of rows it changed."""
+        ...
+
+    async def executemany(self, sql: str, params: Sequence[Mapping[str, Any]]) -> None: ...
+
+    async def fetch(
+        self, sql: str, params: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]: ...
+
+
+TxFn = Callable[[Tx], Awaitable[T]]
+
+
+class JobStore(Protocol):
+    """The engine's whole conversation with its database."""
+
+    @property
+    def dialect(self) -> str: ...
+
+    async def open(self) -> None:
+        """Connect (and start any writer task); the schema must already be migrated."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when the database does not answer."""
+        ...
+
+    # -- writes -------------------------------------------------------------------------
+    async def insert(self, jobs: Sequence[NewJob], tx: Tx | None = None) -> list[Inserted]:
+        """Insert jobs, each committed before this returns (or with `tx`, when it commits).
+        An existing idempotency key returns that job with created=False. Unknown dependency
+        ids raise UnknownDependency and insert nothing."""
+        ...
+
+    async def claim(
+        self, ids: Sequence[JobId], owner: str, lease_until: datetime
+    ) -> list[JobRow]:
+        """Atomically move the claimable, due jobs among `ids` to running for `owner`.
+        Ids that another worker won, or that are not due, are left out of the result."""
+        ...
+
+    async def claim_due(
+        self, limit: int, owner: str, lease_until: datetime, queues: Sequence[str] | None = None
+    ) -> list[JobRow]:
+        """Claim up to `limit` due jobs by priority, then run_at (the polling form)."""
+        ...
+
+    async def apply(
+        self,
+        transition: Transition,
+        *,
+        follow_ups: Sequence[NewJob] = (),
+        before: TxFn[None] | None = None,
+    ) -> Applied:
+        """Apply one transition as a compare-and-set, in one transaction with `before` (the
+        handler's own final writes) and the insertion of `follow_ups`. Raises JobNotFound,
+        IllegalTransition, or StaleLease (the fence no longer matches)."""
+        ...
+
+    async def apply_many(self, transitions: Sequence[Transition]) -> list[Applied | Exception]:
+        """Apply many independent transitions in one commit; each succeeds or fails alone."""
+        ...
+
+    async def save_progress(
+        self,
+        job_id: JobId,
+        fence: Fence,
+        *,
+        done: int | None = None,
+        total: int | None = None,
+        checkpoint: dict[str, Any] | None = None,
+    ) -> bool:
+        """Record progress and/or a checkpoint for a running attempt; False if the fence is stale."""
+        ...
+
+    async def extend_leases(
+        self, owner: str, ids: Sequence[JobId], lease_until: datetime
+    ) -> set[JobId]:
+        """Extend the leases `owner` still holds; returns the ids it still holds."""
+        ...
+
+    async def promote_due(self, now: datetime) -> int:
+        """Move scheduled jobs whose run_at has passed to queued."""
+        ...
+
+    async def expired_leases(self, now: datetime, limit: int) -> list[JobRow]:
+        """Running jobs whose lease ran out: their worker died or hung."""
+        ...
+
+    async def running_owned_by(self, owners: Sequence[str]) -> list[JobRow]: ...
+
+    async def running_owners(self) -> list[str]:
+        """Every owner that holds a running job now."""
+        ...
+
+    async def transaction(self, fn: TxFn[T]) -> T:
+        """Run `fn` in one transaction: committed if it returns, rolled back if it raises."""
+        ...
+
+    # -- reads ----------------------------------------------------------------------------
+    async def get(self, job_id: JobId) -> JobRow:
+        """The job, or JobNotFound."""
+        ...
+
+    async def get_many(self, ids: Sequence[JobId]) -> list[JobRow]: ...
+
+    async def list_jobs(self, flt: JobFilter, limit: int, cursor: str | None = None) -> Page:
+        """Newest first, keyset-paginated: `cursor` is the last page's next_cursor."""
+        ...
+
+    async def due(self, now: datetime, limit: int) -> list[DueJob]:
+        """Queued jobs that are due, by priority then age: what a reload hands to memory."""
+        ...
+
+    async def failed_ids(self, flt: FailedFilter, limit: int) -> list[JobId]: ...
+
+    async def events(self, job_id: JobId) -> list[EventRow]: ...
+
+    async def stats(self) -> Stats: ...

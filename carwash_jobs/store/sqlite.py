@@ -1,0 +1,612 @@
+"""SqliteJobStore: the embedded adapter (aiosqlite for reads, one group-commit writer).
+
+WAL lets readers run beside the writer; synchronous=FULL (the default) makes every acknowledged
+write survive a power cut, and the group-commit writer makes that fsync cheap. Claims are one
+`UPDATE ... RETURNING` statement, atomic across processes because SQLite serialises writers.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiosqlite
+
+from carwash_jobs import lifecycle
+from carwash_jobs.errors import (
+    IllegalTransition,
+    JobNotFound,
+    StaleLease,
+    StoreUnavailable,
+    UnknownDependency,
+)
+from carwash_jobs.lifecycle import JobStatus, Transition
+from carwash_jobs.store.base import (
+    Applied,
+    DueJob,
+    EventRow,
+    FailedFilter,
+    Inserted,
+    JobFilter,
+    JobRow,
+    JobStore,
+    NewJob,
+    Page,
+    Stats,
+    T,
+    Tx,
+    TxFn,
+)
+from carwash_jobs.store.sqlite_writer import SqliteTx, SqliteWriter
+from carwash_jobs.types import Clock, JobId, utc_now
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from carwash_jobs.lifecycle import Fence
+
+JOB_COLUMNS = (
+    "id", "task_type", "queue", "status", "priority", "payload", "context", "tags", "attempts",
+    "max_attempts", "run_at", "created_at", "started_at", "finished_at", "lease_owner",
+    "lease_until", "progress_done", "progress_total", "checkpoint", "result", "error",
+    "error_traceback", "attempt_history", "idempotency_key", "rerun_of", "depends_on",
+)
+JSON_COLUMNS = frozenset(
+    {"payload", "context", "tags", "checkpoint", "result", "attempt_history", "depends_on"}
+)
+TIME_COLUMNS = frozenset({"run_at", "created_at", "started_at", "finished_at", "lease_until"})
+_COLS = ", ".join(JOB_COLUMNS)
+
+INSERT_JOB = f"""
+INSERT INTO worker_queue ({_COLS}) VALUES (
+  :id, :task_type, :queue, :status, :priority, :payload, :context, :tags, :attempts,
+  :max_attempts, :run_at, :created_at, :started_at, NULL, :lease_owner, :lease_until, 0, NULL,
+  NULL, NULL, :error, NULL, '[]', :idempotency_key, :rerun_of, :depends_on)
+ON CONFLICT (idempotency_key) DO NOTHING
+"""
+SELECT_BY_IDEMPOTENCY_KEY = f"SELECT {_COLS} FROM worker_queue WHERE idempotency_key = ?"
+INSERT_DEPENDENCY = "INSERT INTO job_dependencies (job_id, depends_on_id) VALUES (?, ?)"
+INSERT_EVENT = """
+INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+SELECT_STATUSES = "SELECT id, status FROM worker_queue WHERE id IN ({ids})"
+CLAIM_IDS = f"""
+UPDATE worker_queue
+SET status = 'running', attempts = attempts + 1, lease_owner = ?, lease_until = ?,
+    started_at = ?
+WHERE id IN ({{ids}}) AND status IN ('queued', 'scheduled') AND run_at <= ?
+RETURNING {_COLS}
+"""
+CLAIM_DUE = f"""
+UPDATE worker_queue
+SET status = 'running', attempts = attempts + 1, lease_owner = ?, lease_until = ?,
+    started_at = ?
+WHERE id IN (
+  SELECT id FROM worker_queue
+  WHERE status = 'queued' AND run_at <= ? {{queue_filter}}
+  ORDER BY priority DESC, run_at, id LIMIT ?)
+RETURNING {_COLS}
+"""
+SELECT_FENCE = "SELECT status FROM worker_queue WHERE id = ?"
+APPEND_HISTORY = "attempt_history = json_insert(attempt_history, '$[#]', json(:history))"
+APPEND_RUNNING_ATTEMPT = """attempt_history = CASE WHEN status = 'running'
+  THEN json_insert(attempt_history, '$[#]', json_object('attempt', attempts,
+    'outcome', :running_outcome, 'owner', lease_owner, 'finished_at', :now_iso,
+    'error', :running_error))
+  ELSE attempt_history END"""
+WAITING_DEPENDENTS = """
+SELECT d.job_id FROM job_dependencies d JOIN worker_queue w ON w.id = d.job_id
+WHERE d.depends_on_id = ? AND w.status = 'waiting'
+"""
+UNFINISHED_DEPENDENCIES = """
+SELECT COUNT(*) FROM job_dependencies d JOIN worker_queue w ON w.id = d.depends_on_id
+WHERE d.job_id = ? AND w.status != 'completed'
+"""
+SAVE_PROGRESS = """
+UPDATE worker_queue SET progress_done = COALESCE(:done, progress_done),
+  progress_total = CASE WHEN :set_total THEN :total ELSE progress_total END,
+  checkpoint = COALESCE(:checkpoint, checkpoint)
+WHERE id = :id AND status = 'running' AND attempts = :attempt AND lease_owner = :owner
+"""
+EXTEND_LEASES = """
+UPDATE worker_queue SET lease_until = ?
+WHERE lease_owner = ? AND status = 'running' AND id IN ({ids})
+RETURNING id
+"""
+PROMOTE_DUE = """
+UPDATE worker_queue SET status = 'queued'
+WHERE status = 'scheduled' AND run_at <= ?
+RETURNING id, attempts
+"""
+EXPIRED_LEASES = f"""
+SELECT {_COLS} FROM worker_queue
+WHERE status = 'running' AND lease_until < ? ORDER BY lease_until LIMIT ?
+"""
+RUNNING_OWNED_BY = f"""
+SELECT {_COLS} FROM worker_queue WHERE status = 'running' AND lease_owner IN ({{owners}})
+"""
+RUNNING_OWNERS = "SELECT DISTINCT lease_owner FROM worker_queue WHERE status = 'running'"
+RUNNING_BY_OWNER = """
+SELECT lease_owner, COUNT(*) FROM worker_queue WHERE status = 'running' GROUP BY lease_owner
+"""
+GET_JOB = f"SELECT {_COLS} FROM worker_queue WHERE id = ?"
+GET_JOBS = f"SELECT {_COLS} FROM worker_queue WHERE id IN ({{ids}})"
+LIST_JOBS = f"SELECT {_COLS} FROM worker_queue WHERE {{where}} ORDER BY id DESC LIMIT ?"
+DUE_JOBS = """
+SELECT id, task_type, queue, priority, run_at FROM worker_queue
+WHERE status = 'queued' AND run_at <= ? ORDER BY priority DESC, run_at, id LIMIT ?
+"""
+FAILED_IDS = "SELECT id FROM worker_queue WHERE {where} ORDER BY id LIMIT ?"
+JOB_EVENTS = """
+SELECT at, event, status, attempt, process, message FROM job_events
+WHERE job_id = ? ORDER BY id
+"""
+COUNTS = "SELECT task_type, status, COUNT(*) FROM worker_queue GROUP BY task_type, status"
+
+
+def ts(value: datetime | None) -> str | None:
+    """Timestamps are stored as UTC text in one fixed format, so they sort as strings."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def parse_ts(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def row_to_job(row: Sequence[Any]) -> JobRow:
+    values = dict(zip(JOB_COLUMNS, row, strict=True))
+    for name in JSON_COLUMNS:
+        raw = values[name]
+        values[name] = None if raw is None else json.loads(raw)
+    for name in TIME_COLUMNS:
+        values[name] = parse_ts(values[name])
+    values["status"] = JobStatus(values["status"])
+    return JobRow(**values)
+
+
+def _placeholders(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _column_value(column: str, value: Any) -> Any:
+    if column in JSON_COLUMNS:
+        return _dump(value)
+    if column in TIME_COLUMNS:
+        return ts(value)
+    return value
+
+
+class SqliteJobStore:
+    """The embedded store: one SQLite file in WAL mode."""
+
+    dialect = "sqlite"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        owner: str,
+        clock: Clock = utc_now,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 5000,
+        write_batch_max: int = 500,
+    ) -> None:
+        self.path = Path(url.removeprefix("sqlite+aiosqlite:///"))
+        self._owner = owner
+        self._clock = clock
+        self._pragmas = (
+            "PRAGMA journal_mode=WAL",
+            f"PRAGMA synchronous={synchronous}",
+            f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
+        )
+        self.writer = SqliteWriter(self._connect_writer, batch_max=write_batch_max)
+        self._reader: aiosqlite.Connection | None = None
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        for pragma in self._pragmas:
+            conn.execute(pragma)
+        return conn
+
+    async def open(self) -> None:
+        if not self.path.exists():
+            raise StoreUnavailable(f"no database at {self.path}: run `carwash-jobs db upgrade`")
+        await self.writer.start()
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        for pragma in self._pragmas[1:]:
+            await self._reader.execute(pragma)
+
+    async def close(self) -> None:
+        await self.writer.stop()
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+
+    async def ping(self) -> None:
+        try:
+            await self._fetch("SELECT 1")
+        except (sqlite3.Error, ValueError, AttributeError) as exc:
+            raise StoreUnavailable(f"the database does not answer: {exc}") from exc
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        if self._reader is None:
+            raise StoreUnavailable("the store is not open")
+        async with self._reader.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    # -- writes ------------------------------------------------------------------------
+    async def insert(self, jobs: Sequence[NewJob], tx: Tx | None = None) -> list[Inserted]:
+        def run(conn: sqlite3.Connection) -> list[Inserted]:
+            return _insert(conn, jobs, self._owner, self._clock())
+
+        if tx is not None:
+            assert isinstance(tx, SqliteTx), "a SqliteJobStore joins only its own transactions"
+            return await tx.run_sync(run)
+        return await self.writer.run_sync(run)
+
+    async def claim(
+        self, ids: Sequence[JobId], owner: str, lease_until: datetime
+    ) -> list[JobRow]:
+        if not ids:
+            return []
+        now = self._clock()
+
+        def run(conn: sqlite3.Connection) -> list[JobRow]:
+            sql = CLAIM_IDS.format(ids=_placeholders(len(ids)))
+            rows = conn.execute(sql, (owner, ts(lease_until), ts(now), *ids, ts(now))).fetchall()
+            return _claimed(conn, rows, owner, now)
+
+        return await self.writer.run_sync(run)
+
+    async def claim_due(
+        self, limit: int, owner: str, lease_until: datetime, queues: Sequence[str] | None = None
+    ) -> list[JobRow]:
+        now = self._clock()
+        queue_filter = f"AND queue IN ({_placeholders(len(queues))})" if queues else ""
+
+        def run(conn: sqlite3.Connection) -> list[JobRow]:
+            sql = CLAIM_DUE.format(queue_filter=queue_filter)
+            params = (owner, ts(lease_until), ts(now), ts(now), *(queues or ()), limit)
+            return _claimed(conn, conn.execute(sql, params).fetchall(), owner, now)
+
+        return await self.writer.run_sync(run)
+
+    async def apply(
+        self,
+        transition: Transition,
+        *,
+        follow_ups: Sequence[NewJob] = (),
+        before: TxFn[None] | None = None,
+    ) -> Applied:
+        now = self._clock()
+
+        def run(conn: sqlite3.Connection) -> Applied:
+            applied = _apply(conn, transition, self._owner, now)
+            woken = list(applied.woken)
+            if follow_ups:
+                woken += [i.job for i in _insert(conn, follow_ups, self._owner, now) if i.created]
+            return Applied(applied.job, woken)
+
+        if before is None:
+            return await self.writer.run_sync(run)
+
+        async def in_tx(tx: SqliteTx) -> Applied:
+            await before(tx)
+            return await tx.run_sync(run)
+
+        return await self.writer.run_async(in_tx)
+
+    async def apply_many(self, transitions: Sequence[Transition]) -> list[Applied | Exception]:
+        now = self._clock()
+
+        def run(conn: sqlite3.Connection) -> list[Applied | Exception]:
+            results: list[Applied | Exception] = []
+            for transition in transitions:
+                conn.execute("SAVEPOINT one")
+                try:
+                    results.append(_apply(conn, transition, self._owner, now))
+                except (IllegalTransition, JobNotFound) as exc:
+                    conn.execute("ROLLBACK TO one")
+                    results.append(exc)
+                conn.execute("RELEASE one")
+            return results
+
+        return await self.writer.run_sync(run)
+
+    async def save_progress(
+        self,
+        job_id: JobId,
+        fence: Fence,
+        *,
+        done: int | None = None,
+        total: int | None = None,
+        checkpoint: dict[str, Any] | None = None,
+    ) -> bool:
+        params = {
+            "id": job_id, "attempt": fence.attempt, "owner": fence.owner, "done": done,
+            "set_total": done is not None, "total": total, "checkpoint": _dump(checkpoint),
+        }
+
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute(SAVE_PROGRESS, params).rowcount == 1
+
+        return await self.writer.run_sync(run)
+
+    async def extend_leases(
+        self, owner: str, ids: Sequence[JobId], lease_until: datetime
+    ) -> set[JobId]:
+        if not ids:
+            return set()
+
+        def run(conn: sqlite3.Connection) -> set[JobId]:
+            sql = EXTEND_LEASES.format(ids=_placeholders(len(ids)))
+            rows = conn.execute(sql, (ts(lease_until), owner, *ids)).fetchall()
+            return {JobId(r[0]) for r in rows}
+
+        return await self.writer.run_sync(run)
+
+    async def promote_due(self, now: datetime) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(PROMOTE_DUE, (ts(now),)).fetchall()
+            conn.executemany(
+                INSERT_EVENT,
+                [(r[0], ts(now), "due", "queued", r[1], self._owner, None) for r in rows],
+            )
+            return len(rows)
+
+        return await self.writer.run_sync(run)
+
+    async def transaction(self, fn: TxFn[T]) -> T:
+        return await self.writer.run_async(fn)
+
+    # -- reads -------------------------------------------------------------------------
+    async def expired_leases(self, now: datetime, limit: int) -> list[JobRow]:
+        return [row_to_job(r) for r in await self._fetch(EXPIRED_LEASES, (ts(now), limit))]
+
+    async def running_owned_by(self, owners: Sequence[str]) -> list[JobRow]:
+        if not owners:
+            return []
+        sql = RUNNING_OWNED_BY.format(owners=_placeholders(len(owners)))
+        return [row_to_job(r) for r in await self._fetch(sql, tuple(owners))]
+
+    async def running_owners(self) -> list[str]:
+        return [r[0] for r in await self._fetch(RUNNING_OWNERS) if r[0] is not None]
+
+    async def get(self, job_id: JobId) -> JobRow:
+        rows = await self._fetch(GET_JOB, (job_id,))
+        if not rows:
+            raise JobNotFound(job_id)
+        return row_to_job(rows[0])
+
+    async def get_many(self, ids: Sequence[JobId]) -> list[JobRow]:
+        if not ids:
+            return []
+        rows = await self._fetch(GET_JOBS.format(ids=_placeholders(len(ids))), tuple(ids))
+        return [row_to_job(r) for r in rows]
+
+    async def list_jobs(self, flt: JobFilter, limit: int, cursor: str | None = None) -> Page:
+        where, params = _list_where(flt, cursor)
+        rows = await self._fetch(LIST_JOBS.format(where=where), (*params, limit + 1))
+        items = [row_to_job(r) for r in rows[:limit]]
+        next_cursor = items[-1].id if len(rows) > limit else None
+        return Page(items, next_cursor)
+
+    async def due(self, now: datetime, limit: int) -> list[DueJob]:
+        rows = await self._fetch(DUE_JOBS, (ts(now), limit))
+        return [DueJob(JobId(r[0]), r[1], r[2], r[3], parse_ts(r[4]) or now) for r in rows]
+
+    async def failed_ids(self, flt: FailedFilter, limit: int) -> list[JobId]:
+        clauses: list[str] = ["status = 'failed'"]
+        params: list[Any] = []
+        if flt.ids is not None:
+            if not flt.ids:
+                return []
+            clauses.append(f"id IN ({_placeholders(len(flt.ids))})")
+            params += list(flt.ids)
+        if flt.task_type is not None:
+            clauses.append("task_type = ?")
+            params.append(flt.task_type)
+        if flt.failed_after is not None:
+            clauses.append("finished_at >= ?")
+            params.append(ts(flt.failed_after))
+        if flt.failed_before is not None:
+            clauses.append("finished_at < ?")
+            params.append(ts(flt.failed_before))
+        rows = await self._fetch(FAILED_IDS.format(where=" AND ".join(clauses)), (*params, limit))
+        return [JobId(r[0]) for r in rows]
+
+    async def events(self, job_id: JobId) -> list[EventRow]:
+        rows = await self._fetch(JOB_EVENTS, (job_id,))
+        return [EventRow(parse_ts(r[0]) or self._clock(), *r[1:]) for r in rows]
+
+    async def stats(self) -> Stats:
+        by_status: dict[str, int] = {s.value: 0 for s in JobStatus}
+        by_type: dict[str, dict[str, int]] = {}
+        for task_type, status, count in await self._fetch(COUNTS):
+            by_status[status] = by_status.get(status, 0) + count
+            by_type.setdefault(task_type, {})[status] = count
+        owners = {r[0]: r[1] for r in await self._fetch(RUNNING_BY_OWNER) if r[0]}
+        return Stats(by_status, by_type, owners)
+
+
+def _list_where(flt: JobFilter, cursor: str | None) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    pairs: list[tuple[str, Any]] = [
+        ("status = ?", flt.status.value if flt.status else None),
+        ("task_type = ?", flt.task_type),
+        ("queue = ?", flt.queue),
+        ("created_at >= ?", ts(flt.created_after)),
+        ("created_at < ?", ts(flt.created_before)),
+        ("id < ?", cursor),
+        ("EXISTS (SELECT 1 FROM json_each(tags) WHERE value = ?)", flt.tag),
+    ]
+    for clause, value in pairs:
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return (" AND ".join(clauses) or "1 = 1"), params
+
+
+def _claimed(
+    conn: sqlite3.Connection, rows: list[Any], owner: str, now: datetime
+) -> list[JobRow]:
+    jobs = [row_to_job(r) for r in rows]
+    conn.executemany(
+        INSERT_EVENT,
+        [(j.id, ts(now), "claimed", "running", j.attempts, owner, None) for j in jobs],
+    )
+    return jobs
+
+
+def _insert(
+    conn: sqlite3.Connection, jobs: Sequence[NewJob], owner: str, now: datetime
+) -> list[Inserted]:
+    results: list[Inserted] = []
+    events: list[tuple[Any, ...]] = []
+    for job in jobs:
+        status, error = _start_status(conn, job, now)
+        params = {
+            "id": job.id, "task_type": job.task_type, "queue": job.queue, "status": status.value,
+            "priority": job.priority, "payload": _dump(job.payload),
+            "context": _dump(job.context), "tags": _dump(list(job.tags)),
+            "attempts": 1 if job.claimed_by else 0, "max_attempts": job.max_attempts,
+            "run_at": ts(job.run_at), "created_at": ts(job.created_at),
+            "started_at": ts(now) if job.claimed_by else None,
+            "lease_owner": job.claimed_by, "lease_until": ts(job.lease_until),
+            "error": error, "idempotency_key": job.idempotency_key, "rerun_of": job.rerun_of,
+            "depends_on": _dump(list(job.depends_on)),
+        }
+        if conn.execute(INSERT_JOB, params).rowcount == 0:
+            existing = conn.execute(SELECT_BY_IDEMPOTENCY_KEY, (job.idempotency_key,)).fetchone()
+            results.append(Inserted(row_to_job(existing), created=False))
+            continue
+        if job.depends_on:
+            conn.executemany(INSERT_DEPENDENCY, [(job.id, d) for d in job.depends_on])
+        events.append((job.id, ts(now), "enqueued", status.value, 0, owner, error))
+        if job.claimed_by:
+            events.append((job.id, ts(now), "claimed", "running", 1, job.claimed_by, None))
+        results.append(Inserted(_stored(job, status, error, now), created=True))
+    conn.executemany(INSERT_EVENT, events)
+    return results
+
+
+def _start_status(
+    conn: sqlite3.Connection, job: NewJob, now: datetime
+) -> tuple[JobStatus, str | None]:
+    if job.claimed_by:
+        return JobStatus.running, None
+    if not job.depends_on:
+        return lifecycle.initial_status(job.run_at, now, {})
+    ids = list(dict.fromkeys(job.depends_on))
+    found = dict(conn.execute(SELECT_STATUSES.format(ids=_placeholders(len(ids))), ids))
+    for dep in ids:
+        if dep not in found:
+            raise UnknownDependency(dep)
+    return lifecycle.initial_status(
+        job.run_at, now, {JobId(k): JobStatus(v) for k, v in found.items()}
+    )
+
+
+def _stored(job: NewJob, status: JobStatus, error: str | None, now: datetime) -> JobRow:
+    """The row just inserted, built from what was written (no read back on the hot path)."""
+    claimed = job.claimed_by is not None
+    return JobRow(
+        id=job.id, task_type=job.task_type, queue=job.queue, status=status,
+        priority=job.priority, payload=job.payload, context=job.context, tags=list(job.tags),
+        attempts=1 if claimed else 0, max_attempts=job.max_attempts,
+        run_at=_second_precision(job.run_at), created_at=_second_precision(job.created_at),
+        started_at=_second_precision(now) if claimed else None,
+        finished_at=_second_precision(now) if status == JobStatus.cancelled else None,
+        lease_owner=job.claimed_by, lease_until=job.lease_until, progress_done=0,
+        progress_total=None, checkpoint=None, result=None, error=error, error_traceback=None,
+        attempt_history=[], idempotency_key=job.idempotency_key, rerun_of=job.rerun_of,
+        depends_on=list(job.depends_on),
+    )
+
+
+def _second_precision(value: datetime) -> datetime:
+    """What a stored timestamp reads back as: UTC, to the microsecond."""
+    return value.astimezone(UTC)
+
+
+def _apply(
+    conn: sqlite3.Connection, t: Transition, owner: str, now: datetime
+) -> Applied:
+    sets = ["status = :to_status"]
+    params: dict[str, Any] = {"id": t.job_id, "to_status": t.to_status.value}
+    for column, value in t.changes.items():
+        sets.append(f"{column} = :c_{column}")
+        params[f"c_{column}"] = _column_value(column, value)
+    if t.attempts_delta:
+        sets.append("attempts = attempts + :delta")
+        params["delta"] = t.attempts_delta
+    if t.history is not None:
+        sets.append(APPEND_HISTORY)
+        params["history"] = _dump(t.history.as_json())
+    elif t.running_attempt_outcome is not None:
+        sets.append(APPEND_RUNNING_ATTEMPT)
+        params.update(running_outcome=t.running_attempt_outcome.value,
+                      now_iso=now.isoformat(), running_error=t.message)
+    froms = sorted(s.value for s in t.from_statuses)
+    where = [f"status IN ({', '.join(f':f{i}' for i in range(len(froms)))})"]
+    params.update({f"f{i}": s for i, s in enumerate(froms)})
+    if t.fence is not None:
+        where.append("attempts = :fence_attempt AND lease_owner = :fence_owner")
+        params.update(fence_attempt=t.fence.attempt, fence_owner=t.fence.owner)
+    sql = (f"UPDATE worker_queue SET {', '.join(sets)} WHERE id = :id AND "
+           f"{' AND '.join(where)} RETURNING {_COLS}")
+    row = conn.execute(sql, params).fetchone()
+    if row is None:
+        _explain_refusal(conn, t)
+    job = row_to_job(row)
+    conn.execute(
+        INSERT_EVENT,
+        (job.id, ts(now), t.event, job.status.value, job.attempts, owner, t.message),
+    )
+    return Applied(job, _resolve_dependents(conn, job, owner, now))
+
+
+def _explain_refusal(conn: sqlite3.Connection, t: Transition) -> None:
+    found = conn.execute(SELECT_FENCE, (t.job_id,)).fetchone()
+    if found is None:
+        raise JobNotFound(t.job_id)
+    if JobStatus(found[0]) not in t.from_statuses:
+        raise IllegalTransition(t.job_id, found[0], t.action)
+    raise StaleLease(t.job_id, found[0], t.action)
+
+
+def _resolve_dependents(
+    conn: sqlite3.Connection, job: JobRow, owner: str, now: datetime
+) -> list[JobRow]:
+    """A finished job frees or cancels the jobs waiting on it, in the same transaction."""
+    if job.status not in lifecycle.TERMINAL:
+        return []
+    woken: list[JobRow] = []
+    for (dependent_id,) in conn.execute(WAITING_DEPENDENTS, (job.id,)).fetchall():
+        if job.status == JobStatus.completed:
+            if conn.execute(UNFINISHED_DEPENDENCIES, (dependent_id,)).fetchone()[0]:
+                continue
+            applied = _apply(conn, lifecycle.dependencies_met(JobId(dependent_id)), owner, now)
+            woken.append(applied.job)
+        else:
+            transition = lifecycle.dependency_failed(JobId(dependent_id), job.id, job.status, now)
+            _apply(conn, transition, owner, now)  # cascades to its own dependents
+    return woken
+
+
+if TYPE_CHECKING:
+    _conforms: type[JobStore] = SqliteJobStore
+    _mapping: Mapping[str, Any]

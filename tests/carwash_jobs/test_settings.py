@@ -1,0 +1,335 @@
+"""Tests for carwash_jobs/settings.py: precedence, loud failures, and the shipped config file."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from carwash_jobs.errors import ConfigurationError
+from carwash_jobs.settings import Settings, config_path, env_name, load_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_CONFIG = REPO_ROOT / "config" / "carwash.toml"
+#: Settings whose default is None: the shipped file shows them commented out.
+COMMENTED_OUT = {"api_token", "financial_database_url"}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each test starts in an empty directory with no CARWASH_* variables, so neither the
+    developer's shell nor the repository's config file leaks in."""
+    for name in list(os.environ):
+        if name.upper().startswith("CARWASH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def write_config(directory: Path, text: str) -> Path:
+    path = directory / "config" / "carwash.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_apply_without_a_config_file() -> None:
+    settings = load_settings()
+
+    assert config_path() is None
+    assert settings.concurrency == 10
+    assert settings.database_url == "sqlite+aiosqlite:///./carwash.db"
+    assert settings.api_token is None
+    assert settings.queues == {"critical": 100, "default": 10, "bulk": 1}
+    assert settings.is_sqlite
+
+
+def test_config_file_beats_defaults(tmp_path: Path) -> None:
+    write_config(tmp_path, 'concurrency = 3\nlog_format = "json"\n[queues]\ndefault = 7\n')
+
+    settings = load_settings()
+
+    assert settings.concurrency == 3
+    assert settings.log_format == "json"
+    assert settings.queues == {"default": 7}
+    assert settings.email_rate_per_minute == 600  # untouched keys keep their defaults
+
+
+def test_environment_beats_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_config(tmp_path, "concurrency = 3\nport = 9000\n")
+    monkeypatch.setenv("CARWASH_CONCURRENCY", "4")
+
+    settings = load_settings()
+
+    assert settings.concurrency == 4
+    assert settings.port == 9000
+
+
+def test_overrides_beat_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_CONCURRENCY", "4")
+
+    assert load_settings(concurrency=5).concurrency == 5
+
+
+def test_carwash_config_names_another_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_config(tmp_path, "concurrency = 3\n")
+    other = tmp_path / "elsewhere.toml"
+    other.write_text("concurrency = 8\n", encoding="utf-8")
+    monkeypatch.setenv("CARWASH_CONFIG", str(other))
+
+    assert config_path() == other
+    assert load_settings().concurrency == 8
+
+
+def test_carwash_config_naming_a_missing_file_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_CONFIG", "conf/typo.toml")
+
+    with pytest.raises(
+        ConfigurationError,
+        match=r"CARWASH_CONFIG names 'conf/typo\.toml'.*"
+        r"does not exist",
+    ):
+        load_settings()
+
+
+def test_carwash_config_naming_a_directory_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_CONFIG", str(tmp_path))
+
+    with pytest.raises(ConfigurationError, match="is not a file"):
+        load_settings()
+
+
+def test_unknown_key_in_config_file_fails_naming_it(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "concurency = 3\n")
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert "unknown setting 'concurency'" in caught.value.message
+    assert str(path.relative_to(tmp_path)) in caught.value.message
+
+
+def test_invalid_toml_fails_naming_the_file(tmp_path: Path) -> None:
+    write_config(tmp_path, "concurrency = = 3\n")
+
+    with pytest.raises(ConfigurationError, match=r"config/carwash\.toml is not valid TOML"):
+        load_settings()
+
+
+def test_invalid_value_in_environment_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_CONCURRENCY", "0")
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert caught.value.message == (
+        "CARWASH_CONCURRENCY / concurrency: Input should be greater than or equal to 1"
+        " (set by CARWASH_CONCURRENCY)"
+    )
+
+
+def test_invalid_value_in_config_file_says_where_it_was_set(tmp_path: Path) -> None:
+    write_config(tmp_path, "lease_seconds = -1.0\n")
+
+    with pytest.raises(
+        ConfigurationError,
+        match=r"CARWASH_LEASE_SECONDS / lease_seconds: "
+        r"Input should be greater than 0 \(in config/carwash\.toml\)",
+    ):
+        load_settings()
+
+
+def test_every_invalid_value_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_CONCURRENCY", "0")
+    monkeypatch.setenv("CARWASH_PORT", "eighty")
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert "CARWASH_CONCURRENCY / concurrency" in caught.value.message
+    assert "CARWASH_PORT / port" in caught.value.message
+
+
+def test_pydantic_error_is_kept_as_the_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_CONCURRENCY", "0")
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert type(caught.value.__cause__).__name__ == "ValidationError"
+
+
+@pytest.mark.parametrize(
+    "url", ["postgres://app:secret@db/carwash", "sqlite:///./carwash.db", "mysql+aiomysql://db"]
+)
+def test_database_url_with_unsupported_scheme_fails(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_DATABASE_URL", url)
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert caught.value.message.startswith("CARWASH_DATABASE_URL / database_url: must start with")
+    assert "secret" not in caught.value.message
+
+
+def test_postgres_database_url_is_not_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_DATABASE_URL", "postgresql+asyncpg://app@db:5432/carwash")
+
+    assert not load_settings().is_sqlite
+
+
+def test_financial_database_url_is_checked_like_the_main_one() -> None:
+    with pytest.raises(ConfigurationError, match="CARWASH_FINANCIAL_DATABASE_URL"):
+        load_settings(financial_database_url="postgres://pos-db/pos")
+    assert load_settings(financial_database_url="postgresql+asyncpg://pos-db/pos")
+
+
+def test_heartbeat_not_shorter_than_lease_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_LEASE_SECONDS", "10")
+    monkeypatch.setenv("CARWASH_HEARTBEAT_INTERVAL_SECONDS", "10")
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert "CARWASH_HEARTBEAT_INTERVAL_SECONDS / heartbeat_interval_seconds" in caught.value.message
+    assert "CARWASH_LEASE_SECONDS / lease_seconds" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["outbox:./outbox", "smtp://mail:25", "smtp://user:pass@mail.example.com:587", "smtps://m:465"],
+)
+def test_smtp_url_accepted_forms(url: str) -> None:
+    assert load_settings(smtp_url=url).smtp_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://mail:25", "got scheme 'http'"),
+        ("smtp://mail", "needs a host and a port"),
+        ("smtp://:25", "needs a host and a port"),
+        ("outbox:", "needs a directory"),
+    ],
+)
+def test_smtp_url_rejected_forms(url: str, problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"CARWASH_SMTP_URL / smtp_url: .*{problem}"):
+        load_settings(smtp_url=url)
+
+
+def test_task_types_from_environment_are_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_TASK_TYPES", '["task_types.email", "acme.jobs.invoices"]')
+
+    assert load_settings().task_types == ["task_types.email", "acme.jobs.invoices"]
+
+
+def test_task_types_that_are_not_json_fail_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CARWASH_TASK_TYPES", "task_types.email,task_types.file_upload")
+
+    with pytest.raises(ConfigurationError, match=r"CARWASH_TASK_TYPES / task_types: .*JSON"):
+        load_settings()
+
+
+def test_task_type_that_is_not_a_module_path_fails() -> None:
+    with pytest.raises(ConfigurationError, match=r"'task_types/email\.py' is not a dotted module"):
+        load_settings(task_types=["task_types/email.py"])
+
+
+def test_queues_from_environment_are_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_QUEUES", '{"default": 1, "reports": 5}')
+
+    assert load_settings().queues == {"default": 1, "reports": 5}
+
+
+@pytest.mark.parametrize(
+    ("queues", "problem"),
+    [({"default": 0}, "every weight must be > 0"), ({"bulk": 1}, "must include the 'default'")],
+)
+def test_bad_queues_fail(queues: dict[str, int], problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"CARWASH_QUEUES / queues: .*{problem}"):
+        load_settings(queues=queues)
+
+
+def test_blank_api_token_fails() -> None:
+    with pytest.raises(ConfigurationError, match="CARWASH_API_TOKEN / api_token: must not be blank"):
+        load_settings(api_token=" ")
+
+
+def test_empty_environment_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_API_TOKEN", "")
+
+    assert load_settings().api_token is None
+
+
+def test_api_token_is_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARWASH_API_TOKEN", "s3cret-token")
+
+    settings = load_settings()
+
+    assert settings.api_token is not None
+    assert settings.api_token.get_secret_value() == "s3cret-token"
+    assert "s3cret-token" not in repr(settings)
+
+
+def test_log_level_is_normalised_and_checked() -> None:
+    assert load_settings(log_level="debug").log_level == "DEBUG"
+    with pytest.raises(ConfigurationError, match="CARWASH_LOG_LEVEL / log_level"):
+        load_settings(log_level="LOUD")
+
+
+def test_unknown_override_fails_naming_it() -> None:
+    with pytest.raises(ConfigurationError, match="unknown setting 'concurency'"):
+        load_settings(concurency=3)
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings()
+
+    with pytest.raises(ValueError, match="frozen"):
+        settings.concurrency = 2  # type: ignore[misc]
+
+
+def test_env_name_matches_what_pydantic_settings_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(env_name("write_batch_max"), "7")
+
+    assert load_settings().write_batch_max == 7
+
+
+def test_shipped_config_file_equals_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = load_settings()  # tmp_path: no config file
+
+    monkeypatch.setenv("CARWASH_CONFIG", str(SHIPPED_CONFIG))
+
+    assert load_settings() == defaults
+
+
+def test_shipped_config_file_lists_every_setting() -> None:
+    with SHIPPED_CONFIG.open("rb") as file:
+        keys = set(tomllib.load(file))
+    text = SHIPPED_CONFIG.read_text(encoding="utf-8")
+
+    assert keys == set(Settings.model_fields) - COMMENTED_OUT
+    for name in COMMENTED_OUT:
+        assert f"# {name} = " in text
+
+
+def test_every_setting_is_described() -> None:
+    undescribed = [name for name, field in Settings.model_fields.items() if not field.description]
+
+    assert undescribed == []
+
+
+def test_shipped_schedules_file_is_valid_toml() -> None:
+    with (REPO_ROOT / "config" / "schedules.toml").open("rb") as file:
+        assert tomllib.load(file) == {"schedules": []}
+
+
+def test_nothing_is_created_at_import_time() -> None:
+    import carwash_jobs.settings as module
+
+    instances = [value for value in vars(module).values() if isinstance(value, Settings)]
+
+    assert instances == []
