@@ -23,9 +23,11 @@ from carwash_jobs.store.base import (
     JobRow,
     JobStore,
     NewJob,
+    Notice,
     Stats,
     T,
     Tx,
+    TxFn,
 )
 from carwash_jobs.types import Clock, JobId, new_job_id, utc_now
 
@@ -95,6 +97,7 @@ class JobQueue:
         self._clock = clock
         self._timers: dict[JobId, asyncio.TimerHandle] = {}
         self._listeners = _Listeners()
+        self._background: set[asyncio.Task[int]] = set()
 
     # -- enqueue -----------------------------------------------------------------------
     def build(
@@ -151,7 +154,8 @@ class JobQueue:
         return await self.insert([self.build(task_type, p, options) for p in payloads])
 
     async def insert(self, jobs: Sequence[NewJob], *, tx: Tx | None = None) -> list[Inserted]:
-        results = await self.store.insert(jobs, tx=tx)
+        # the store joins only its own Tx: hand it the one a _QueueTx wraps
+        results = await self.store.insert(jobs, tx=tx._tx if isinstance(tx, _QueueTx) else tx)
         created = [r.job for r in results if r.created]
         if self._metrics is not None:
             for job in created:
@@ -162,7 +166,7 @@ class JobQueue:
             tx.inserted.extend(created)
         return results
 
-    async def transaction(self, fn: Callable[[Tx], Any]) -> T:
+    async def transaction(self, fn: TxFn[T]) -> T:
         """Run the caller's own writes and enqueues in one transaction: each job it enqueues
         (with `tx=`) exists if and only if the transaction commits."""
         queue_tx: _QueueTx | None = None
@@ -189,6 +193,8 @@ class JobQueue:
             return
         now = self._clock()
         for job in jobs:
+            if job.task_type not in self.registry:
+                continue  # not runnable here (as in reload): left to a process that knows it
             if job.status == JobStatus.queued or (
                 job.status == JobStatus.scheduled and job.run_at <= now
             ):
@@ -211,6 +217,21 @@ class JobQueue:
     @property
     def timers(self) -> int:
         return len(self._timers)
+
+    def on_notice(self, notice: Notice) -> None:
+        """Another process enqueued, cancelled, or asks for a reload (PostgreSQL NOTIFY)."""
+        if notice.kind == "new" and self.ready is not None:
+            for due in notice.jobs:
+                if due.task_type in self.registry:
+                    self.ready.put(due)
+        elif notice.kind == "cancel" and notice.job_id is not None:
+            self._forget(notice.job_id)
+            for listener in self._listeners.on_cancel:
+                listener(notice.job_id)
+        elif notice.kind == "reload":
+            task = asyncio.get_running_loop().create_task(self.reload(), name="notice-reload")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def on_cancel(self, listener: Callable[[JobId], object]) -> None:
         """Called with the id of every job this process cancels (the processor stops it)."""

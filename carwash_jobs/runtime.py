@@ -88,6 +88,7 @@ class Runtime:
             await upgrade(self.settings.database_url)
         await self.store.open()
         if self.processor is not None and self.scheduler is not None:
+            await self.store.listen(self.queue.on_notice)
             await self.recover_leftovers()
             await self.queue.reload()
             await self.processor.start()

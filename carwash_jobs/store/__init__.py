@@ -19,6 +19,7 @@ def open_store(
     synchronous: str = "FULL",
     busy_timeout_ms: int = 5000,
     write_batch_max: int = 500,
+    pool_size: int = 10,
 ) -> JobStore:
     """Build (not yet open) the adapter that serves `url`."""
     if url.startswith("sqlite+aiosqlite://"):
@@ -32,6 +33,10 @@ def open_store(
             busy_timeout_ms=busy_timeout_ms,
             write_batch_max=write_batch_max,
         )
+    if url.startswith("postgresql+asyncpg://"):
+        from carwash_jobs.store.postgres import PostgresJobStore
+
+        return PostgresJobStore(url, owner=owner, clock=clock, pool_size=pool_size)
     raise ConfigurationError(
         f"CARWASH_DATABASE_URL: unsupported database URL {url!r}; "
         "use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from carwash_jobs.lifecycle import Fence, JobStatus, Transition
 
@@ -129,6 +129,15 @@ class DueJob:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """A wake-up from another process: new due jobs, a cancel, or "reload, you missed some"."""
+
+    kind: Literal["new", "cancel", "reload"]
+    jobs: Sequence[DueJob] = ()
+    job_id: JobId | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class JobFilter:
     """List filters; every field set is AND-ed."""
 
@@ -213,6 +222,11 @@ class JobStore(Protocol):
 
     async def ping(self) -> None:
         """Raise StoreUnavailable when the database does not answer."""
+        ...
+
+    async def listen(self, on_notice: Callable[[Notice], None]) -> None:
+        """Deliver other processes' notices (new jobs, cancels) to `on_notice`. A database
+        without notifications delivers none: other processes' work arrives by the reload."""
         ...
 
     # -- writes -------------------------------------------------------------------------

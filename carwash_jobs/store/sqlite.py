@@ -34,6 +34,7 @@ from carwash_jobs.store.base import (
     JobRow,
     JobStore,
     NewJob,
+    Notice,
     Page,
     Stats,
     T,
@@ -44,7 +45,7 @@ from carwash_jobs.store.sqlite_writer import SqliteTx, SqliteWriter
 from carwash_jobs.types import Clock, JobId, utc_now
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from carwash_jobs.lifecycle import Fence
 
@@ -63,7 +64,7 @@ _COLS = ", ".join(JOB_COLUMNS)
 INSERT_JOB = f"""
 INSERT INTO worker_queue ({_COLS}) VALUES (
   :id, :task_type, :queue, :status, :priority, :payload, :context, :tags, :attempts,
-  :max_attempts, :run_at, :created_at, :started_at, NULL, :lease_owner, :lease_until, 0, NULL,
+  :max_attempts, :run_at, :created_at, :started_at, :finished_at, :lease_owner, :lease_until, 0, NULL,
   NULL, NULL, :error, NULL, '[]', :idempotency_key, :rerun_of, :depends_on)
 ON CONFLICT (idempotency_key) DO NOTHING
 """
@@ -169,7 +170,9 @@ def row_to_job(row: Sequence[Any]) -> JobRow:
     values = dict(zip(JOB_COLUMNS, row, strict=True))
     for name in JSON_COLUMNS:
         raw = values[name]
-        values[name] = None if raw is None else json.loads(raw)
+        # sa.JSON columns have NUMERIC affinity in SQLite: a bare JSON number ('0', '1.5')
+        # comes back as int/float, already decoded.
+        values[name] = json.loads(raw) if isinstance(raw, str | bytes) else raw
     for name in TIME_COLUMNS:
         values[name] = parse_ts(values[name])
     values["status"] = JobStatus(values["status"])
@@ -239,6 +242,9 @@ class SqliteJobStore:
             await self._fetch("SELECT 1")
         except (sqlite3.Error, ValueError, AttributeError) as exc:
             raise StoreUnavailable(f"the database does not answer: {exc}") from exc
+
+    async def listen(self, on_notice: Callable[[Notice], None]) -> None:
+        """SQLite has no notifications: other processes' jobs arrive by the periodic reload."""
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         if self._reader is None:
@@ -485,6 +491,8 @@ def _insert(
             "attempts": 1 if job.claimed_by else 0, "max_attempts": job.max_attempts,
             "run_at": ts(job.run_at), "created_at": ts(job.created_at),
             "started_at": ts(now) if job.claimed_by else None,
+            # a job born cancelled (a dependency already failed) has ended: say when
+            "finished_at": ts(now) if status == JobStatus.cancelled else None,
             "lease_owner": job.claimed_by, "lease_until": ts(job.lease_until),
             "error": error, "idempotency_key": job.idempotency_key, "rerun_of": job.rerun_of,
             "depends_on": _dump(list(job.depends_on)),

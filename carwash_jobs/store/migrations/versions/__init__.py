@@ -1,0 +1,3 @@
+"""The numbered schema revisions, loaded by Alembic from this directory (not imported)."""
+
+from __future__ import annotations

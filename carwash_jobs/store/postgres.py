@@ -1,0 +1,653 @@
+"""PostgresJobStore: the scale-out adapter (asyncpg), for many API and worker processes.
+
+Claims are one `UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`, so
+concurrent workers never wait on each other's rows and never get the same attempt. An insert
+sends NOTIFY in its own transaction, so idle workers in other processes wake within
+milliseconds of the commit; a cancel does the same so the process running the job stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from carwash_jobs import lifecycle
+from carwash_jobs.errors import (
+    IllegalTransition,
+    JobNotFound,
+    StaleLease,
+    StoreUnavailable,
+    UnknownDependency,
+)
+from carwash_jobs.lifecycle import JobStatus, Transition
+from carwash_jobs.sqltext import numbered
+from carwash_jobs.store.base import (
+    Applied,
+    DueJob,
+    EventRow,
+    FailedFilter,
+    Inserted,
+    JobFilter,
+    JobRow,
+    JobStore,
+    NewJob,
+    Notice,
+    Page,
+    Stats,
+    T,
+    Tx,
+    TxFn,
+)
+from carwash_jobs.types import Clock, JobId, utc_now
+
+if TYPE_CHECKING:
+    from carwash_jobs.lifecycle import Fence
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "carwash_jobs"
+#: a NOTIFY payload must stay under 8000 bytes: more new jobs than this send a reload hint
+NOTIFY_JOBS_MAX = 40
+
+JOB_COLUMNS = (
+    "id", "task_type", "queue", "status", "priority", "payload", "context", "tags", "attempts",
+    "max_attempts", "run_at", "created_at", "started_at", "finished_at", "lease_owner",
+    "lease_until", "progress_done", "progress_total", "checkpoint", "result", "error",
+    "error_traceback", "attempt_history", "idempotency_key", "rerun_of", "depends_on",
+)
+JSON_COLUMNS = frozenset(
+    {"payload", "context", "tags", "checkpoint", "result", "attempt_history", "depends_on"}
+)
+_COLS = ", ".join(JOB_COLUMNS)
+
+INSERT_JOB = f"""
+INSERT INTO worker_queue ({_COLS}) VALUES (
+  $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, NULL, $14, $15, 0, NULL,
+  NULL, NULL, $16, NULL, '[]', $17, $18, $19)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING id
+"""
+SELECT_BY_IDEMPOTENCY_KEY = f"SELECT {_COLS} FROM worker_queue WHERE idempotency_key = $1"
+INSERT_DEPENDENCY = "INSERT INTO job_dependencies (job_id, depends_on_id) VALUES ($1, $2)"
+INSERT_EVENT = """
+INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+"""
+SELECT_STATUSES = "SELECT id, status FROM worker_queue WHERE id = ANY($1::text[])"
+NOTIFY = "SELECT pg_notify($1, $2)"
+CLAIM_IDS = f"""
+UPDATE worker_queue
+SET status = 'running', attempts = attempts + 1, lease_owner = $1, lease_until = $2,
+    started_at = $3
+WHERE id IN (
+  SELECT id FROM worker_queue
+  WHERE id = ANY($4::text[]) AND status IN ('queued', 'scheduled') AND run_at <= $3
+  FOR UPDATE SKIP LOCKED)
+RETURNING {_COLS}
+"""
+CLAIM_DUE = f"""
+UPDATE worker_queue
+SET status = 'running', attempts = attempts + 1, lease_owner = $1, lease_until = $2,
+    started_at = $3
+WHERE id IN (
+  SELECT id FROM worker_queue
+  WHERE status = 'queued' AND run_at <= $3 AND ($5::text[] IS NULL OR queue = ANY($5::text[]))
+  ORDER BY priority DESC, run_at, id LIMIT $4
+  FOR UPDATE SKIP LOCKED)
+RETURNING {_COLS}
+"""
+SELECT_STATUS = "SELECT status FROM worker_queue WHERE id = $1"
+APPEND_HISTORY = "attempt_history = (attempt_history::jsonb || jsonb_build_array(:history::jsonb))::json"
+APPEND_RUNNING_ATTEMPT = """attempt_history = CASE WHEN status = 'running'
+  THEN (attempt_history::jsonb || jsonb_build_array(jsonb_build_object('attempt', attempts,
+    'outcome', :running_outcome::text, 'owner', lease_owner, 'finished_at', :now_iso::text,
+    'error', :running_error::text)))::json
+  ELSE attempt_history END"""
+WAITING_DEPENDENTS = """
+SELECT d.job_id FROM job_dependencies d JOIN worker_queue w ON w.id = d.job_id
+WHERE d.depends_on_id = $1 AND w.status = 'waiting'
+"""
+UNFINISHED_DEPENDENCIES = """
+SELECT COUNT(*) FROM job_dependencies d JOIN worker_queue w ON w.id = d.depends_on_id
+WHERE d.job_id = $1 AND w.status != 'completed'
+"""
+SAVE_PROGRESS = """
+UPDATE worker_queue SET progress_done = COALESCE($4, progress_done),
+  progress_total = CASE WHEN $5 THEN $6 ELSE progress_total END,
+  checkpoint = COALESCE($7::json, checkpoint)
+WHERE id = $1 AND status = 'running' AND attempts = $2 AND lease_owner = $3
+"""
+EXTEND_LEASES = """
+UPDATE worker_queue SET lease_until = $1
+WHERE lease_owner = $2 AND status = 'running' AND id = ANY($3::text[])
+RETURNING id
+"""
+PROMOTE_DUE = """
+UPDATE worker_queue SET status = 'queued'
+WHERE id IN (SELECT id FROM worker_queue WHERE status = 'scheduled' AND run_at <= $1
+             FOR UPDATE SKIP LOCKED)
+RETURNING id, attempts
+"""
+EXPIRED_LEASES = f"""
+SELECT {_COLS} FROM worker_queue
+WHERE status = 'running' AND lease_until < $1 ORDER BY lease_until LIMIT $2
+"""
+RUNNING_OWNED_BY = f"""
+SELECT {_COLS} FROM worker_queue WHERE status = 'running' AND lease_owner = ANY($1::text[])
+"""
+RUNNING_OWNERS = "SELECT DISTINCT lease_owner FROM worker_queue WHERE status = 'running'"
+RUNNING_BY_OWNER = """
+SELECT lease_owner, COUNT(*) FROM worker_queue WHERE status = 'running' GROUP BY lease_owner
+"""
+GET_JOB = f"SELECT {_COLS} FROM worker_queue WHERE id = $1"
+GET_JOBS = f"SELECT {_COLS} FROM worker_queue WHERE id = ANY($1::text[])"
+DUE_JOBS = """
+SELECT id, task_type, queue, priority, run_at FROM worker_queue
+WHERE status = 'queued' AND run_at <= $1 ORDER BY priority DESC, run_at, id LIMIT $2
+"""
+JOB_EVENTS = """
+SELECT at, event, status, attempt, process, message FROM job_events
+WHERE job_id = $1 ORDER BY id
+"""
+COUNTS = "SELECT task_type, status, COUNT(*) FROM worker_queue GROUP BY task_type, status"
+
+
+def dsn_of(url: str) -> str:
+    """asyncpg speaks plain postgresql:// URLs."""
+    return "postgresql://" + url.split("://", 1)[1]
+
+
+def row_to_job(row: Mapping[str, Any]) -> JobRow:
+    values = dict(row)
+    values["status"] = JobStatus(values["status"])
+    return JobRow(**values)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typename, encoder=_dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class PostgresTx:
+    """A caller's transaction on one pooled connection, with portable `:name` parameters."""
+
+    dialect = "postgresql"
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
+        text, args = numbered(sql, params)
+        status: str = await self.conn.execute(text, *args)
+        last = status.rsplit(" ", 1)[-1]
+        return int(last) if last.isdigit() else 0
+
+    async def executemany(self, sql: str, params: Sequence[Mapping[str, Any]]) -> None:
+        if not params:
+            return
+        text, _ = numbered(sql, params[0])
+        await self.conn.executemany(text, [numbered(sql, p)[1] for p in params])
+
+    async def fetch(
+        self, sql: str, params: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        text, args = numbered(sql, params)
+        return [dict(r) for r in await self.conn.fetch(text, *args)]
+
+
+class PostgresJobStore:
+    """Jobs in PostgreSQL: a connection pool for work, one more connection for LISTEN."""
+
+    dialect = "postgresql"
+
+    def __init__(
+        self, url: str, *, owner: str, clock: Clock = utc_now, pool_size: int = 10
+    ) -> None:
+        self._dsn = dsn_of(url)
+        self._owner = owner
+        self._clock = clock
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._listener: _Listener | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        return self._pool
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=self._pool_size, init=_init_connection
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def ping(self) -> None:
+        try:
+            await self.pool.fetchval("SELECT 1")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"the database does not answer: {exc}") from exc
+
+    async def listen(self, on_notice: Callable[[Notice], None]) -> None:
+        self._listener = _Listener(self._dsn, self._owner, on_notice)
+        await self._listener.start()
+
+    # -- writes ------------------------------------------------------------------------
+    async def insert(self, jobs: Sequence[NewJob], tx: Tx | None = None) -> list[Inserted]:
+        if tx is not None:
+            assert isinstance(tx, PostgresTx), "a PostgresJobStore joins only its own transactions"
+            return await _insert(tx.conn, jobs, self._owner, self._clock())
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await _insert(conn, jobs, self._owner, self._clock())
+
+    async def claim(
+        self, ids: Sequence[JobId], owner: str, lease_until: datetime
+    ) -> list[JobRow]:
+        if not ids:
+            return []
+        now = self._clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(CLAIM_IDS, owner, lease_until, now, list(ids))
+            return await _claimed(conn, rows, owner, now)
+
+    async def claim_due(
+        self, limit: int, owner: str, lease_until: datetime, queues: Sequence[str] | None = None
+    ) -> list[JobRow]:
+        now = self._clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                CLAIM_DUE, owner, lease_until, now, limit, list(queues) if queues else None
+            )
+            return await _claimed(conn, rows, owner, now)
+
+    async def apply(
+        self,
+        transition: Transition,
+        *,
+        follow_ups: Sequence[NewJob] = (),
+        before: TxFn[None] | None = None,
+    ) -> Applied:
+        now = self._clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            if before is not None:
+                await before(PostgresTx(conn))
+            applied = await _apply(conn, transition, self._owner, now)
+            woken = list(applied.woken)
+            if follow_ups:
+                inserted = await _insert(conn, follow_ups, self._owner, now)
+                woken += [i.job for i in inserted if i.created]
+            return Applied(applied.job, woken)
+
+    async def apply_many(self, transitions: Sequence[Transition]) -> list[Applied | Exception]:
+        now = self._clock()
+        results: list[Applied | Exception] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for transition in transitions:
+                try:
+                    async with conn.transaction():  # a savepoint: one refusal spoils nothing
+                        results.append(await _apply(conn, transition, self._owner, now))
+                except (IllegalTransition, JobNotFound) as exc:
+                    results.append(exc)
+        return results
+
+    async def save_progress(
+        self,
+        job_id: JobId,
+        fence: Fence,
+        *,
+        done: int | None = None,
+        total: int | None = None,
+        checkpoint: dict[str, Any] | None = None,
+    ) -> bool:
+        status: str = await self.pool.execute(
+            SAVE_PROGRESS, job_id, fence.attempt, fence.owner, done, done is not None, total,
+            checkpoint,
+        )
+        return status.endswith(" 1")
+
+    async def extend_leases(
+        self, owner: str, ids: Sequence[JobId], lease_until: datetime
+    ) -> set[JobId]:
+        if not ids:
+            return set()
+        rows = await self.pool.fetch(EXTEND_LEASES, lease_until, owner, list(ids))
+        return {JobId(r["id"]) for r in rows}
+
+    async def promote_due(self, now: datetime) -> int:
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(PROMOTE_DUE, now)
+            await conn.executemany(
+                INSERT_EVENT,
+                [(r["id"], now, "due", "queued", r["attempts"], self._owner, None) for r in rows],
+            )
+            return len(rows)
+
+    async def transaction(self, fn: TxFn[T]) -> T:
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await fn(PostgresTx(conn))
+
+    # -- reads -------------------------------------------------------------------------
+    async def expired_leases(self, now: datetime, limit: int) -> list[JobRow]:
+        return [row_to_job(r) for r in await self.pool.fetch(EXPIRED_LEASES, now, limit)]
+
+    async def running_owned_by(self, owners: Sequence[str]) -> list[JobRow]:
+        if not owners:
+            return []
+        return [row_to_job(r) for r in await self.pool.fetch(RUNNING_OWNED_BY, list(owners))]
+
+    async def running_owners(self) -> list[str]:
+        return [r[0] for r in await self.pool.fetch(RUNNING_OWNERS) if r[0] is not None]
+
+    async def get(self, job_id: JobId) -> JobRow:
+        row = await self.pool.fetchrow(GET_JOB, job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        return row_to_job(row)
+
+    async def get_many(self, ids: Sequence[JobId]) -> list[JobRow]:
+        if not ids:
+            return []
+        return [row_to_job(r) for r in await self.pool.fetch(GET_JOBS, list(ids))]
+
+    async def list_jobs(self, flt: JobFilter, limit: int, cursor: str | None = None) -> Page:
+        where, params = _list_where(flt, cursor)
+        text, args = numbered(
+            f"SELECT {_COLS} FROM worker_queue WHERE {where} ORDER BY id DESC LIMIT :limit",
+            {**params, "limit": limit + 1},
+        )
+        rows = await self.pool.fetch(text, *args)
+        items = [row_to_job(r) for r in rows[:limit]]
+        return Page(items, items[-1].id if len(rows) > limit else None)
+
+    async def due(self, now: datetime, limit: int) -> list[DueJob]:
+        rows = await self.pool.fetch(DUE_JOBS, now, limit)
+        return [DueJob(JobId(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def failed_ids(self, flt: FailedFilter, limit: int) -> list[JobId]:
+        if flt.ids is not None and not flt.ids:
+            return []
+        pairs: list[tuple[str, str, Any]] = [
+            ("id = ANY(:ids::text[])", "ids", list(flt.ids) if flt.ids is not None else None),
+            ("task_type = :task_type", "task_type", flt.task_type),
+            ("finished_at >= :after", "after", flt.failed_after),
+            ("finished_at < :before", "before", flt.failed_before),
+        ]
+        clauses = ["status = 'failed'"] + [c for c, _, v in pairs if v is not None]
+        params = {name: v for _, name, v in pairs if v is not None}
+        text, args = numbered(
+            f"SELECT id FROM worker_queue WHERE {' AND '.join(clauses)} ORDER BY id LIMIT :limit",
+            {**params, "limit": limit},
+        )
+        return [JobId(r[0]) for r in await self.pool.fetch(text, *args)]
+
+    async def events(self, job_id: JobId) -> list[EventRow]:
+        return [EventRow(*r) for r in await self.pool.fetch(JOB_EVENTS, job_id)]
+
+    async def stats(self) -> Stats:
+        by_status: dict[str, int] = {s.value: 0 for s in JobStatus}
+        by_type: dict[str, dict[str, int]] = {}
+        for task_type, status, count in await self.pool.fetch(COUNTS):
+            by_status[status] = by_status.get(status, 0) + count
+            by_type.setdefault(task_type, {})[status] = count
+        owners = {r[0]: r[1] for r in await self.pool.fetch(RUNNING_BY_OWNER) if r[0]}
+        return Stats(by_status, by_type, owners)
+
+
+def _list_where(flt: JobFilter, cursor: str | None) -> tuple[str, dict[str, Any]]:
+    pairs: list[tuple[str, str, Any]] = [
+        ("status = :status", "status", flt.status.value if flt.status else None),
+        ("task_type = :task_type", "task_type", flt.task_type),
+        ("queue = :queue", "queue", flt.queue),
+        ("created_at >= :after", "after", flt.created_after),
+        ("created_at < :before", "before", flt.created_before),
+        ("id < :cursor", "cursor", cursor),
+        ("tags::jsonb ? :tag", "tag", flt.tag),
+    ]
+    clauses = [c for c, _, v in pairs if v is not None]
+    return (" AND ".join(clauses) or "TRUE"), {n: v for _, n, v in pairs if v is not None}
+
+
+async def _claimed(
+    conn: asyncpg.Connection, rows: list[Any], owner: str, now: datetime
+) -> list[JobRow]:
+    jobs = [row_to_job(r) for r in rows]
+    await conn.executemany(
+        INSERT_EVENT, [(j.id, now, "claimed", "running", j.attempts, owner, None) for j in jobs]
+    )
+    return jobs
+
+
+async def _insert(
+    conn: asyncpg.Connection, jobs: Sequence[NewJob], owner: str, now: datetime
+) -> list[Inserted]:
+    results: list[Inserted] = []
+    events: list[tuple[Any, ...]] = []
+    dependencies: list[tuple[str, str]] = []
+    for job in jobs:
+        status, error = await _start_status(conn, job, now)
+        claimed = job.claimed_by is not None
+        inserted = await conn.fetchval(
+            INSERT_JOB, job.id, job.task_type, job.queue, status.value, job.priority,
+            job.payload, job.context, list(job.tags), 1 if claimed else 0, job.max_attempts,
+            job.run_at, job.created_at, now if claimed else None, job.claimed_by,
+            job.lease_until, error, job.idempotency_key, job.rerun_of, list(job.depends_on),
+        )
+        if inserted is None:
+            existing = await conn.fetchrow(SELECT_BY_IDEMPOTENCY_KEY, job.idempotency_key)
+            results.append(Inserted(row_to_job(existing), created=False))
+            continue
+        dependencies += [(job.id, d) for d in job.depends_on]
+        events.append((job.id, now, "enqueued", status.value, 0, owner, error))
+        results.append(Inserted(_stored(job, status, error, now), created=True))
+    if dependencies:
+        await conn.executemany(INSERT_DEPENDENCY, dependencies)
+    await conn.executemany(INSERT_EVENT, events)
+    await _notify_new(conn, [r.job for r in results if r.created], owner)
+    return results
+
+
+async def _notify_new(conn: asyncpg.Connection, jobs: list[JobRow], owner: str) -> None:
+    """Wake other processes: the notice is delivered when this transaction commits."""
+    due = [j for j in jobs if j.status == JobStatus.queued]
+    if not due:
+        return
+    if len(due) > NOTIFY_JOBS_MAX:
+        message: dict[str, Any] = {"e": "reload", "from": owner}
+    else:
+        message = {"e": "new", "from": owner, "jobs": [
+            [j.id, j.task_type, j.queue, j.priority, j.run_at.timestamp()] for j in due
+        ]}
+    await conn.execute(NOTIFY, CHANNEL, _dumps(message))
+
+
+async def _start_status(
+    conn: asyncpg.Connection, job: NewJob, now: datetime
+) -> tuple[JobStatus, str | None]:
+    if job.claimed_by:
+        return JobStatus.running, None
+    if not job.depends_on:
+        return lifecycle.initial_status(job.run_at, now, {})
+    ids = list(dict.fromkeys(job.depends_on))
+    found = {r[0]: r[1] for r in await conn.fetch(SELECT_STATUSES, ids)}
+    for dep in ids:
+        if dep not in found:
+            raise UnknownDependency(dep)
+    return lifecycle.initial_status(
+        job.run_at, now, {JobId(k): JobStatus(v) for k, v in found.items()}
+    )
+
+
+def _stored(job: NewJob, status: JobStatus, error: str | None, now: datetime) -> JobRow:
+    claimed = job.claimed_by is not None
+    return JobRow(
+        id=job.id, task_type=job.task_type, queue=job.queue, status=status,
+        priority=job.priority, payload=job.payload, context=job.context, tags=list(job.tags),
+        attempts=1 if claimed else 0, max_attempts=job.max_attempts, run_at=job.run_at,
+        created_at=job.created_at, started_at=now if claimed else None,
+        finished_at=now if status == JobStatus.cancelled else None,
+        lease_owner=job.claimed_by, lease_until=job.lease_until, progress_done=0,
+        progress_total=None, checkpoint=None, result=None, error=error, error_traceback=None,
+        attempt_history=[], idempotency_key=job.idempotency_key, rerun_of=job.rerun_of,
+        depends_on=list(job.depends_on),
+    )
+
+
+async def _apply(
+    conn: asyncpg.Connection, t: Transition, owner: str, now: datetime
+) -> Applied:
+    sets = ["status = :to_status"]
+    params: dict[str, Any] = {"id": t.job_id, "to_status": t.to_status.value}
+    for column, value in t.changes.items():
+        cast = "::json" if column in JSON_COLUMNS else ""
+        sets.append(f"{column} = :c_{column}{cast}")
+        params[f"c_{column}"] = value  # the connection's json codec encodes JSON columns
+    if t.attempts_delta:
+        sets.append("attempts = attempts + :delta")
+        params["delta"] = t.attempts_delta
+    if t.history is not None:
+        sets.append(APPEND_HISTORY)
+        params["history"] = t.history.as_json()
+    elif t.running_attempt_outcome is not None:
+        sets.append(APPEND_RUNNING_ATTEMPT)
+        params.update(running_outcome=t.running_attempt_outcome.value,
+                      now_iso=now.isoformat(), running_error=t.message)
+    where = ["status = ANY(:froms::text[])"]
+    params["froms"] = sorted(s.value for s in t.from_statuses)
+    if t.fence is not None:
+        where.append("attempts = :fence_attempt AND lease_owner = :fence_owner")
+        params.update(fence_attempt=t.fence.attempt, fence_owner=t.fence.owner)
+    text, args = numbered(
+        f"UPDATE worker_queue SET {', '.join(sets)} WHERE id = :id AND {' AND '.join(where)} "
+        f"RETURNING {_COLS}", params,
+    )
+    row = await conn.fetchrow(text, *args)
+    if row is None:
+        await _explain_refusal(conn, t)
+    job = row_to_job(row)
+    await conn.execute(INSERT_EVENT, job.id, now, t.event, job.status.value, job.attempts,
+                       owner, t.message)
+    if job.status == JobStatus.cancelled:
+        await conn.execute(NOTIFY, CHANNEL, _dumps({"e": "cancel", "id": job.id, "from": owner}))
+    return Applied(job, await _resolve_dependents(conn, job, owner, now))
+
+
+async def _explain_refusal(conn: asyncpg.Connection, t: Transition) -> None:
+    status = await conn.fetchval(SELECT_STATUS, t.job_id)
+    if status is None:
+        raise JobNotFound(t.job_id)
+    if JobStatus(status) not in t.from_statuses:
+        raise IllegalTransition(t.job_id, status, t.action)
+    raise StaleLease(t.job_id, status, t.action)
+
+
+async def _resolve_dependents(
+    conn: asyncpg.Connection, job: JobRow, owner: str, now: datetime
+) -> list[JobRow]:
+    """A finished job frees or cancels the jobs waiting on it, in the same transaction."""
+    if job.status not in lifecycle.TERMINAL:
+        return []
+    woken: list[JobRow] = []
+    for (dependent_id,) in await conn.fetch(WAITING_DEPENDENTS, job.id):
+        if job.status == JobStatus.completed:
+            if await conn.fetchval(UNFINISHED_DEPENDENCIES, dependent_id):
+                continue
+            applied = await _apply(conn, lifecycle.dependencies_met(JobId(dependent_id)), owner, now)
+            woken.append(applied.job)
+        else:
+            transition = lifecycle.dependency_failed(JobId(dependent_id), job.id, job.status, now)
+            await _apply(conn, transition, owner, now)
+    if woken:
+        await _notify_new(conn, woken, owner)
+    return woken
+
+
+class _Listener:
+    """LISTENs on its own connection; reconnects when it drops and then asks for a reload,
+    since notices sent while it was away are lost."""
+
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, dsn: str, owner: str, on_notice: Callable[[Notice], None]) -> None:
+        self._dsn = dsn
+        self._owner = owner
+        self._on_notice = on_notice
+        self._conn: asyncpg.Connection | None = None
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._connect()
+        self._task = asyncio.get_running_loop().create_task(self._supervise(), name="pg-listen")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close()
+
+    async def _connect(self) -> None:
+        self._lost.clear()
+        self._conn = await asyncpg.connect(self._dsn)
+        self._conn.add_termination_listener(lambda _conn: self._lost.set())
+        await self._conn.add_listener(CHANNEL, self._received)
+
+    async def _supervise(self) -> None:
+        while True:
+            await self._lost.wait()
+            log.warning("LISTEN connection lost; reconnecting")
+            while True:
+                try:
+                    await self._connect()
+                    break
+                except (OSError, asyncpg.PostgresError) as exc:
+                    log.warning("LISTEN reconnect failed (%s); retrying", exc)
+                    await asyncio.sleep(self.RETRY_SECONDS)
+            self._on_notice(Notice("reload"))
+
+    def _received(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return
+        if message.get("from") == self._owner:
+            return  # this process already holds what it sent
+        kind = message.get("e")
+        if kind == "new":
+            jobs = [
+                DueJob(JobId(j[0]), j[1], j[2], j[3], datetime.fromtimestamp(j[4], tz=utc_now().tzinfo))
+                for j in message.get("jobs", [])
+            ]
+            self._on_notice(Notice("new", jobs=jobs))
+        elif kind == "cancel":
+            self._on_notice(Notice("cancel", job_id=JobId(message["id"])))
+        else:
+            self._on_notice(Notice("reload"))
+
+
+if TYPE_CHECKING:
+    _conforms: type[JobStore] = PostgresJobStore
