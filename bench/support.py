@@ -1,0 +1,177 @@
+"""What every scenario shares: a fresh database, a no-op task type, figures and their report."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from pydantic import BaseModel
+
+from carwash_jobs.processor import ProcessorConfig, QueueProcessor
+from carwash_jobs.queue import JobQueue
+from carwash_jobs.ready import ReadyQueue
+from carwash_jobs.registry import TaskOptions, TaskRegistry, TaskType
+from carwash_jobs.store import open_store
+from carwash_jobs.store.migrations import upgrade
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+    from carwash_jobs.context import JobContext
+    from carwash_jobs.store.base import JobStore
+
+#: a ~200-byte JSON payload, as in the peers' figures the issue quotes
+PAYLOAD_TEXT = "x" * 160
+
+
+class NoopPayload(BaseModel):
+    n: int
+    text: str = ""
+
+
+#: handler start times of jobs with a negative n, for the pickup-latency scenario
+STARTS: dict[int, float] = {}
+STARTED = asyncio.Event()
+
+
+async def noop(ctx: JobContext, payload: NoopPayload) -> None:
+    if payload.n < 0:
+        STARTS[payload.n] = time.perf_counter()
+        STARTED.set()
+
+
+NOOP = TaskType("noop", NoopPayload, noop, TaskOptions(timeout=None))
+
+
+def payloads(n: int, start: int = 0) -> list[dict[str, Any]]:
+    return [{"n": i, "text": PAYLOAD_TEXT} for i in range(start, start + n)]
+
+
+@dataclass
+class Report:
+    """Figures of one run; printed as lines, and as JSON objects with --json."""
+
+    figures: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, scenario: str, backend: str, metric: str, value: float, unit: str) -> None:
+        self.figures.append(
+            {"scenario": scenario, "backend": backend, "metric": metric,
+             "value": round(value, 3), "unit": unit}
+        )
+        print(f"  {scenario:<12} {backend:<9} {metric:<34} {value:>14,.2f} {unit}", flush=True)
+
+    def dump_json(self) -> None:
+        for figure in self.figures:
+            print(json.dumps(figure))
+
+
+def versions() -> dict[str, str]:
+    names = ["carwash-jobs", "aiosqlite", "asyncpg", "sqlalchemy", "litestar", "uvicorn",
+             "pydantic"]
+    found = {"python": platform.python_version(), "sqlite": __import__("sqlite3").sqlite_version}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def rss_mb() -> float:
+    """The peak resident set size of this process, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1024 / 1024
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="carwash-bench-", dir=os.environ.get("BENCH_DIR")) as d:
+        yield Path(d)
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(backend: str, pg_url: str) -> AsyncIterator[str]:
+    """A new, migrated database: an SQLite file, or a PostgreSQL database dropped afterwards."""
+    if backend == "sqlite":
+        with scratch_dir() as d:
+            url = f"sqlite+aiosqlite:///{d / 'bench.db'}"
+            await upgrade(url)
+            yield url
+        return
+    name = f"carwash_bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        base = pg_url.split("://", 1)[1].rsplit("/", 1)[0]
+        url = f"postgresql+asyncpg://{base}/{name}"
+        await upgrade(url)
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@dataclass
+class Engine:
+    store: JobStore
+    queue: JobQueue
+    processor: QueueProcessor
+
+
+@contextlib.asynccontextmanager
+async def engine(
+    url: str, *, concurrency: int = 100, start: bool = True, task_type: TaskType[Any, Any] = NOOP
+) -> AsyncIterator[Engine]:
+    store = open_store(url, owner=f"bench/{os.getpid()}")
+    await store.open()
+    queue = JobQueue(store, TaskRegistry([task_type]), ready=ReadyQueue())
+    processor = QueueProcessor(
+        queue, owner=f"bench/{os.getpid()}", config=ProcessorConfig(concurrency=concurrency)
+    )
+    if start:
+        await processor.start()
+    try:
+        yield Engine(store, queue, processor)
+    finally:
+        await processor.stop()
+        queue.close()
+        await store.close()
+
+
+async def timed(coro: Any) -> float:
+    started = time.perf_counter()
+    await coro
+    return time.perf_counter() - started
+
+
+def pg_dsn(url: str) -> str:
+    return "postgresql://" + url.split("://", 1)[1]
+
