@@ -1,0 +1,1 @@
+"""Whole-process acceptance tests: real worker processes, real SQLite files, real signals."""
