@@ -1,5 +1,7 @@
-"""Car-wash domain tables: customers, credit ledger, email send log, employees, POS
-transactions, reporting tables and the financial sync state.
+"""Car-wash domain tables, used by the task types.
+
+Customers, the credit ledger, the email send log, employees, POS transactions, the reporting
+tables and the financial sync state.
 
 Hand-written to match task_types/domain.py (tests/task_types/test_domain.py compares the migrated
 database with those SQLModel declarations). A migration never imports application code.

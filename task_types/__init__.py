@@ -1,0 +1,1 @@
+"""Task types, one module each: found through Settings.task_types, never imported by the engine."""

@@ -1,0 +1,386 @@
+"""email: bulk mail to a list or a customer segment, rate limited, never twice to anyone.
+
+Why it is built this way:
+- One message per recipient (personal To header), sent in chunks over one SMTP connection per
+  chunk: a broken connection costs one reconnect, not a session per message.
+- The per-recipient send log (`email_send_log`) is written right after the server accepts each
+  message, in its own short transaction. A retry reads the log first and skips everyone in it,
+  so a crash or a 4xx mid-chunk re-sends nobody (the only window left is between the server's
+  250 and that commit, milliseconds wide). A deterministic Message-ID per (job, recipient) lets
+  a receiving system drop even that duplicate.
+- Transient trouble (4xx, refused connection, timeouts) fails the attempt: the engine retries
+  with backoff and the log makes the retry resume. A 5xx for one recipient is permanent for
+  that recipient only: logged as rejected and reported, the rest go on.
+- A pacer spaces messages at least 60/rate seconds apart across all email jobs of the process
+  (CARWASH_EMAIL_RATE_PER_MINUTE), so a big list never leaves as a burst that spam filters flag.
+- Subject and names are refused at payload validation if they hold CR/LF, addresses are parsed
+  with `email.headerregistry.Address`, and messages are built with `EmailMessage` (which refuses
+  header line breaks again): no header injection.
+- `outbox:PATH` (the embedded default) delivers into a Maildir through `mailbox.Maildir` in a
+  worker thread: nothing blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import mailbox
+import os
+import socket
+import weakref
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+import aiosmtplib
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from carwash_jobs.errors import LeaseLost, PermanentError
+from carwash_jobs.registry import TaskOptions, TaskType
+from carwash_jobs.retry import RetryPolicy
+from task_types.domain import Segment, check_address, check_header_text, db_timestamp, segment_query
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from carwash_jobs.context import JobContext
+    from carwash_jobs.settings import Settings
+    from carwash_jobs.store.base import Tx, TxFn
+
+DEFAULT_CHUNK_SIZE = 50
+DEFAULT_SENDER = ("Car Wash", "no-reply@carwash.example")
+SMTP_TIMEOUT_SECONDS = 30.0
+
+
+# -- payload and result ------------------------------------------------------------------------
+class Recipient(BaseModel):
+    email: str = Field(max_length=254)
+    name: str | None = Field(default=None, max_length=200)
+
+    @field_validator("email")
+    @classmethod
+    def _email_is_an_address(cls, value: str) -> str:
+        return check_address(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name_fits_a_header(cls, value: str | None) -> str | None:
+        return None if value is None else check_header_text(value)
+
+
+class EmailPayload(BaseModel):
+    subject: str = Field(min_length=1, max_length=500)
+    body_text: str = Field(max_length=1_000_000)
+    body_html: str | None = Field(default=None, max_length=2_000_000)
+    recipients: list[Recipient] | None = Field(default=None, min_length=1, max_length=100_000)
+    segment: Segment | None = None
+    tenant_id: str | None = Field(default=None, min_length=1, max_length=64)
+    chunk_size: int | None = Field(default=None, ge=1, le=1000, description="messages per SMTP connection")
+    sender: Recipient | None = Field(default=None, description="the From address; a no-reply default")
+
+    @field_validator("subject")
+    @classmethod
+    def _subject_fits_a_header(cls, value: str) -> str:
+        return check_header_text(value)
+
+    @model_validator(mode="after")
+    def _one_audience(self) -> EmailPayload:
+        if (self.recipients is None) == (self.segment is None):
+            raise ValueError("give either recipients or segment (exactly one)")
+        return self
+
+
+class RejectedRecipient(BaseModel):
+    email: str
+    error: str
+
+
+class EmailResult(BaseModel):
+    sent: int  #: sent by this attempt
+    skipped: int  #: already sent by an earlier attempt of this job
+    rejected: list[RejectedRecipient]  #: refused for good (SMTP 5xx), by any attempt
+    recipients: int  #: distinct addresses the job was for
+
+
+# -- transports --------------------------------------------------------------------------------
+class Rejected(Exception):
+    """The server refused this one message for good (5xx): report it, go on with the rest."""
+
+
+class Connection(Protocol):
+    async def send(self, message: EmailMessage, sender: str, recipient: str) -> None:
+        """Deliver one message; raise Rejected for a permanent refusal of this recipient, any
+        other exception for trouble that a later attempt may not have."""
+        ...
+
+
+class Transport(Protocol):
+    def connect(self) -> contextlib.AbstractAsyncContextManager[Connection]: ...
+
+
+def open_transport(smtp_url: str) -> Transport:
+    if smtp_url.startswith("outbox:"):
+        return OutboxTransport(smtp_url.removeprefix("outbox:"))
+    return SmtpTransport(smtp_url)
+
+
+class OutboxTransport:
+    """A local Maildir: the embedded default, and what a developer reads mail from."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[Connection]:
+        yield _MaildirConnection(await asyncio.to_thread(self._open))
+
+    def _open(self) -> mailbox.Maildir:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        return mailbox.Maildir(self.path, create=True)
+
+
+@dataclass(slots=True)
+class _MaildirConnection:
+    box: mailbox.Maildir
+
+    async def send(self, message: EmailMessage, sender: str, recipient: str) -> None:
+        await asyncio.to_thread(self.box.add, message)
+
+
+class SmtpTransport:
+    """smtp://[user:pass@]host:port (STARTTLS when the server offers it) or smtps:// (TLS)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.hostname = parts.hostname or "localhost"
+        self.port = parts.port
+        self.use_tls = parts.scheme == "smtps"
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[Connection]:
+        client = aiosmtplib.SMTP(
+            hostname=self.hostname, port=self.port, username=self.username,
+            password=self.password, use_tls=self.use_tls,
+            start_tls=False if self.use_tls else None,  # None: upgrade when the server offers it
+            timeout=SMTP_TIMEOUT_SECONDS,
+            local_hostname=socket.gethostname(),  # the default, getfqdn(), may block on DNS
+        )
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise PermanentError(
+                f"SMTP login refused ({exc.code} {exc.message}): check CARWASH_SMTP_URL"
+            ) from exc
+        try:
+            yield _SmtpConnection(client)
+        except BaseException:
+            client.close()  # no polite QUIT: the server may be the thing that hangs
+            raise
+        if client.is_connected:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.quit()
+        client.close()
+
+
+@dataclass(slots=True)
+class _SmtpConnection:
+    client: aiosmtplib.SMTP
+
+    async def send(self, message: EmailMessage, sender: str, recipient: str) -> None:
+        try:
+            await self.client.send_message(message, sender=sender, recipients=[recipient])
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refused = exc.recipients[0]
+            if _permanent(refused.code):
+                raise Rejected(f"{refused.code} {refused.message}") from exc
+            raise
+        except aiosmtplib.SMTPDataError as exc:
+            if _permanent(exc.code):
+                raise Rejected(f"{exc.code} {exc.message}") from exc
+            raise
+        except aiosmtplib.SMTPSenderRefused as exc:
+            if _permanent(exc.code):
+                raise PermanentError(
+                    f"the server refuses the sender {exc.sender}: {exc.code} {exc.message}"
+                ) from exc
+            raise
+
+
+def _permanent(code: int) -> bool:
+    return 500 <= code < 600
+
+
+# -- rate limit --------------------------------------------------------------------------------
+class Pacer:
+    """At most `per_minute` messages a minute, evenly spaced: each waits for its slot."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.interval = 60.0 / per_minute
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        async with self._lock:  # FIFO: jobs of the process take turns
+            loop = asyncio.get_running_loop()
+            delay = self._next - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._next = max(loop.time(), self._next) + self.interval
+
+
+# one pacer per event loop and rate: shared by every email job of this process (fleet-wide
+# limits come later); per loop, so test runs and their loops never share one
+_PACERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, Pacer]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def pacer(per_minute: int) -> Pacer:
+    by_rate = _PACERS.setdefault(asyncio.get_running_loop(), {})
+    if per_minute not in by_rate:
+        by_rate[per_minute] = Pacer(per_minute)
+    return by_rate[per_minute]
+
+
+# -- the handler -------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _To:
+    email: str
+    name: str | None
+
+    @property
+    def key(self) -> str:
+        return self.email.lower()
+
+
+async def send_email(ctx: JobContext, payload: EmailPayload) -> EmailResult:
+    settings: Settings = ctx.services["settings"]
+    audience = await _audience(ctx, payload)
+    earlier = await ctx.transaction(_read_log(ctx.job_id))  # what earlier attempts did
+    skipped = sum(1 for r in audience if r.key in earlier and earlier[r.key][0] == "sent")
+    rejected = [RejectedRecipient(email=r.email, error=earlier[r.key][1] or "")
+                for r in audience if r.key in earlier and earlier[r.key][0] == "rejected"]
+    pending = [r for r in audience if r.key not in earlier]
+    total, done = len(audience), len(audience) - len(pending)
+    await ctx.progress(done, total)
+
+    transport = open_transport(settings.smtp_url)
+    limit = pacer(settings.email_rate_per_minute)
+    sender = (_address(payload.sender.email, payload.sender.name) if payload.sender
+              else _address(DEFAULT_SENDER[1], DEFAULT_SENDER[0]))
+    sent = 0
+    size = payload.chunk_size or DEFAULT_CHUNK_SIZE
+    for start in range(0, len(pending), size):
+        async with transport.connect() as conn:
+            for to in pending[start:start + size]:
+                if ctx.cancelled():
+                    raise LeaseLost()
+                message = build_message(payload, sender, to, ctx.job_id)
+                await limit.wait()
+                try:
+                    await conn.send(message, sender.addr_spec, to.email)
+                except Rejected as exc:
+                    await ctx.transaction(_log(ctx.job_id, to, "rejected", str(exc)))
+                    rejected.append(RejectedRecipient(email=to.email, error=str(exc)))
+                else:
+                    await ctx.transaction(_log(ctx.job_id, to, "sent", None))
+                    sent += 1
+                done += 1
+                await ctx.progress(done, total)
+    await ctx.progress(done, total)
+    return EmailResult(sent=sent, skipped=skipped, rejected=rejected, recipients=total)
+
+
+async def _audience(ctx: JobContext, payload: EmailPayload) -> list[_To]:
+    """The distinct recipients (first mention wins), from the payload or the segment."""
+    if payload.recipients is not None:
+        candidates = [_To(r.email, r.name) for r in payload.recipients]
+    else:
+        assert payload.segment is not None
+        sql, params = segment_query(payload.segment, payload.tenant_id)
+
+        async def read(tx: Tx) -> list[dict[str, Any]]:
+            return await tx.fetch(sql, params)
+
+        candidates = []
+        for row in await ctx.transaction(read):
+            try:  # customers are written by other systems: skip what cannot be mailed
+                candidates.append(_To(check_address(row["email"]), check_header_text(row["name"])))
+            except ValueError as exc:
+                ctx.logger.warning("customer %s skipped: %s", row["id"], exc)
+    unique: dict[str, _To] = {}
+    for to in candidates:
+        unique.setdefault(to.key, to)
+    return list(unique.values())
+
+
+def _address(email: str, name: str | None) -> Address:
+    return Address(display_name=name or "", addr_spec=email)
+
+
+def build_message(payload: EmailPayload, sender: Address, to: _To, job_id: str) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = _address(to.email, to.name)
+    message["Subject"] = payload.subject
+    message["Date"] = format_datetime(datetime.now(UTC))
+    digest = hashlib.sha256(to.key.encode()).hexdigest()[:12]
+    message["Message-ID"] = f"<{job_id}.{digest}@{sender.domain}>"
+    message.set_content(payload.body_text)
+    if payload.body_html is not None:
+        message.add_alternative(payload.body_html, subtype="html")
+    return message
+
+
+_READ_LOG = "SELECT email, status, error FROM email_send_log WHERE job_id = :job_id"
+_WRITE_LOG = """
+INSERT INTO email_send_log (job_id, email, status, error, at)
+VALUES (:job_id, :email, :status, :error, :at)
+ON CONFLICT (job_id, email) DO NOTHING
+"""
+
+
+def _read_log(job_id: str) -> TxFn[dict[str, tuple[str, str | None]]]:
+    async def read(tx: Tx) -> dict[str, tuple[str, str | None]]:
+        rows = await tx.fetch(_READ_LOG, {"job_id": job_id})
+        return {row["email"]: (row["status"], row["error"]) for row in rows}
+
+    return read
+
+
+def _log(job_id: str, to: _To, status: str, error: str | None) -> TxFn[None]:
+    async def write(tx: Tx) -> None:
+        await tx.execute(_WRITE_LOG, {
+            "job_id": job_id, "email": to.key, "status": status, "error": error,
+            "at": db_timestamp(tx.dialect, datetime.now(UTC)),
+        })
+
+    return write
+
+
+TASK_TYPE: TaskType[EmailPayload, EmailResult] = TaskType(
+    name="email",
+    payload_model=EmailPayload,
+    handler=send_email,
+    result_model=EmailResult,
+    options=TaskOptions(
+        max_attempts=8,
+        queue="bulk",
+        timeout=timedelta(hours=6),
+        retry=RetryPolicy(base_seconds=30.0, max_seconds=1800.0),
+    ),
+    description="Bulk mail to a list or a customer segment: chunked, rate limited, per-recipient "
+                "send log so a retry mails nobody twice.",
+    examples=[{
+        "subject": "Spring special: 20% off every wash",
+        "body_text": "Show this mail at the till.",
+        "segment": "opted_in", "tenant_id": "tenant-1",
+    }],
+)
