@@ -142,8 +142,11 @@ class QueueProcessor:
         """Stop claiming, let running jobs finish within the grace period, then give the rest
         back to the queue without counting their attempt."""
         self._stopping = True
-        for task in self._tasks[:1]:
+        dispatcher = self._tasks[:1]
+        for task in dispatcher:
             task.cancel()
+        if dispatcher:  # a claim in flight completes and gives back what it won
+            await asyncio.wait(dispatcher)
         tasks = [r.task for r in self._running.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=self._config.shutdown_grace.total_seconds())
@@ -199,6 +202,14 @@ class QueueProcessor:
             return True  # unknown here: claim and fail it loudly rather than park it forever
         return limit is None or self._per_type.get(task_type, 0) < limit
 
+    def _reserve_slot(self, task_type: str) -> bool:
+        """Take a slot of `task_type` if it has room. `take` calls this for each entry it hands
+        out, so one batch cannot overshoot the task type's concurrency limit."""
+        if not self._has_room(task_type):
+            return False
+        self._per_type[task_type] = self._per_type.get(task_type, 0) + 1
+        return True
+
     async def _dispatch_loop(self) -> None:
         while not self._stopping:
             await self._claims_allowed.wait()
@@ -206,17 +217,13 @@ class QueueProcessor:
                 self._slot_free.clear()
                 await self._slot_free.wait()
             await self._ready.wait()
-            batch = self._ready.take(min(self._free_slots(), CLAIM_BATCH_MAX), self._has_room)
+            if not self._claims_allowed.is_set():
+                continue  # the heartbeat failed while this loop waited for work
+            batch = self._ready.take(min(self._free_slots(), CLAIM_BATCH_MAX), self._reserve_slot)
             if not batch:
                 self._set_idle_if_idle()
                 continue
-            for due in batch:
-                self._per_type[due.task_type] = self._per_type.get(due.task_type, 0) + 1
-            self._claiming += len(batch)
-            try:
-                rows = await self._claim([d.id for d in batch])
-            finally:
-                self._claiming -= len(batch)
+            rows = await self._claim_batch([d.id for d in batch])
             claimed = {row.id for row in rows}
             for due in batch:
                 if due.id not in claimed:
@@ -224,6 +231,25 @@ class QueueProcessor:
             for row in rows:
                 self._start(row)
             self._set_idle_if_idle()
+
+    async def _claim_batch(self, ids: list[JobId]) -> list[JobRow]:
+        """Claim `ids`. When stop() cancels the dispatcher meanwhile, the claim still commits:
+        what it won is given back at once, without counting the attempt, as stop() promises."""
+        self._claiming += len(ids)
+        claim = asyncio.ensure_future(self._claim(ids))
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            rows = await claim
+            now = self._clock()
+            try:
+                await self._store.apply_many([lifecycle.release(r.id, r.fence, now) for r in rows])
+            except Exception:
+                log.exception("giving back %d jobs claimed at stop failed; their leases will "
+                              "expire", len(rows))
+            raise
+        finally:
+            self._claiming -= len(ids)
 
     async def _claim(self, ids: list[JobId]) -> list[JobRow]:
         """Claim what this process may run; a lost race just leaves an id out."""
@@ -235,6 +261,10 @@ class QueueProcessor:
             return []
 
     def _start(self, job: JobRow) -> None:
+        previous = self._running.get(job.id)
+        if previous is not None:  # its lease expired and this process claimed the job again
+            previous.state.lease_lost = True
+            self.cancel_local(job.id)
         state = AttemptState(self._store, job.fence, self._build_follow_up)
         running = _Running(job, state)
         self._running[job.id] = running
@@ -255,7 +285,8 @@ class QueueProcessor:
             log.exception("recording job %s failed; its lease will expire and it will run again",
                           job.id)
         finally:
-            self._running.pop(job.id, None)
+            if self._running.get(job.id) is running:  # not a newer attempt of the same job
+                del self._running[job.id]
             self._release_type_slot(job.task_type)
             if self._metrics is not None:
                 self._metrics.running.set(len(self._running))
@@ -274,12 +305,13 @@ class QueueProcessor:
     async def _execute(self, running: _Running) -> Outcome:
         """Run the handler under middleware, timeout and cancellation; map how it ended."""
         job, state = running.job, running.state
+        deadline: asyncio.Timeout | None = None
         try:
             task_type = self._registry.get(job.task_type)
             payload = task_type.validate_payload(job.payload)
             ctx = self._context(job, state)
             timeout = task_type.options.timeout
-            async with asyncio.timeout(timeout.total_seconds() if timeout else None):
+            async with asyncio.timeout(timeout.total_seconds() if timeout else None) as deadline:
                 result = await chain(
                     self._config.middleware, ctx, lambda: task_type.handler(ctx, payload)
                 )
@@ -289,7 +321,9 @@ class QueueProcessor:
             if state.cancel_requested.is_set():
                 return Discarded("cancelled" if not state.lease_lost else "lease lost")
             raise
-        except TimeoutError:
+        except TimeoutError as exc:
+            if deadline is None or not deadline.expired():  # the handler's own TimeoutError
+                return Retryable(_describe(exc), traceback.format_exc(), AttemptOutcome.error)
             return Retryable(f"timed out after {timeout}", None, AttemptOutcome.timeout)
         except LeaseLost:
             return Discarded("lease lost")
@@ -335,7 +369,8 @@ class QueueProcessor:
             return lifecycle.fail(job.id, fence, outcome.error, outcome.traceback,
                                   AttemptOutcome.error, now)
         assert isinstance(outcome, Retryable)
-        policy = self._registry.get(job.task_type).options.retry
+        policy = (self._registry.get(job.task_type).options.retry
+                  if job.task_type in self._registry else retry.RetryPolicy())
         if outcome.delay_seconds is not None and (
             not outcome.count_attempt or job.attempts < job.max_attempts
         ):

@@ -61,6 +61,16 @@ class TaskType(Generic[PayloadT, ResultT]):
     slug: str = ""  #: the URL segment; defaults to the name with hyphens
     description: str = ""
     examples: Sequence[Mapping[str, Any]] = ()
+    #: the payload field that receives the path of a file uploaded with the job (the HTTP route
+    #: then takes a multipart form: the file plus the other payload fields); None: JSON only
+    upload_field: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.upload_field is not None and self.upload_field not in self.payload_model.model_fields:
+            raise ConfigurationError(
+                f"task type {self.name!r}: upload_field {self.upload_field!r} is not a field of "
+                f"{self.payload_model.__name__}"
+            )
 
     @property
     def route_slug(self) -> str:

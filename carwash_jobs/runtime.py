@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from carwash_jobs import lifecycle
+from carwash_jobs.cron import CronService, configured_schedules, tick_interval
 from carwash_jobs.metrics import Metrics
 from carwash_jobs.middleware import Middleware, logging_middleware, metrics_middleware, tracing_middleware
 from carwash_jobs.processor import ProcessorConfig, QueueProcessor
@@ -82,6 +83,13 @@ class Runtime:
             )
         self._clock = clock
         self.started = False
+        #: fires the cron schedules (cron.py); None in a process that runs no scheduler
+        self.cron: CronService | None = None
+        if self.scheduler is not None:
+            self.cron = CronService(self.queue, configured_schedules(settings, registry), clock=clock)
+            if self.cron.schedules:
+                interval = tick_interval(timedelta(seconds=settings.reload_interval_seconds))
+                self.scheduler.add_duty("cron", self.cron.fire_due, interval.total_seconds())
 
     async def start(self, *, migrate: bool = True) -> None:
         if migrate:

@@ -158,7 +158,8 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", min_length=1, description="Address `serve` binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port `serve` binds to (0: any free port).")
     schedules_file: str = Field(
-        default="config/schedules.toml", min_length=1, description="The cron schedules file."
+        default="config/schedules.toml",
+        description="The cron schedules file, relative to the working directory; \"\" for none.",
     )
 
     @classmethod

@@ -182,6 +182,30 @@ class Stats:
     running_owners: Mapping[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class CronFireResult:
+    """What one process's attempt at a cron fire came to: "fired" (this process recorded the
+    fire and inserted `job`), "skipped" (it recorded the fire without a job, because
+    `active_job_id`, an earlier fire's job, is unfinished), or "lost" (another process had
+    already recorded this fire; nothing was written)."""
+
+    schedule: str
+    fire_at: datetime
+    outcome: Literal["fired", "skipped", "lost"]
+    job: JobRow | None = None
+    active_job_id: JobId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CronFireRow:
+    """One row of cron_fires: a fire of a schedule, its job (None: skipped), and who fired it."""
+
+    schedule: str
+    fire_at: datetime
+    job_id: JobId | None
+    fired_by: str | None
+
+
 class Tx(Protocol):
     """A database transaction handed to user code: portable SQL with `:name` parameters.
 
@@ -321,3 +345,22 @@ class JobStore(Protocol):
     async def events(self, job_id: JobId) -> list[EventRow]: ...
 
     async def stats(self) -> Stats: ...
+
+    # -- cron -----------------------------------------------------------------------------
+    async def fire_cron(
+        self,
+        schedule: str,
+        fire_at: datetime,
+        job: NewJob,
+        *,
+        skip_if_active_tag: str | None = None,
+    ) -> CronFireResult:
+        """Fire `schedule` for `fire_at` at most once across all processes, in one transaction:
+        record (schedule, fire_at) in cron_fires, and only if this call recorded it, insert
+        `job`. With `skip_if_active_tag`, while a job of `job.task_type` carrying that tag is
+        waiting, queued, scheduled or running, the fire is recorded with no job instead."""
+        ...
+
+    async def cron_fires(self, schedule: str | None, limit: int) -> list[CronFireRow]:
+        """The newest fires (of one schedule, or of all), newest first."""
+        ...

@@ -30,6 +30,8 @@ from carwash_jobs.lifecycle import JobStatus, Transition
 from carwash_jobs.sqltext import numbered
 from carwash_jobs.store.base import (
     Applied,
+    CronFireResult,
+    CronFireRow,
     DueJob,
     EventRow,
     FailedFilter,
@@ -157,6 +159,29 @@ SELECT at, event, status, attempt, process, message FROM job_events
 WHERE job_id = $1 ORDER BY id
 """
 COUNTS = "SELECT task_type, status, COUNT(*) FROM worker_queue GROUP BY task_type, status"
+#: the unique (schedule, fire_at) key lets exactly one process record a cron fire; a second
+#: process waits for the first one's commit, then inserts nothing
+INSERT_CRON_FIRE = """
+INSERT INTO cron_fires (schedule, fire_at, job_id, fired_by) VALUES ($1, $2, $3, $4)
+ON CONFLICT (schedule, fire_at) DO NOTHING
+RETURNING schedule
+"""
+SET_CRON_FIRE_JOB = "UPDATE cron_fires SET job_id = $1 WHERE schedule = $2 AND fire_at = $3"
+#: an unfinished job of a schedule (overlap = skip): found by its task type and tag
+ACTIVE_TAGGED_JOB = """
+SELECT id FROM worker_queue
+WHERE task_type = $1 AND status IN ('waiting', 'queued', 'scheduled', 'running')
+  AND tags::jsonb ? $2
+ORDER BY id LIMIT 1
+"""
+CRON_FIRES = """
+SELECT schedule, fire_at, job_id, fired_by FROM cron_fires
+ORDER BY fire_at DESC, schedule LIMIT $1
+"""
+CRON_FIRES_OF_SCHEDULE = """
+SELECT schedule, fire_at, job_id, fired_by FROM cron_fires WHERE schedule = $1
+ORDER BY fire_at DESC LIMIT $2
+"""
 
 
 def dsn_of(url: str) -> str:
@@ -415,6 +440,28 @@ class PostgresJobStore:
         owners = {r[0]: r[1] for r in await self.pool.fetch(RUNNING_BY_OWNER) if r[0]}
         return Stats(by_status, by_type, owners)
 
+    # -- cron ----------------------------------------------------------------------------
+    async def fire_cron(
+        self,
+        schedule: str,
+        fire_at: datetime,
+        job: NewJob,
+        *,
+        skip_if_active_tag: str | None = None,
+    ) -> CronFireResult:
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await _fire_cron(conn, schedule, fire_at, job, skip_if_active_tag, self._owner,
+                                    self._clock())
+
+    async def cron_fires(self, schedule: str | None, limit: int) -> list[CronFireRow]:
+        if schedule is None:
+            rows = await self.pool.fetch(CRON_FIRES, limit)
+        else:
+            rows = await self.pool.fetch(CRON_FIRES_OF_SCHEDULE, schedule, limit)
+        return [
+            CronFireRow(r[0], r[1], None if r[2] is None else JobId(r[2]), r[3]) for r in rows
+        ]
+
 
 def _list_where(flt: JobFilter, cursor: str | None) -> tuple[str, dict[str, Any]]:
     pairs: list[tuple[str, str, Any]] = [
@@ -647,6 +694,27 @@ class _Listener:
             self._on_notice(Notice("cancel", job_id=JobId(message["id"])))
         else:
             self._on_notice(Notice("reload"))
+
+
+
+async def _fire_cron(
+    conn: asyncpg.Connection, schedule: str, fire_at: datetime, job: NewJob,
+    skip_if_active_tag: str | None, owner: str, now: datetime,
+) -> CronFireResult:
+    """One cron fire inside the caller's transaction: the fire row, then the job only for the
+    process whose insert of the fire row went through."""
+    if skip_if_active_tag is not None:
+        active = await conn.fetchval(ACTIVE_TAGGED_JOB, job.task_type, skip_if_active_tag)
+        if active is not None:
+            if await conn.fetchval(INSERT_CRON_FIRE, schedule, fire_at, None, owner) is None:
+                return CronFireResult(schedule, fire_at, "lost")
+            return CronFireResult(schedule, fire_at, "skipped", active_job_id=JobId(active))
+    if await conn.fetchval(INSERT_CRON_FIRE, schedule, fire_at, job.id, owner) is None:
+        return CronFireResult(schedule, fire_at, "lost")
+    (inserted,) = await _insert(conn, [job], owner, now)
+    if inserted.job.id != job.id:  # its idempotency key was taken: that job is this fire's
+        await conn.execute(SET_CRON_FIRE_JOB, inserted.job.id, schedule, fire_at)
+    return CronFireResult(schedule, fire_at, "fired", job=inserted.job)
 
 
 if TYPE_CHECKING:

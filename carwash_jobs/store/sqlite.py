@@ -26,6 +26,8 @@ from carwash_jobs.errors import (
 from carwash_jobs.lifecycle import JobStatus, Transition
 from carwash_jobs.store.base import (
     Applied,
+    CronFireResult,
+    CronFireRow,
     DueJob,
     EventRow,
     FailedFilter,
@@ -147,6 +149,27 @@ SELECT at, event, status, attempt, process, message FROM job_events
 WHERE job_id = ? ORDER BY id
 """
 COUNTS = "SELECT task_type, status, COUNT(*) FROM worker_queue GROUP BY task_type, status"
+#: the unique (schedule, fire_at) key lets exactly one process record a cron fire
+INSERT_CRON_FIRE = """
+INSERT INTO cron_fires (schedule, fire_at, job_id, fired_by) VALUES (?, ?, ?, ?)
+ON CONFLICT (schedule, fire_at) DO NOTHING
+"""
+SET_CRON_FIRE_JOB = "UPDATE cron_fires SET job_id = ? WHERE schedule = ? AND fire_at = ?"
+#: an unfinished job of a schedule (overlap = skip): found by its task type and tag
+ACTIVE_TAGGED_JOB = """
+SELECT id FROM worker_queue
+WHERE task_type = ? AND status IN ('waiting', 'queued', 'scheduled', 'running')
+  AND EXISTS (SELECT 1 FROM json_each(tags) WHERE value = ?)
+ORDER BY id LIMIT 1
+"""
+CRON_FIRES = """
+SELECT schedule, fire_at, job_id, fired_by FROM cron_fires
+ORDER BY fire_at DESC, schedule LIMIT ?
+"""
+CRON_FIRES_OF_SCHEDULE = """
+SELECT schedule, fire_at, job_id, fired_by FROM cron_fires WHERE schedule = ?
+ORDER BY fire_at DESC LIMIT ?
+"""
 
 
 def ts(value: datetime | None) -> str | None:
@@ -446,6 +469,32 @@ class SqliteJobStore:
         owners = {r[0]: r[1] for r in await self._fetch(RUNNING_BY_OWNER) if r[0]}
         return Stats(by_status, by_type, owners)
 
+    # -- cron ----------------------------------------------------------------------------
+    async def fire_cron(
+        self,
+        schedule: str,
+        fire_at: datetime,
+        job: NewJob,
+        *,
+        skip_if_active_tag: str | None = None,
+    ) -> CronFireResult:
+        def run(conn: sqlite3.Connection) -> CronFireResult:
+            return _fire_cron(conn, schedule, fire_at, job, skip_if_active_tag, self._owner,
+                              self._clock())
+
+        return await self.writer.run_sync(run)
+
+    async def cron_fires(self, schedule: str | None, limit: int) -> list[CronFireRow]:
+        if schedule is None:
+            rows = await self._fetch(CRON_FIRES, (limit,))
+        else:
+            rows = await self._fetch(CRON_FIRES_OF_SCHEDULE, (schedule, limit))
+        return [
+            CronFireRow(r[0], parse_ts(r[1]) or self._clock(), None if r[2] is None else JobId(r[2]),
+                        r[3])
+            for r in rows
+        ]
+
 
 def _list_where(flt: JobFilter, cursor: str | None) -> tuple[str, list[Any]]:
     clauses: list[str] = []
@@ -611,8 +660,33 @@ def _resolve_dependents(
             woken.append(applied.job)
         else:
             transition = lifecycle.dependency_failed(JobId(dependent_id), job.id, job.status, now)
-            _apply(conn, transition, owner, now)  # cascades to its own dependents
+            try:
+                _apply(conn, transition, owner, now)  # cascades to its own dependents
+            except IllegalTransition:
+                continue  # that cascade already cancelled it (it also waited on a dependent)
     return woken
+
+
+
+def _fire_cron(
+    conn: sqlite3.Connection, schedule: str, fire_at: datetime, job: NewJob,
+    skip_if_active_tag: str | None, owner: str, now: datetime,
+) -> CronFireResult:
+    """One cron fire in one transaction (SQLite serialises writers, so the fire row's insert
+    decides among processes): the fire row, then the job only for the process that wrote it."""
+    key = (schedule, ts(fire_at))
+    if skip_if_active_tag is not None:
+        active = conn.execute(ACTIVE_TAGGED_JOB, (job.task_type, skip_if_active_tag)).fetchone()
+        if active is not None:
+            if conn.execute(INSERT_CRON_FIRE, (*key, None, owner)).rowcount == 0:
+                return CronFireResult(schedule, fire_at, "lost")
+            return CronFireResult(schedule, fire_at, "skipped", active_job_id=JobId(active[0]))
+    if conn.execute(INSERT_CRON_FIRE, (*key, job.id, owner)).rowcount == 0:
+        return CronFireResult(schedule, fire_at, "lost")
+    (inserted,) = _insert(conn, [job], owner, now)
+    if inserted.job.id != job.id:  # its idempotency key was taken: that job is this fire's
+        conn.execute(SET_CRON_FIRE_JOB, (inserted.job.id, *key))
+    return CronFireResult(schedule, fire_at, "fired", job=inserted.job)
 
 
 if TYPE_CHECKING:

@@ -324,7 +324,8 @@ def test_every_setting_is_described() -> None:
 
 def test_shipped_schedules_file_is_valid_toml() -> None:
     with (REPO_ROOT / "config" / "schedules.toml").open("rb") as file:
-        assert tomllib.load(file) == {"schedules": []}
+        # test_cron.py loads and validates each schedule against the shipped task types
+        assert isinstance(tomllib.load(file)["schedules"], list)
 
 
 def test_nothing_is_created_at_import_time() -> None:

@@ -1,0 +1,922 @@
+"""The store contract: what every JobStore adapter must do, run against each of them.
+
+The `store` fixture is built from a database URL through `open_store`, so a new adapter joins
+by adding a URL: "sqlite" is a migrated file in tmp_path; "postgres" is a fresh database on the
+server named by CARWASH_TEST_POSTGRES_URL (skipped while that is unset or open_store has no
+PostgreSQL adapter). Tests speak only the JobStore protocol and portable SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from carwash_jobs import lifecycle
+from carwash_jobs.errors import (
+    ConfigurationError,
+    IllegalTransition,
+    JobNotFound,
+    StaleLease,
+    UnknownDependency,
+)
+from carwash_jobs.lifecycle import AttemptOutcome, Fence, JobStatus
+from carwash_jobs.store import open_store
+from carwash_jobs.store.base import FailedFilter, JobFilter, NewJob
+from carwash_jobs.store.migrations import upgrade
+from carwash_jobs.types import JobId, new_job_id
+from tests.carwash_jobs.support import OWNER, ManualClock, copy_database
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator, Sequence
+    from datetime import datetime
+    from pathlib import Path
+
+    from carwash_jobs.store.base import DueJob, JobRow, JobStore, Tx
+
+POSTGRES_URL_ENV = "CARWASH_TEST_POSTGRES_URL"
+POSTGRES_SKIP_REASON = "CARWASH_TEST_POSTGRES_URL is not set / no PostgreSQL adapter yet"
+OTHER_OWNER = "other-host/2/0/b"
+LEASE = timedelta(seconds=60)
+S = JobStatus
+
+
+# -- fixtures: one URL per adapter ----------------------------------------------------------
+def _has_adapter(url: str) -> bool:
+    try:
+        open_store(url, owner="probe")
+    except ConfigurationError:
+        return False
+    return True
+
+
+def _database_url(server_url: str, name: str, driver: str = "postgresql+asyncpg") -> str:
+    url = make_url(server_url).set(drivername=driver, database=name)
+    return url.render_as_string(hide_password=False)
+
+
+async def _admin(server_url: str, *statements: str) -> None:
+    """Run statements on the server's own database (CREATE/DROP DATABASE)."""
+    database = make_url(server_url).database or "postgres"
+    conn = await asyncpg.connect(_database_url(server_url, database, driver="postgresql"))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[tuple[str, str] | None]:
+    """(server URL, template name): one database migrated per session, which each test copies
+    with CREATE DATABASE ... TEMPLATE (procrastinate's trick); None when there is no server."""
+    server = os.environ.get(POSTGRES_URL_ENV)
+    if not server or not _has_adapter(server):
+        yield None
+        return
+    name = f"carwash_tpl_{secrets.token_hex(4)}"
+    asyncio.run(_admin(server, f'CREATE DATABASE "{name}"'))
+    try:
+        asyncio.run(upgrade(_database_url(server, name)))
+        yield server, name
+    finally:
+        asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, migrated_template: Path,
+    postgres_template: tuple[str, str] | None,
+) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield copy_database(migrated_template, tmp_path / "contract.db")
+        return
+    if postgres_template is None:
+        pytest.skip(POSTGRES_SKIP_REASON)
+    server, template = postgres_template
+    name = f"t_{secrets.token_hex(6)}"
+    await _admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield _database_url(server, name)
+    finally:
+        await _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def store(database_url: str, clock: ManualClock) -> AsyncIterator[JobStore]:
+    opened = open_store(database_url, owner=OWNER, clock=clock)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def other_store(database_url: str, clock: ManualClock) -> AsyncIterator[JobStore]:
+    """A second process on the same database."""
+    opened = open_store(database_url, owner=OTHER_OWNER, clock=clock)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+# -- helpers --------------------------------------------------------------------------------
+def new_job(clock: ManualClock, *, run_at: datetime | None = None, task_type: str = "noop",
+            **fields: Any) -> NewJob:
+    return NewJob(
+        id=new_job_id(), task_type=task_type, payload={"n": 1}, status=S.queued,
+        run_at=run_at or clock(), created_at=clock(), **fields,
+    )
+
+
+async def add(store: JobStore, clock: ManualClock, **fields: Any) -> JobRow:
+    (inserted,) = await store.insert([new_job(clock, **fields)])
+    return inserted.job
+
+
+async def claimed(store: JobStore, clock: ManualClock, owner: str = OWNER, **fields: Any) -> JobRow:
+    job = await add(store, clock, **fields)
+    (row,) = await store.claim([job.id], owner, clock() + LEASE)
+    return row
+
+
+async def failed(store: JobStore, clock: ManualClock, **fields: Any) -> JobRow:
+    row = await claimed(store, clock, **fields)
+    transition = lifecycle.fail(row.id, row.fence, "boom", "Traceback", AttemptOutcome.error,
+                                clock())
+    return (await store.apply(transition)).job
+
+
+async def complete(store: JobStore, row: JobRow, clock: ManualClock, result: Any = None) -> JobRow:
+    return (await store.apply(lifecycle.complete(row.id, row.fence, result, clock()))).job
+
+
+async def event_names(store: JobStore, job_id: JobId) -> list[str]:
+    return [e.event for e in await store.events(job_id)]
+
+
+def ids(rows: Sequence[JobRow]) -> list[JobId]:
+    return [row.id for row in rows]
+
+
+def ids_of_due(rows: Sequence[DueJob]) -> list[JobId]:
+    return [row.id for row in rows]
+
+
+# -- insert ---------------------------------------------------------------------------------
+async def test_insert_commits_a_queued_job_that_reads_back_as_returned(
+    store: JobStore, clock: ManualClock
+) -> None:
+    job = new_job(clock, priority=3, queue="bulk", tags=["a", "b"], context={"by": "admin"},
+                  max_attempts=4)
+    (inserted,) = await store.insert([job])
+    assert inserted.created
+    stored = await store.get(job.id)
+    assert stored == inserted.job
+    assert stored.status == S.queued
+    assert (stored.priority, stored.queue, stored.tags) == (3, "bulk", ["a", "b"])
+    assert (stored.attempts, stored.max_attempts) == (0, 4)
+    assert stored.context == {"by": "admin"}
+    assert stored.payload == {"n": 1}
+    assert stored.created_at == clock()
+    assert stored.attempt_history == []
+    assert await event_names(store, job.id) == ["enqueued"]
+
+
+async def test_insert_with_a_future_run_at_starts_scheduled(
+    store: JobStore, clock: ManualClock
+) -> None:
+    job = await add(store, clock, run_at=clock() + timedelta(minutes=5))
+    assert job.status == S.scheduled
+    assert (await store.get(job.id)).run_at == clock() + timedelta(minutes=5)
+
+
+async def test_insert_of_many_jobs_returns_each_in_order(store: JobStore, clock: ManualClock) -> None:
+    jobs = [new_job(clock) for _ in range(5)]
+    results = await store.insert(jobs)
+    assert [r.job.id for r in results] == [j.id for j in jobs]
+    assert all(r.created for r in results)
+    assert len(await store.get_many([j.id for j in jobs])) == 5
+
+
+async def test_insert_already_claimed_starts_running_with_attempt_one(
+    store: JobStore, clock: ManualClock
+) -> None:
+    lease_until = clock() + LEASE
+    job = await add(store, clock, claimed_by=OWNER, lease_until=lease_until)
+    stored = await store.get(job.id)
+    assert stored == job
+    assert (stored.status, stored.attempts, stored.lease_owner) == (S.running, 1, OWNER)
+    assert stored.lease_until == lease_until
+    assert stored.started_at == clock()
+    assert await event_names(store, job.id) == ["enqueued", "claimed"]
+
+
+async def test_an_existing_idempotency_key_returns_that_job_and_writes_no_second_row(
+    store: JobStore, clock: ManualClock
+) -> None:
+    first = await add(store, clock, idempotency_key="cron:nightly:2030-01-01T00:00")
+    (again,) = await store.insert([new_job(clock, idempotency_key=first.idempotency_key)])
+    assert not again.created
+    assert again.job.id == first.id
+    page = await store.list_jobs(JobFilter(), limit=10)
+    assert ids(page.items) == [first.id]
+
+
+async def test_an_idempotency_key_repeated_within_one_insert_creates_one_job(
+    store: JobStore, clock: ManualClock
+) -> None:
+    a, b = new_job(clock, idempotency_key="k"), new_job(clock, idempotency_key="k")
+    first, second = await store.insert([a, b])
+    assert first.created
+    assert not second.created
+    assert second.job.id == a.id
+
+
+async def test_an_unknown_dependency_is_rejected_and_nothing_of_the_call_is_written(
+    store: JobStore, clock: ManualClock
+) -> None:
+    good = new_job(clock)
+    bad = new_job(clock, depends_on=[JobId("0" * 32)])
+    with pytest.raises(UnknownDependency) as caught:
+        await store.insert([good, bad])
+    assert caught.value.job_id == "0" * 32
+    assert (await store.list_jobs(JobFilter(), limit=10)).items == []
+
+
+async def test_a_job_with_unfinished_dependencies_waits(store: JobStore, clock: ManualClock) -> None:
+    a = await add(store, clock)
+    c = await add(store, clock, depends_on=[a.id])
+    assert c.status == S.waiting
+    assert (await store.get(c.id)).depends_on == [a.id]
+    assert ids_of_due(await store.due(clock(), 10)) == [a.id]
+
+
+async def test_a_job_whose_dependencies_already_completed_starts_queued(
+    store: JobStore, clock: ManualClock
+) -> None:
+    a = await complete(store, await claimed(store, clock), clock)
+    c = await add(store, clock, depends_on=[a.id])
+    assert c.status == S.queued
+
+
+async def test_a_job_whose_dependency_already_failed_starts_cancelled_naming_it(
+    store: JobStore, clock: ManualClock
+) -> None:
+    a = await failed(store, clock)
+    c = await add(store, clock, depends_on=[a.id])
+    stored = await store.get(c.id)
+    assert stored == c
+    assert stored.status == S.cancelled
+    assert stored.error == f"dependency {a.id} ended failed"
+    assert stored.finished_at == clock()
+
+
+# -- claim ----------------------------------------------------------------------------------
+async def test_claim_moves_a_due_job_to_running_with_a_lease(
+    store: JobStore, clock: ManualClock
+) -> None:
+    job = await add(store, clock)
+    clock.advance(3)
+    (row,) = await store.claim([job.id], OWNER, clock() + LEASE)
+    assert row == await store.get(job.id)
+    assert row.status == S.running
+    assert row.attempts == 1
+    assert row.lease_owner == OWNER
+    assert row.lease_until == clock() + LEASE
+    assert row.started_at == clock()
+    assert row.fence == Fence(1, OWNER)
+    assert await event_names(store, job.id) == ["enqueued", "claimed"]
+
+
+async def test_claim_leaves_out_jobs_that_are_not_due_or_not_claimable(
+    store: JobStore, clock: ManualClock
+) -> None:
+    later = await add(store, clock, run_at=clock() + timedelta(seconds=30))
+    dependency = await add(store, clock)
+    waiting = await add(store, clock, depends_on=[dependency.id])
+    running = await claimed(store, clock)
+    done = await complete(store, await claimed(store, clock), clock)
+    rows = await store.claim([later.id, waiting.id, running.id, done.id, JobId("nope")],
+                             OWNER, clock() + LEASE)
+    assert rows == []
+    assert (await store.get(running.id)).attempts == 1
+
+
+async def test_a_scheduled_job_whose_run_at_passed_can_be_claimed_by_id(
+    store: JobStore, clock: ManualClock
+) -> None:
+    job = await add(store, clock, run_at=clock() + timedelta(seconds=30))
+    clock.advance(30)
+    (row,) = await store.claim([job.id], OWNER, clock() + LEASE)
+    assert row.status == S.running
+
+
+async def test_concurrent_claims_from_two_processes_give_each_job_one_winner(
+    store: JobStore, other_store: JobStore, clock: ManualClock
+) -> None:
+    results = await store.insert([new_job(clock) for _ in range(30)])
+    job_ids = [r.job.id for r in results]
+    mine, theirs = await asyncio.gather(
+        store.claim(job_ids, OWNER, clock() + LEASE),
+        other_store.claim(list(reversed(job_ids)), OTHER_OWNER, clock() + LEASE),
+    )
+    won = ids(mine) + ids(theirs)
+    assert sorted(won) == sorted(job_ids)
+    for row in await store.get_many(job_ids):
+        assert row.attempts == 1
+        assert row.lease_owner == (OWNER if row.id in ids(mine) else OTHER_OWNER)
+
+
+async def test_claim_due_takes_by_priority_then_age_up_to_the_limit(
+    store: JobStore, clock: ManualClock
+) -> None:
+    old_low = await add(store, clock, priority=0)
+    clock.advance(1)
+    high = await add(store, clock, priority=5)
+    clock.advance(1)
+    young_low = await add(store, clock, priority=0)
+    await add(store, clock, run_at=clock() + timedelta(hours=1), priority=9)
+    rows = await store.claim_due(2, OWNER, clock() + LEASE)
+    # RETURNING gives no order: the choice is what the limit and the order decide
+    assert sorted(ids(rows)) == sorted([high.id, old_low.id])
+    rest = await store.claim_due(10, OWNER, clock() + LEASE)
+    assert ids(rest) == [young_low.id]
+
+
+async def test_claim_due_can_be_limited_to_named_queues(store: JobStore, clock: ManualClock) -> None:
+    await add(store, clock, queue="bulk")
+    critical = await add(store, clock, queue="critical")
+    rows = await store.claim_due(10, OWNER, clock() + LEASE, queues=["critical"])
+    assert ids(rows) == [critical.id]
+
+
+# -- apply: outcomes of an attempt ----------------------------------------------------------
+async def test_complete_with_the_current_fence_keeps_result_and_history(
+    store: JobStore, clock: ManualClock
+) -> None:
+    row = await claimed(store, clock)
+    clock.advance(2)
+    applied = await store.apply(lifecycle.complete(row.id, row.fence, {"sent": 2}, clock()))
+    job = applied.job
+    assert job == await store.get(row.id)
+    assert job.status == S.completed
+    assert job.result == {"sent": 2}
+    assert job.finished_at == clock()
+    assert (job.lease_owner, job.lease_until) == (None, None)
+    assert [(h["attempt"], h["outcome"], h["owner"]) for h in job.attempt_history] == [
+        (1, "completed", OWNER)
+    ]
+    assert await event_names(store, row.id) == ["enqueued", "claimed", "completed"]
+
+
+async def test_a_worker_that_lost_its_lease_cannot_overwrite_the_newer_attempt(
+    store: JobStore, other_store: JobStore, clock: ManualClock
+) -> None:
+    first = await claimed(store, clock)
+    clock.advance(61)
+    (expired,) = await store.expired_leases(clock(), 10)
+    await store.apply(lifecycle.release_expired_lease(
+        expired.id, expired.fence, expired.attempts, expired.max_attempts, clock()))
+    (second,) = await other_store.claim([first.id], OTHER_OWNER, clock() + LEASE)
+    assert second.fence == Fence(2, OTHER_OWNER)
+
+    for late in (
+        lifecycle.complete(first.id, first.fence, "stale", clock()),
+        lifecycle.fail(first.id, first.fence, "stale", None, AttemptOutcome.error, clock()),
+        lifecycle.release(first.id, first.fence, clock()),
+    ):
+        with pytest.raises(StaleLease) as caught:
+            await store.apply(late)
+        assert caught.value.from_status == "running"
+    assert not await store.save_progress(first.id, first.fence, done=5)
+    assert await store.get(first.id) == second
+
+    done = await complete(other_store, second, clock, "fresh")
+    assert done.result == "fresh"
+    assert [(h["attempt"], h["outcome"]) for h in done.attempt_history] == [
+        (1, "worker_lost"), (2, "completed")
+    ]
+
+
+async def test_a_fence_with_the_right_attempt_but_another_owner_is_stale(
+    store: JobStore, clock: ManualClock
+) -> None:
+    row = await claimed(store, clock)
+    with pytest.raises(StaleLease):
+        await store.apply(lifecycle.complete(row.id, Fence(1, OTHER_OWNER), None, clock()))
+
+
+async def test_an_illegal_transition_is_refused_naming_the_status_and_the_action(
+    store: JobStore, clock: ManualClock
+) -> None:
+    job = await add(store, clock)
+    with pytest.raises(IllegalTransition) as caught:
+        await store.apply(lifecycle.complete(job.id, Fence(0, ""), None, clock()))
+    assert type(caught.value) is IllegalTransition
+    assert (caught.value.from_status, caught.value.action) == ("queued", "complete")
+    assert await store.get(job.id) == job
+
+    done = await complete(store, await claimed(store, clock), clock)
+    with pytest.raises(IllegalTransition) as cancelling:
+        await store.apply(lifecycle.cancel(done.id, clock()))
+    assert (cancelling.value.from_status, cancelling.value.action) == ("completed", "cancel")
+
+
+async def test_a_transition_of_an_unknown_job_raises_job_not_found(
+    store: JobStore, clock: ManualClock
+) -> None:
+    with pytest.raises(JobNotFound):
+        await store.apply(lifecycle.cancel(JobId("f" * 32), clock()))
+
+
+async def test_schedule_retry_keeps_the_attempt_error_and_run_at(
+    store: JobStore, clock: ManualClock
+) -> None:
+    row = await claimed(store, clock)
+    run_at = clock() + timedelta(seconds=4)
+    job = (await store.apply(lifecycle.schedule_retry(
+        row.id, row.fence, run_at, "ValueError: x", "Traceback...", AttemptOutcome.error, clock()
+    ))).job
+    assert (job.status, job.attempts, job.run_at) == (S.scheduled, 1, run_at)
+    assert (job.error, job.error_traceback) == ("ValueError: x", "Traceback...")
+    assert job.lease_owner is None
+    assert [(h["outcome"], h["error"]) for h in job.attempt_history] == [("error", "ValueError: x")]
+
+
+async def test_a_throttled_retry_gives_the_attempt_back(store: JobStore, clock: ManualClock) -> None:
+    row = await claimed(store, clock)
+    job = (await store.apply(lifecycle.schedule_retry(
+        row.id, row.fence, clock(), "rate limit", None, AttemptOutcome.throttled, clock(),
+        count_attempt=False,
+    ))).job
+    assert job.attempts == 0
+    assert job.attempt_history[-1]["outcome"] == "throttled"
+
+
+async def test_fail_keeps_the_error_and_traceback(store: JobStore, clock: ManualClock) -> None:
+    job = await failed(store, clock)
+    assert job.status == S.failed
+    assert (job.error, job.error_traceback) == ("boom", "Traceback")
+    assert job.finished_at == clock()
+
+
+async def test_cancelling_a_queued_job_records_no_attempt(store: JobStore, clock: ManualClock) -> None:
+    job = await add(store, clock)
+    cancelled = (await store.apply(lifecycle.cancel(job.id, clock(), "not needed"))).job
+    assert cancelled.status == S.cancelled
+    assert cancelled.error == "not needed"
+    assert cancelled.finished_at == clock()
+    assert cancelled.attempt_history == []
+
+
+async def test_cancelling_a_running_job_records_its_attempt_and_refuses_its_late_outcome(
+    store: JobStore, clock: ManualClock
+) -> None:
+    row = await claimed(store, clock)
+    cancelled = (await store.apply(lifecycle.cancel(row.id, clock()))).job
+    assert cancelled.status == S.cancelled
+    assert (cancelled.lease_owner, cancelled.lease_until) == (None, None)
+    assert [(h["attempt"], h["outcome"], h["owner"]) for h in cancelled.attempt_history] == [
+        (1, "cancelled", OWNER)
+    ]
+    with pytest.raises(IllegalTransition) as caught:
+        await store.apply(lifecycle.complete(row.id, row.fence, "late", clock()))
+    assert caught.value.from_status == "cancelled"
+    assert not await store.save_progress(row.id, row.fence, done=1)
+    assert (await store.get(row.id)).result is None
+
+
+async def test_retry_failed_resets_attempts_and_keeps_the_history(
+    store: JobStore, clock: ManualClock
+) -> None:
+    job = await failed(store, clock, max_attempts=1)
+    clock.advance(10)
+    retried = (await store.apply(lifecycle.retry_failed(job.id, clock()))).job
+    assert (retried.status, retried.attempts, retried.run_at) == (S.queued, 0, clock())
+    assert (retried.error, retried.finished_at) == (None, None)
+    assert len(retried.attempt_history) == 1
+    (again,) = await store.claim([job.id], OWNER, clock() + LEASE)
+    assert again.attempts == 1
+
+
+async def test_an_expired_lease_goes_back_to_queued_counting_the_attempt(
+    store: JobStore, clock: ManualClock
+) -> None:
+    row = await claimed(store, clock, max_attempts=2)
+    clock.advance(30)
+    assert await store.expired_leases(clock(), 10) == []
+    clock.advance(31)
+    (expired,) = await store.expired_leases(clock(), 10)
+    assert expired.id == row.id
+    job = (await store.apply(lifecycle.release_expired_lease(
+        row.id, expired.fence, expired.attempts, expired.max_attempts, clock()))).job
+    assert (job.status, job.attempts, job.lease_owner) == (S.queued, 1, None)
+    assert job.attempt_history[-1]["outcome"] == "worker_lost"
+    assert ids_of_due(await store.due(clock(), 10)) == [row.id]
+
+
+async def test_an_expired_lease_on_the_last_attempt_fails_the_job(
+    store: JobStore, clock: ManualClock
+) -> None:
+    row = await claimed(store, clock, max_attempts=1)
+    clock.advance(61)
+    job = (await store.apply(lifecycle.release_expired_lease(
+        row.id, row.fence, row.attempts, row.max_attempts, clock()))).job
+    assert (job.status, job.attempts) == (S.failed, 1)
+    assert OWNER in (job.error or "")
+    assert job.finished_at == clock()
+
+
+async def test_release_at_shutdown_gives_the_attempt_back(store: JobStore, clock: ManualClock) -> None:
+    row = await claimed(store, clock)
+    job = (await store.apply(lifecycle.release(row.id, row.fence, clock()))).job
+    assert (job.status, job.attempts, job.lease_owner) == (S.queued, 0, None)
+    assert job.attempt_history[-1]["outcome"] == "released"
+
+
+# -- apply: dependencies --------------------------------------------------------------------
+async def test_fan_in_waits_until_every_dependency_completed(
+    store: JobStore, clock: ManualClock
+) -> None:
+    a = await claimed(store, clock)
+    b = await claimed(store, clock)
+    c = await add(store, clock, depends_on=[a.id, b.id])
+    first = await store.apply(lifecycle.complete(a.id, a.fence, None, clock()))
+    assert first.woken == []
+    assert (await store.get(c.id)).status == S.waiting
+    second = await store.apply(lifecycle.complete(b.id, b.fence, None, clock()))
+    assert ids(second.woken) == [c.id]
+    assert second.woken[0].status == S.queued
+    assert await event_names(store, c.id) == ["enqueued", "dependencies_met"]
+
+
+async def test_a_failed_dependency_cancels_its_dependents_in_cascade_naming_the_culprit(
+    store: JobStore, clock: ManualClock
+) -> None:
+    a = await claimed(store, clock)
+    unrelated = await add(store, clock)
+    c = await add(store, clock, depends_on=[a.id])
+    d = await add(store, clock, depends_on=[c.id, unrelated.id])
+    await store.apply(lifecycle.fail(a.id, a.fence, "boom", None, AttemptOutcome.error, clock()))
+    c_row, d_row = await store.get(c.id), await store.get(d.id)
+    assert (c_row.status, c_row.error) == (S.cancelled, f"dependency {a.id} ended failed")
+    assert (d_row.status, d_row.error) == (S.cancelled, f"dependency {c.id} ended cancelled")
+    assert (await store.get(unrelated.id)).status == S.queued
+
+
+@pytest.mark.parametrize("end", ["fail", "cancel"])
+async def test_a_cascade_reaching_a_job_twice_cancels_it_once(
+    store: JobStore, clock: ManualClock, end: str
+) -> None:
+    # D waits on A and on C, and C waits on A: A's end reaches D directly and through C
+    a = await claimed(store, clock)
+    c = await add(store, clock, depends_on=[a.id])
+    d = await add(store, clock, depends_on=[a.id, c.id])
+    if end == "fail":
+        ended = await store.apply(
+            lifecycle.fail(a.id, a.fence, "boom", None, AttemptOutcome.error, clock()))
+    else:
+        ended = await store.apply(lifecycle.cancel(a.id, clock()))
+    assert ended.job.status == (S.failed if end == "fail" else S.cancelled)
+    c_row, d_row = await store.get(c.id), await store.get(d.id)
+    assert c_row.status == S.cancelled
+    assert d_row.status == S.cancelled
+    assert d_row.error in (f"dependency {a.id} ended {ended.job.status.value}",
+                           f"dependency {c.id} ended cancelled")
+    assert await event_names(store, d.id) == ["enqueued", "cancelled"]
+
+
+async def test_cancelling_a_job_cancels_the_jobs_waiting_on_it(
+    store: JobStore, clock: ManualClock
+) -> None:
+    a = await add(store, clock)
+    c = await add(store, clock, depends_on=[a.id])
+    await store.apply(lifecycle.cancel(a.id, clock()))
+    assert (await store.get(c.id)).error == f"dependency {a.id} ended cancelled"
+
+
+# -- apply: in one transaction with the caller's writes and follow-ups -----------------------
+async def _make_table(store: JobStore) -> None:
+    async def create(tx: Tx) -> None:
+        await tx.execute("CREATE TABLE grants (job_id VARCHAR(32) PRIMARY KEY, amount INTEGER)")
+
+    await store.transaction(create)
+
+
+async def _grants(store: JobStore) -> list[dict[str, Any]]:
+    async def read(tx: Tx) -> list[dict[str, Any]]:
+        return await tx.fetch("SELECT job_id, amount FROM grants ORDER BY job_id")
+
+    return await store.transaction(read)
+
+
+async def test_before_writes_commit_together_with_the_transition(
+    store: JobStore, clock: ManualClock
+) -> None:
+    await _make_table(store)
+    row = await claimed(store, clock)
+
+    async def grant(tx: Tx) -> None:
+        await tx.execute("INSERT INTO grants (job_id, amount) VALUES (:id, :amount)",
+                         {"id": row.id, "amount": 10})
+
+    applied = await store.apply(lifecycle.complete(row.id, row.fence, None, clock()), before=grant)
+    assert applied.job.status == S.completed
+    assert await _grants(store) == [{"job_id": row.id, "amount": 10}]
+
+
+async def test_a_refused_transition_rolls_back_the_before_writes(
+    store: JobStore, clock: ManualClock
+) -> None:
+    await _make_table(store)
+    row = await claimed(store, clock)
+    await store.apply(lifecycle.cancel(row.id, clock()))
+
+    async def grant(tx: Tx) -> None:
+        await tx.execute("INSERT INTO grants (job_id, amount) VALUES (:id, 10)", {"id": row.id})
+
+    with pytest.raises(IllegalTransition):
+        await store.apply(lifecycle.complete(row.id, row.fence, None, clock()), before=grant)
+    assert await _grants(store) == []
+
+
+async def test_a_failing_before_leaves_the_job_as_it_was(store: JobStore, clock: ManualClock) -> None:
+    row = await claimed(store, clock)
+
+    async def broken(tx: Tx) -> None:
+        raise RuntimeError("domain write failed")
+
+    with pytest.raises(RuntimeError, match="domain write failed"):
+        await store.apply(lifecycle.complete(row.id, row.fence, None, clock()), before=broken)
+    assert await store.get(row.id) == row
+
+
+async def test_follow_ups_are_inserted_with_the_completion_and_returned_as_woken(
+    store: JobStore, clock: ManualClock
+) -> None:
+    row = await claimed(store, clock)
+    follow_up = new_job(clock, task_type="order")
+    applied = await store.apply(lifecycle.complete(row.id, row.fence, None, clock()),
+                                follow_ups=[follow_up])
+    assert ids(applied.woken) == [follow_up.id]
+    assert (await store.get(follow_up.id)).status == S.queued
+
+
+async def test_follow_ups_of_a_refused_completion_never_exist(
+    store: JobStore, clock: ManualClock
+) -> None:
+    row = await claimed(store, clock)
+    await store.apply(lifecycle.cancel(row.id, clock()))
+    follow_up = new_job(clock)
+    with pytest.raises(IllegalTransition):
+        await store.apply(lifecycle.complete(row.id, row.fence, None, clock()),
+                          follow_ups=[follow_up])
+    with pytest.raises(JobNotFound):
+        await store.get(follow_up.id)
+
+
+async def test_apply_many_applies_each_transition_alone(store: JobStore, clock: ManualClock) -> None:
+    queued = await add(store, clock)
+    done = await complete(store, await claimed(store, clock), clock)
+    another = await add(store, clock)
+    results = await store.apply_many([
+        lifecycle.cancel(queued.id, clock()),
+        lifecycle.cancel(done.id, clock()),
+        lifecycle.cancel(JobId("e" * 32), clock()),
+        lifecycle.cancel(another.id, clock()),
+    ])
+    assert [type(r).__name__ for r in results] == [
+        "Applied", "IllegalTransition", "JobNotFound", "Applied"
+    ]
+    assert (await store.get(queued.id)).status == S.cancelled
+    assert (await store.get(another.id)).status == S.cancelled
+    assert (await store.get(done.id)).status == S.completed
+
+
+# -- progress and leases --------------------------------------------------------------------
+async def test_save_progress_records_progress_and_checkpoint_for_the_current_attempt(
+    store: JobStore, clock: ManualClock
+) -> None:
+    row = await claimed(store, clock)
+    assert await store.save_progress(row.id, row.fence, done=3, total=10,
+                                     checkpoint={"cursor": 3})
+    assert await store.save_progress(row.id, row.fence, done=4)
+    job = await store.get(row.id)
+    assert (job.progress_done, job.progress_total) == (4, None)
+    assert job.checkpoint == {"cursor": 3}
+    assert await store.save_progress(row.id, row.fence, checkpoint={"cursor": 9})
+    job = await store.get(row.id)
+    assert (job.progress_done, job.checkpoint) == (4, {"cursor": 9})
+
+
+async def test_save_progress_with_a_stale_fence_writes_nothing(
+    store: JobStore, clock: ManualClock
+) -> None:
+    row = await claimed(store, clock)
+    assert not await store.save_progress(row.id, Fence(1, OTHER_OWNER), done=1,
+                                         checkpoint={"x": 1})
+    job = await store.get(row.id)
+    assert (job.progress_done, job.checkpoint) == (0, None)
+
+
+async def test_extend_leases_extends_only_what_the_owner_still_holds(
+    store: JobStore, other_store: JobStore, clock: ManualClock
+) -> None:
+    mine = await claimed(store, clock)
+    theirs = await claimed(other_store, clock, owner=OTHER_OWNER)
+    queued = await add(store, clock)
+    new_until = clock() + timedelta(minutes=5)
+    held = await store.extend_leases(OWNER, [mine.id, theirs.id, queued.id], new_until)
+    assert held == {mine.id}
+    assert (await store.get(mine.id)).lease_until == new_until
+    assert (await store.get(theirs.id)).lease_until == theirs.lease_until
+    assert await store.extend_leases(OWNER, [], new_until) == set()
+
+
+async def test_promote_due_moves_scheduled_jobs_whose_time_came_to_queued(
+    store: JobStore, clock: ManualClock
+) -> None:
+    soon = await add(store, clock, run_at=clock() + timedelta(seconds=10))
+    later = await add(store, clock, run_at=clock() + timedelta(seconds=100))
+    clock.advance(10)
+    assert await store.promote_due(clock()) == 1
+    assert (await store.get(soon.id)).status == S.queued
+    assert (await store.get(later.id)).status == S.scheduled
+    assert await event_names(store, soon.id) == ["enqueued", "due"]
+
+
+async def test_running_owners_and_the_jobs_they_hold(
+    store: JobStore, other_store: JobStore, clock: ManualClock
+) -> None:
+    mine = await claimed(store, clock)
+    theirs = await claimed(other_store, clock, owner=OTHER_OWNER)
+    await add(store, clock)
+    assert sorted(await store.running_owners()) == sorted([OWNER, OTHER_OWNER])
+    assert ids(await store.running_owned_by([OTHER_OWNER])) == [theirs.id]
+    assert ids(await store.running_owned_by([OWNER])) == [mine.id]
+    assert await store.running_owned_by([]) == []
+
+
+# -- the caller's own transaction -----------------------------------------------------------
+async def test_transaction_commits_when_the_function_returns(store: JobStore) -> None:
+    await _make_table(store)
+
+    async def write(tx: Tx) -> int:
+        assert tx.dialect == store.dialect
+        await tx.executemany("INSERT INTO grants (job_id, amount) VALUES (:id, :amount)",
+                             [{"id": "a", "amount": 1}, {"id": "b", "amount": 2}])
+        return await tx.execute("UPDATE grants SET amount = amount + 1")
+
+    assert await store.transaction(write) == 2
+    assert await _grants(store) == [{"job_id": "a", "amount": 2}, {"job_id": "b", "amount": 3}]
+
+
+async def test_transaction_rolls_back_everything_when_the_function_raises(
+    store: JobStore, clock: ManualClock
+) -> None:
+    await _make_table(store)
+    job = new_job(clock)
+
+    async def write(tx: Tx) -> None:
+        await tx.execute("INSERT INTO grants (job_id, amount) VALUES ('a', 1)")
+        await store.insert([job], tx=tx)
+        raise RuntimeError("changed my mind")
+
+    with pytest.raises(RuntimeError):
+        await store.transaction(write)
+    assert await _grants(store) == []
+    with pytest.raises(JobNotFound):
+        await store.get(job.id)
+
+
+async def test_an_insert_joined_to_a_transaction_commits_with_it(
+    store: JobStore, clock: ManualClock
+) -> None:
+    job = new_job(clock)
+
+    async def write(tx: Tx) -> bool:
+        (inserted,) = await store.insert([job], tx=tx)
+        return inserted.created
+
+    assert await store.transaction(write)
+    assert (await store.get(job.id)).status == S.queued
+
+
+# -- reads ----------------------------------------------------------------------------------
+async def test_get_of_an_unknown_id_raises_job_not_found(store: JobStore) -> None:
+    with pytest.raises(JobNotFound) as caught:
+        await store.get(JobId("nope"))
+    assert caught.value.job_id == "nope"
+    assert await store.get_many([]) == []
+
+
+async def test_list_jobs_is_newest_first_and_pages_with_a_cursor(
+    store: JobStore, clock: ManualClock
+) -> None:
+    made = [await add(store, clock) for _ in range(5)]
+    first = await store.list_jobs(JobFilter(), limit=2)
+    assert ids(first.items) == [made[4].id, made[3].id]
+    second = await store.list_jobs(JobFilter(), limit=2, cursor=first.next_cursor)
+    assert ids(second.items) == [made[2].id, made[1].id]
+    last = await store.list_jobs(JobFilter(), limit=2, cursor=second.next_cursor)
+    assert ids(last.items) == [made[0].id]
+    assert last.next_cursor is None
+
+
+async def test_list_jobs_filters_by_each_field(store: JobStore, clock: ManualClock) -> None:
+    t0 = clock()
+    plain = await add(store, clock)
+    clock.advance(10)
+    tagged = await add(store, clock, tags=["vip", "spring"], queue="bulk", task_type="order")
+    done = await complete(store, await claimed(store, clock), clock)
+
+    async def listed(**fields: Any) -> set[JobId]:
+        return set(ids((await store.list_jobs(JobFilter(**fields), limit=50)).items))
+
+    assert await listed(status=S.completed) == {done.id}
+    assert await listed(task_type="order") == {tagged.id}
+    assert await listed(tag="vip") == {tagged.id}
+    assert await listed(queue="bulk") == {tagged.id}
+    assert await listed(created_before=t0 + timedelta(seconds=1)) == {plain.id}
+    assert await listed(created_after=t0 + timedelta(seconds=5)) == {tagged.id, done.id}
+    assert await listed(status=S.queued, task_type="noop") == {plain.id}
+
+
+async def test_due_lists_queued_due_jobs_by_priority_then_age(
+    store: JobStore, clock: ManualClock
+) -> None:
+    old = await add(store, clock)
+    clock.advance(1)
+    urgent = await add(store, clock, priority=9, queue="critical", task_type="order")
+    await add(store, clock, run_at=clock() + timedelta(seconds=60))
+    await claimed(store, clock)
+    due = await store.due(clock(), 10)
+    assert ids_of_due(due) == [urgent.id, old.id]
+    assert (due[0].task_type, due[0].queue, due[0].priority) == ("order", "critical", 9)
+    assert ids_of_due(await store.due(clock(), 1)) == [urgent.id]
+
+
+async def test_failed_ids_filters_by_ids_task_type_and_failure_time(
+    store: JobStore, clock: ManualClock
+) -> None:
+    t0 = clock()
+    early = await failed(store, clock)
+    clock.advance(60)
+    late_order = await failed(store, clock, task_type="order")
+    await add(store, clock)
+
+    async def found(flt: FailedFilter) -> set[JobId]:
+        return set(await store.failed_ids(flt, 100))
+
+    assert await found(FailedFilter()) == {early.id, late_order.id}
+    assert await found(FailedFilter(ids=[early.id])) == {early.id}
+    assert await found(FailedFilter(ids=[])) == set()
+    assert await found(FailedFilter(task_type="order")) == {late_order.id}
+    assert await found(FailedFilter(failed_after=t0 + timedelta(seconds=30))) == {late_order.id}
+    assert await found(FailedFilter(failed_before=t0 + timedelta(seconds=30))) == {early.id}
+    assert await found(FailedFilter(task_type="noop", failed_after=t0 + timedelta(seconds=30))) == set()
+
+
+async def test_events_tell_the_timeline_of_a_job(store: JobStore, clock: ManualClock) -> None:
+    row = await claimed(store, clock)
+    clock.advance(1)
+    await store.apply(lifecycle.schedule_retry(
+        row.id, row.fence, clock() + timedelta(seconds=5), "boom", None, AttemptOutcome.error,
+        clock()))
+    clock.advance(5)
+    await store.promote_due(clock())
+    (again,) = await store.claim([row.id], OWNER, clock() + LEASE)
+    clock.advance(1)
+    await complete(store, again, clock)
+    events = await store.events(row.id)
+    assert [(e.event, e.status, e.attempt) for e in events] == [
+        ("enqueued", "queued", 0), ("claimed", "running", 1), ("attempt_failed", "scheduled", 1),
+        ("due", "queued", 1), ("claimed", "running", 2), ("completed", "completed", 2),
+    ]
+    assert [e.at for e in events] == sorted(e.at for e in events)
+    assert events[-1].at == clock()
+    assert "boom" in (events[2].message or "")
+
+
+async def test_stats_count_jobs_by_status_task_type_and_owner(
+    store: JobStore, clock: ManualClock
+) -> None:
+    await add(store, clock)
+    await add(store, clock, task_type="order")
+    await claimed(store, clock)
+    stats = await store.stats()
+    assert stats.by_status[S.queued] == 2
+    assert stats.by_status[S.running] == 1
+    assert stats.by_status[S.failed] == 0
+    assert stats.by_task_type == {"noop": {"queued": 1, "running": 1}, "order": {"queued": 1}}
+    assert stats.running_owners == {OWNER: 1}
+
+
+async def test_ping_answers_while_open(store: JobStore) -> None:
+    await store.ping()

@@ -1,0 +1,166 @@
+"""What only the SQLite adapter does: group commit through one writer, its failure rules, and
+the pragmas that make an acknowledged write survive a power cut."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from carwash_jobs.errors import StoreUnavailable
+from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.store import open_store
+from carwash_jobs.store.base import NewJob
+from carwash_jobs.store.sqlite import SqliteJobStore
+from carwash_jobs.types import new_job_id
+from tests.carwash_jobs.support import OWNER, count_rows, open_sqlite
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from carwash_jobs.store.base import Tx
+    from tests.carwash_jobs.support import ManualClock
+
+
+def new_job(clock: ManualClock) -> NewJob:
+    return NewJob(id=new_job_id(), task_type="noop", payload={}, status=JobStatus.queued,
+                  run_at=clock(), created_at=clock())
+
+
+async def _create(store: SqliteJobStore, sql: str) -> None:
+    async def run(tx: Tx) -> None:
+        await tx.execute(sql)
+
+    await store.transaction(run)
+
+
+async def _rows(store: SqliteJobStore, sql: str) -> list[tuple[Any, ...]]:
+    return await store.writer.in_thread(lambda conn: conn.execute(sql).fetchall())
+
+
+def test_open_store_picks_the_sqlite_adapter_from_the_url(db_url: str) -> None:
+    assert isinstance(open_store(db_url, owner=OWNER), SqliteJobStore)
+
+
+async def test_many_concurrent_writes_share_commits(store: SqliteJobStore, clock: ManualClock) -> None:
+    before_batches, before_writes = store.writer.batches, store.writer.writes
+    results = await asyncio.gather(*(store.insert([new_job(clock)]) for _ in range(200)))
+    batches = store.writer.batches - before_batches
+    writes = store.writer.writes - before_writes
+    assert writes == 200
+    assert batches < writes
+    assert all(inserted.created for (inserted,) in results)
+    assert count_rows(f"sqlite+aiosqlite:///{store.path}") == 200
+
+
+async def test_a_failing_write_rolls_back_only_its_own_work(store: SqliteJobStore) -> None:
+    await _create(store, "CREATE TABLE notes (caller INTEGER, step INTEGER)")
+
+    async def caller(n: int) -> None:
+        async def write(tx: Tx) -> None:
+            await tx.execute("INSERT INTO notes VALUES (:n, 1)", {"n": n})
+            await tx.execute("INSERT INTO notes VALUES (:n, 2)", {"n": n})
+            if n == 3:
+                raise RuntimeError("caller 3 fails")
+
+        await store.transaction(write)
+
+    def engine_write(n: int) -> Any:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO notes VALUES (?, 1)", (n,))
+            if n == 13:
+                conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+        return store.writer.run_sync(run)
+
+    before = store.writer.batches
+    results = await asyncio.gather(
+        *(caller(n) for n in range(6)), *(engine_write(n) for n in range(10, 16)),
+        return_exceptions=True,
+    )
+    assert store.writer.batches - before == 1  # all of them went out in one commit
+    failures = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+    assert set(failures) == {3, 9}
+    assert isinstance(failures[3], RuntimeError)
+    assert isinstance(failures[9], sqlite3.OperationalError)
+    callers = {row[0] for row in await _rows(store, "SELECT caller FROM notes")}
+    assert callers == {0, 1, 2, 4, 5, 10, 11, 12, 14, 15}
+    assert len(await _rows(store, "SELECT * FROM notes WHERE caller < 10")) == 10
+
+
+async def test_a_failed_commit_fails_every_waiting_caller_and_keeps_none_of_their_writes(
+    store: SqliteJobStore, clock: ManualClock
+) -> None:
+    # A deferred foreign key is checked at COMMIT, not at the statement: one orphan row makes
+    # the whole group commit fail, a real database error in the commit itself.
+    await store.writer.in_thread(lambda conn: conn.execute("PRAGMA foreign_keys = ON"))
+    await _create(store, "CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    await _create(store, "CREATE TABLE child (parent_id INTEGER REFERENCES parent (id) "
+                         "DEFERRABLE INITIALLY DEFERRED)")
+
+    async def orphan(tx: Tx) -> None:
+        await tx.execute("INSERT INTO child VALUES (42)")
+
+    jobs = [new_job(clock) for _ in range(5)]
+    before = store.writer.batches
+    results = await asyncio.gather(
+        *(store.insert([job]) for job in jobs), store.transaction(orphan),
+        return_exceptions=True,
+    )
+    assert store.writer.batches == before  # no commit happened
+    assert all(isinstance(r, sqlite3.IntegrityError) for r in results), results
+    assert count_rows(f"sqlite+aiosqlite:///{store.path}") == 0
+    assert count_rows(f"sqlite+aiosqlite:///{store.path}", "child") == 0
+    # the writer goes on: the next write commits
+    (inserted,) = await store.insert([new_job(clock)])
+    assert (await store.get(inserted.job.id)).status == JobStatus.queued
+
+
+async def test_the_writer_runs_in_wal_mode_with_synchronous_full(store: SqliteJobStore) -> None:
+    assert await _rows(store, "PRAGMA journal_mode") == [("wal",)]
+    assert await _rows(store, "PRAGMA synchronous") == [(2,)]  # 2 = FULL
+    assert (await _rows(store, "PRAGMA busy_timeout"))[0][0] == 5000
+    plain = sqlite3.connect(store.path)  # WAL is a property of the file: others see it too
+    try:
+        assert plain.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        plain.close()
+
+
+async def test_synchronous_normal_can_be_chosen(db_url: str) -> None:
+    store = await open_sqlite(db_url, synchronous="NORMAL")
+    try:
+        assert await _rows(store, "PRAGMA synchronous") == [(1,)]
+    finally:
+        await store.close()
+
+
+async def test_an_acknowledged_insert_is_there_for_the_next_process(
+    db_url: str, clock: ManualClock
+) -> None:
+    store = await open_sqlite(db_url, clock=clock)
+    job = new_job(clock)
+    await store.insert([job])
+    await store.close()
+    reopened = await open_sqlite(db_url, clock=clock)
+    try:
+        assert (await reopened.get(job.id)).id == job.id
+    finally:
+        await reopened.close()
+
+
+async def test_opening_a_missing_database_says_to_run_the_upgrade(tmp_path: Path) -> None:
+    store = SqliteJobStore(f"sqlite+aiosqlite:///{tmp_path / 'none.db'}", owner=OWNER)
+    with pytest.raises(StoreUnavailable, match="carwash-jobs db upgrade"):
+        await store.open()
+
+
+async def test_a_closed_store_refuses_reads_and_writes(db_url: str, clock: ManualClock) -> None:
+    store = await open_sqlite(db_url, clock=clock)
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await store.ping()
+    with pytest.raises(RuntimeError, match="not open"):
+        await store.insert([new_job(clock)])

@@ -1,0 +1,233 @@
+"""Helpers shared by the engine tests: a clock the test moves, tiny task types, and a harness
+that wires a real SQLite store, a JobQueue and a QueueProcessor the way the Runtime does."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field
+
+from carwash_jobs.processor import ProcessorConfig, QueueProcessor
+from carwash_jobs.queue import EnqueueOptions, JobQueue
+from carwash_jobs.ready import QueueMode, ReadyQueue
+from carwash_jobs.registry import AnyTaskType, TaskHooks, TaskOptions, TaskRegistry, TaskType
+from carwash_jobs.retry import RetryPolicy
+from carwash_jobs.scheduler import Scheduler
+from carwash_jobs.store.sqlite import SqliteJobStore
+from carwash_jobs.types import Clock, JobId, utc_now
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
+
+    from carwash_jobs.context import JobContext
+    from carwash_jobs.middleware import Middleware
+    from carwash_jobs.registry import Handler
+    from carwash_jobs.store.base import JobRow
+
+OWNER = "test-host/1/0/owner"
+
+
+class ManualClock:
+    """A Clock that moves only when the test says so (whole seconds, so run_at is exact)."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = (start or datetime.now(UTC)).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
+# -- payloads and task types defined for the tests ------------------------------------------
+class Item(BaseModel):
+    label: str = ""
+    n: int = 0
+
+
+class Line(BaseModel):
+    sku: str = Field(min_length=1)
+    qty: int = Field(gt=0)
+
+
+class Order(BaseModel):
+    customer_id: int
+    lines: list[Line] = Field(min_length=1)
+
+
+#: retries a few milliseconds apart: processor tests run them on the real clock
+FAST_RETRY = RetryPolicy(base_seconds=0.01, factor=2.0, max_seconds=0.2, jitter=0.0)
+
+
+async def noop(ctx: JobContext, payload: Item) -> dict[str, Any]:
+    return {"label": payload.label, "n": payload.n, "attempt": ctx.attempt}
+
+
+async def place_order(ctx: JobContext, payload: Order) -> dict[str, Any]:
+    return {"lines": len(payload.lines)}
+
+
+NOOP: AnyTaskType = TaskType("noop", Item, noop, options=TaskOptions(retry=FAST_RETRY))
+ORDER: AnyTaskType = TaskType("order", Order, place_order, slug="orders")
+#: what TaskRegistry.load finds when it imports this module
+TASK_TYPE = NOOP
+
+
+def task_type(
+    name: str,
+    handler: Handler[Item, Any],
+    *,
+    hooks: TaskHooks | None = None,
+    **options: Any,
+) -> AnyTaskType:
+    """A test task type taking an Item; options default to fast retries."""
+    opts = TaskOptions(**{"retry": FAST_RETRY, **options})
+    return TaskType(name, Item, handler, options=opts, hooks=hooks or TaskHooks())
+
+
+def registry_with(*extra: AnyTaskType) -> TaskRegistry:
+    return TaskRegistry([NOOP, ORDER, *extra])
+
+
+# -- databases ------------------------------------------------------------------------------
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def copy_database(template: Path, path: Path) -> str:
+    """Copy a migrated (closed, checkpointed) SQLite file; returns the copy's URL."""
+    shutil.copyfile(template, path)
+    return sqlite_url(path)
+
+
+async def open_sqlite(url: str, *, owner: str = OWNER, clock: Clock = utc_now,
+                      synchronous: str = "FULL") -> SqliteJobStore:
+    store = SqliteJobStore(url, owner=owner, clock=clock, synchronous=synchronous)
+    await store.open()
+    return store
+
+
+def count_rows(url: str, table: str = "worker_queue") -> int:
+    """Rows in a table, read on a connection of its own (what another process would see)."""
+    conn = sqlite3.connect(url.removeprefix("sqlite+aiosqlite:///"))
+    try:
+        (n,) = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+        return int(n)
+    finally:
+        conn.close()
+
+
+def outcomes(job: JobRow) -> list[str]:
+    return [entry["outcome"] for entry in job.attempt_history]
+
+
+# -- a wired engine -------------------------------------------------------------------------
+@dataclass
+class Harness:
+    """Store, queue, processor and scheduler as the Runtime wires them; the scheduler's duties
+    are called directly by tests (never started), the processor's heartbeat too."""
+
+    store: SqliteJobStore
+    queue: JobQueue
+    processor: QueueProcessor
+    scheduler: Scheduler
+    clock: Clock
+    started: bool = False
+
+    async def start(self) -> None:
+        await self.processor.start()
+        self.started = True
+
+    async def enqueue(self, task_type: str = "noop", payload: Mapping[str, Any] | None = None,
+                      **options: Any) -> JobRow:
+        inserted = await self.queue.enqueue(task_type, payload or {}, EnqueueOptions(**options))
+        return inserted.job
+
+    async def get(self, job_id: JobId) -> JobRow:
+        return await self.store.get(job_id)
+
+    def rows(self, table: str = "worker_queue") -> int:
+        return count_rows(sqlite_url(self.store.path), table)
+
+    async def run_until_idle(self, within: float = 10.0, *, include_timers: bool = False) -> None:
+        await self.processor.run_until_idle(within, include_timers=include_timers)
+
+    async def close(self) -> None:
+        if self.started:
+            await self.processor.stop()
+            self.started = False
+        self.queue.close()
+        await self.store.close()
+
+
+@dataclass
+class Harnesses:
+    """Makes harnesses on one database file and closes them all at the end of a test."""
+
+    url: str
+    made: list[Harness] = field(default_factory=list)
+
+    async def make(
+        self,
+        *task_types: AnyTaskType,
+        clock: Clock = utc_now,
+        start: bool = True,
+        owner: str = OWNER,
+        store: SqliteJobStore | None = None,
+        concurrency: int = 4,
+        lease: timedelta = timedelta(seconds=60),
+        shutdown_grace: timedelta = timedelta(seconds=0.1),
+        middleware: Sequence[Middleware] = (),
+        queue_mode: QueueMode = "weighted",
+        weights: Mapping[str, int] | None = None,
+    ) -> Harness:
+        if store is None:  # a store passed in is opened by the test, closed by the harness
+            store = await open_sqlite(self.url, owner=owner, clock=clock)
+        ready = ReadyQueue(queue_mode, weights)
+        queue = JobQueue(store, registry_with(*task_types), ready=ready, clock=clock)
+        processor = QueueProcessor(
+            queue, owner=owner, clock=clock,
+            config=ProcessorConfig(
+                concurrency=concurrency, lease=lease,
+                # never fires by itself in a test: tests call processor.heartbeat()
+                heartbeat_interval=timedelta(hours=1),
+                shutdown_grace=shutdown_grace, middleware=middleware,
+            ),
+        )
+        scheduler = Scheduler(queue, clock=clock, reload_interval=timedelta(hours=1),
+                              lease_check_interval=timedelta(hours=1))
+        harness = Harness(store, queue, processor, scheduler, clock)
+        self.made.append(harness)
+        if start:
+            await harness.start()
+        return harness
+
+    async def close_all(self) -> None:
+        for harness in reversed(self.made):
+            await harness.close()
+        self.made.clear()
+
+
+class Gate:
+    """Lets a test hold handlers inside their run and release them when it chooses."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.inside = 0
+
+    async def hold(self) -> None:
+        self.inside += 1
+        self.entered.set()
+        try:
+            await self.release.wait()
+        finally:
+            self.inside -= 1

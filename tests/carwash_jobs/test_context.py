@@ -1,0 +1,159 @@
+"""Tests for carwash_jobs/context.py: what a handler may touch, against a real claimed row."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from carwash_jobs import lifecycle
+from carwash_jobs.context import AttemptState, JobContext, JobLogger
+from carwash_jobs.errors import InvalidPayload, LeaseLost, UnknownTaskType
+from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.queue import EnqueueOptions
+from tests.carwash_jobs.support import OWNER
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from carwash_jobs.store.base import JobRow, NewJob, Tx
+    from tests.carwash_jobs.support import Harness, Harnesses, ManualClock
+
+LEASE = timedelta(seconds=60)
+
+
+@pytest.fixture
+async def idle(harnesses: Harnesses, clock: ManualClock) -> Harness:
+    return await harnesses.make(clock=clock, start=False)
+
+
+async def running_job(h: Harness, clock: ManualClock) -> JobRow:
+    job = await h.enqueue()
+    (row,) = await h.store.claim([job.id], OWNER, clock() + LEASE)
+    return row
+
+
+def make_context(h: Harness, row: JobRow) -> JobContext:
+    def build(task_type: str, payload: Mapping[str, Any], options: Mapping[str, Any]) -> NewJob:
+        return h.queue.build(task_type, payload, EnqueueOptions.from_mapping(options))
+
+    state = AttemptState(h.store, row.fence, build)
+    logger = JobLogger(logging.getLogger("test"), {"job_id": row.id, "task_type": row.task_type,
+                                                   "attempt": row.attempts})
+    return JobContext(job_id=row.id, attempt=row.attempts, task_type=row.task_type,
+                      logger=logger, checkpoint=row.checkpoint, context=row.context or {},
+                      job=row, services={}, _state=state)
+
+
+async def test_progress_is_written_for_the_running_attempt(idle: Harness, clock: ManualClock) -> None:
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    await ctx.progress(3, 10)
+    job = await idle.get(row.id)
+    assert (job.progress_done, job.progress_total) == (3, 10)
+
+
+async def test_frequent_progress_is_coalesced_but_the_final_count_always_goes_out(
+    idle: Harness, clock: ManualClock
+) -> None:
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    writes_before = idle.store.writer.writes
+    for done in range(1, 50):
+        await ctx.progress(done, 50)
+    assert idle.store.writer.writes - writes_before == 1  # the first; the rest came too soon
+    await ctx.progress(50, 50)
+    assert idle.store.writer.writes - writes_before == 2
+    job = await idle.get(row.id)
+    assert (job.progress_done, job.progress_total) == (50, 50)
+
+
+async def test_a_saved_checkpoint_is_stored_on_the_row(idle: Harness, clock: ManualClock) -> None:
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    await ctx.save_checkpoint({"cursor": "2030-01-01", "chunk": 4}, done=40, total=100)
+    job = await idle.get(row.id)
+    assert job.checkpoint == {"cursor": "2030-01-01", "chunk": 4}
+    assert (job.progress_done, job.progress_total) == (40, 100)
+
+
+async def test_writing_after_the_lease_was_lost_raises_lease_lost_and_marks_cancelled(
+    idle: Harness, clock: ManualClock
+) -> None:
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    assert not ctx.cancelled()
+    await idle.store.apply(lifecycle.cancel(row.id, clock()))
+    with pytest.raises(LeaseLost):
+        await ctx.save_checkpoint({"cursor": 1})
+    assert ctx.cancelled()
+    assert (await idle.get(row.id)).checkpoint is None
+
+
+async def test_enqueue_only_collects_the_follow_up_for_the_completion(
+    idle: Harness, clock: ManualClock
+) -> None:
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    follow_up_id = ctx.enqueue("noop", {"label": "next"}, priority=2)
+    assert [job.id for job in ctx._state.follow_ups] == [follow_up_id]
+    assert ctx._state.follow_ups[0].priority == 2
+    assert idle.rows() == 1  # nothing written yet: it is inserted with the completion
+
+
+async def test_enqueue_validates_the_follow_up_at_once(idle: Harness, clock: ManualClock) -> None:
+    ctx = make_context(idle, await running_job(idle, clock))
+    with pytest.raises(InvalidPayload) as caught:
+        ctx.enqueue("order", {"customer_id": "x", "lines": []})
+    assert caught.value.field == "customer_id"
+    with pytest.raises(InvalidPayload):
+        ctx.enqueue("noop", {}, prioritty=1)
+    with pytest.raises(UnknownTaskType):
+        ctx.enqueue("nope", {})
+
+
+async def test_transaction_runs_domain_writes_now(idle: Harness, clock: ManualClock) -> None:
+    ctx = make_context(idle, await running_job(idle, clock))
+
+    async def write(tx: Tx) -> int:
+        await tx.execute("CREATE TABLE sent (recipient TEXT)")
+        return await tx.execute("INSERT INTO sent VALUES ('a@example.com')")
+
+    assert await ctx.transaction(write) == 1
+    assert idle.rows("sent") == 1
+
+
+async def test_on_complete_only_registers_the_final_write(idle: Harness, clock: ManualClock) -> None:
+    ctx = make_context(idle, await running_job(idle, clock))
+
+    async def final(tx: Tx) -> None:
+        raise AssertionError("not run by on_complete itself")
+
+    ctx.on_complete(final)
+    assert ctx._state.finalizers == [final]
+
+
+def test_the_job_logger_prefixes_lines_and_passes_the_fields_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = JobLogger(logging.getLogger("carwash.test"),
+                       {"job_id": "j1", "task_type": "email", "attempt": 2})
+    with caplog.at_level(logging.INFO, logger="carwash.test"):
+        logger.info("sent %d", 5, extra={"chunk": 1})
+    (record,) = caplog.records
+    assert record.getMessage() == "[j1 email#2] sent 5"
+    assert (record.job_id, record.attempt, record.chunk) == ("j1", 2, 1)  # type: ignore[attr-defined]
+
+
+async def test_the_context_exposes_the_row_and_the_enqueuers_context(
+    idle: Harness, clock: ManualClock
+) -> None:
+    job = await idle.enqueue(context={"requested_by": "admin"})
+    (row,) = await idle.store.claim([job.id], OWNER, clock() + LEASE)
+    ctx = make_context(idle, row)
+    assert ctx.context == {"requested_by": "admin"}
+    assert (ctx.job_id, ctx.attempt, ctx.task_type) == (row.id, 1, "noop")
+    assert ctx.checkpoint is None
+    assert ctx.job.status == JobStatus.running

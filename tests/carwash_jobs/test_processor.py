@@ -1,0 +1,862 @@
+"""Tests for carwash_jobs/processor.py: claim -> execute -> record, end to end on a real SQLite
+file. Tests run the processor until idle; where a handler must be held inside its run, a Gate
+holds it and the test awaits the gate's event, never a sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from carwash_jobs import lifecycle
+from carwash_jobs.errors import IllegalTransition, JobNotFound, PermanentError, RetryLater
+from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
+from carwash_jobs.registry import TaskHooks
+from carwash_jobs.retry import RetryPolicy
+from carwash_jobs.store.base import DueJob, FailedFilter
+from carwash_jobs.store.sqlite import SqliteJobStore
+from tests.carwash_jobs.support import OWNER, Gate, Item, ManualClock, outcomes, task_type
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from carwash_jobs.context import JobContext
+    from carwash_jobs.middleware import CallNext
+    from carwash_jobs.store.base import JobRow, Tx
+    from carwash_jobs.types import JobId
+    from tests.carwash_jobs.support import Harness, Harnesses
+
+S = JobStatus
+OTHER_OWNER = "other-host/2/0/b"
+
+
+async def wait_for(event: asyncio.Event, seconds: float = 5.0) -> None:
+    async with asyncio.timeout(seconds):
+        await event.wait()
+
+
+async def events_of(h: Harness, job_id: JobId) -> list[str]:
+    return [e.event for e in await h.store.events(job_id)]
+
+
+# -- the straight line ----------------------------------------------------------------------
+async def test_an_enqueued_job_runs_to_completed_with_result_progress_and_timeline(
+    harnesses: Harnesses,
+) -> None:
+    async def handle(ctx: JobContext, payload: Item) -> dict[str, Any]:
+        await ctx.progress(1, 2)
+        await ctx.progress(2, 2)
+        return {"washed": payload.n}
+
+    h = await harnesses.make(task_type("wash", handle))
+    job = await h.enqueue("wash", {"n": 3})
+    await h.run_until_idle()
+    done = await h.get(job.id)
+    assert done.status == S.completed
+    assert done.result == {"washed": 3}
+    assert (done.progress_done, done.progress_total) == (2, 2)
+    assert done.started_at is not None
+    assert done.finished_at is not None
+    assert done.created_at <= done.started_at <= done.finished_at
+    assert (done.attempts, done.error, done.lease_owner) == (1, None, None)
+    assert outcomes(done) == ["completed"]
+    assert await events_of(h, job.id) == ["enqueued", "claimed", "completed"]
+
+
+async def test_a_failing_handler_is_retried_with_growing_delays_then_failed_with_its_traceback(
+    harnesses: Harnesses, clock: ManualClock
+) -> None:
+    calls: list[int] = []
+
+    async def always_fails(ctx: JobContext, payload: Item) -> None:
+        calls.append(ctx.attempt)
+        raise ValueError(f"attempt {ctx.attempt} failed")
+
+    # delays beyond the in-process timer horizon: only the reload brings the job back, when
+    # the test has moved the clock
+    policy = RetryPolicy(base_seconds=400, factor=2.0, max_seconds=100_000, jitter=0.1)
+    h = await harnesses.make(task_type("flaky", always_fails, max_attempts=3, retry=policy),
+                             clock=clock)
+    job = await h.enqueue("flaky")
+    gaps: list[float] = []
+    for _ in range(10):
+        await h.run_until_idle()
+        row = await h.get(job.id)
+        if row.status != S.scheduled:
+            break
+        assert h.queue.timers == 0
+        gap = (row.run_at - clock()).total_seconds()
+        gaps.append(gap)
+        clock.advance(gap - 1)
+        assert await h.scheduler.reload() == 0  # not due a second early
+        clock.advance(1)
+        assert await h.scheduler.reload() == 1
+    assert calls == [1, 2, 3]
+    assert 360 <= gaps[0] <= 440
+    assert 720 <= gaps[1] <= 880
+    assert gaps[1] > gaps[0]
+
+    failed = await h.get(job.id)
+    assert (failed.status, failed.attempts, failed.max_attempts) == (S.failed, 3, 3)
+    assert failed.error == "ValueError: attempt 3 failed"
+    assert failed.error_traceback is not None
+    assert "Traceback" in failed.error_traceback
+    assert "raise ValueError" in failed.error_traceback
+    assert [(e["attempt"], e["outcome"]) for e in failed.attempt_history] == [
+        (1, "error"), (2, "error"), (3, "error")
+    ]
+    # attempts never exceed max_attempts: nothing brings a failed job back by itself
+    clock.advance(100_000)
+    assert await h.scheduler.reload() == 0
+    await h.run_until_idle()
+    assert (await h.get(job.id)).attempts == 3
+    assert calls == [1, 2, 3]
+
+
+async def test_retries_on_in_process_timers_until_the_handler_succeeds(harnesses: Harnesses) -> None:
+    async def third_time_lucky(ctx: JobContext, payload: Item) -> int:
+        if ctx.attempt < 3:
+            raise ConnectionError("POS database unreachable")
+        return ctx.attempt
+
+    h = await harnesses.make(task_type("pos", third_time_lucky, max_attempts=5))
+    job = await h.enqueue("pos")
+    await h.run_until_idle(include_timers=True)
+    done = await h.get(job.id)
+    assert (done.status, done.result, done.attempts) == (S.completed, 3, 3)
+    assert outcomes(done) == ["error", "error", "completed"]
+    assert done.error is None
+
+
+async def test_a_delayed_job_is_scheduled_then_runs_when_due(harnesses: Harnesses) -> None:
+    h = await harnesses.make()
+    job = await h.enqueue(delay_seconds=0.2)
+    assert job.status == S.scheduled
+    assert (await h.get(job.id)).status == S.scheduled
+    assert h.queue.timers == 1
+    await h.run_until_idle(include_timers=True)
+    done = await h.get(job.id)
+    assert done.status == S.completed
+    assert done.started_at is not None
+    assert done.started_at >= job.run_at
+
+
+async def test_higher_priority_runs_first_and_fifo_within_a_priority(harnesses: Harnesses) -> None:
+    ran: list[str] = []
+
+    async def record(ctx: JobContext, payload: Item) -> None:
+        ran.append(payload.label)
+
+    h = await harnesses.make(task_type("rec", record), concurrency=1, start=False)
+    for label, priority in [("a", 0), ("b", 5), ("c", 0), ("d", 5), ("e", 9), ("f", 0)]:
+        await h.enqueue("rec", {"label": label}, priority=priority)
+    await h.start()
+    await h.run_until_idle()
+    assert ran == ["e", "b", "d", "a", "c", "f"]
+
+
+async def test_strict_priority_mode_serves_the_higher_ranked_queue_first(
+    harnesses: Harnesses,
+) -> None:
+    ran: list[str] = []
+
+    async def record(ctx: JobContext, payload: Item) -> None:
+        ran.append(payload.label)
+
+    h = await harnesses.make(task_type("rec", record), concurrency=1, start=False,
+                             queue_mode="priority", weights={"critical": 10, "default": 1})
+    await h.enqueue("rec", {"label": "bulk-1"}, queue="default", priority=9)
+    await h.enqueue("rec", {"label": "urgent-1"}, queue="critical")
+    await h.enqueue("rec", {"label": "urgent-2"}, queue="critical")
+    await h.start()
+    await h.run_until_idle()
+    assert ran == ["urgent-1", "urgent-2", "bulk-1"]
+
+
+# -- dependencies ---------------------------------------------------------------------------
+async def test_a_fan_in_job_waits_until_both_dependencies_completed(harnesses: Harnesses) -> None:
+    gate = Gate()
+    ran: list[str] = []
+
+    async def step(ctx: JobContext, payload: Item) -> None:
+        if payload.label == "A":
+            await gate.hold()
+        ran.append(payload.label)
+
+    h = await harnesses.make(task_type("step", step))
+    a = await h.enqueue("step", {"label": "A"})
+    b = await h.enqueue("step", {"label": "B"})
+    c = await h.enqueue("step", {"label": "C"}, depends_on=[a.id, b.id])
+    assert c.status == S.waiting
+    await wait_for(gate.entered)
+    assert (await h.get(c.id)).status == S.waiting
+    gate.release.set()
+    await h.run_until_idle()
+    assert ran[-1] == "C"
+    assert sorted(ran) == ["A", "B", "C"]
+    rows = {row.id: row for row in await h.store.get_many([a.id, b.id, c.id])}
+    c_started = rows[c.id].started_at
+    assert c_started is not None
+    for dep in (a.id, b.id):
+        finished = rows[dep].finished_at
+        assert finished is not None
+        assert c_started >= finished
+    assert rows[c.id].status == S.completed
+    assert await events_of(h, c.id) == ["enqueued", "dependencies_met", "claimed", "completed"]
+
+
+async def test_a_failed_dependency_cancels_the_waiting_jobs_in_cascade(harnesses: Harnesses) -> None:
+    ran: list[str] = []
+
+    async def step(ctx: JobContext, payload: Item) -> None:
+        ran.append(payload.label)
+        if payload.label == "A":
+            raise PermanentError("customer file is corrupt")
+
+    h = await harnesses.make(task_type("step", step))
+    a = await h.enqueue("step", {"label": "A"})
+    c = await h.enqueue("step", {"label": "C"}, depends_on=[a.id])
+    d = await h.enqueue("step", {"label": "D"}, depends_on=[c.id])
+    await h.run_until_idle()
+    assert ran == ["A"]
+    c_row, d_row = await h.get(c.id), await h.get(d.id)
+    assert (c_row.status, c_row.error) == (S.cancelled, f"dependency {a.id} ended failed")
+    assert (d_row.status, d_row.error) == (S.cancelled, f"dependency {c.id} ended cancelled")
+
+
+# -- cancel ---------------------------------------------------------------------------------
+async def test_cancelling_a_running_job_cancels_its_handler_and_records_the_attempt(
+    harnesses: Harnesses,
+) -> None:
+    gate = Gate()
+    seen: list[str] = []
+
+    async def long_run(ctx: JobContext, payload: Item) -> str:
+        try:
+            await gate.hold()
+        except asyncio.CancelledError:
+            seen.append(f"cancelled; ctx.cancelled()={ctx.cancelled()}")
+            raise
+        return "finished"
+
+    h = await harnesses.make(task_type("long", long_run))
+    job = await h.enqueue("long")
+    await wait_for(gate.entered)
+    running = await h.get(job.id)
+    cancelled = await h.queue.cancel(job.id)
+    assert cancelled.status == S.cancelled
+    await h.run_until_idle()
+    assert seen == ["cancelled; ctx.cancelled()=True"]
+    row = await h.get(job.id)
+    assert (row.status, row.result, row.error) == (S.cancelled, None, "cancelled by request")
+    assert [(e["attempt"], e["outcome"]) for e in row.attempt_history] == [(1, "cancelled")]
+    # a late outcome of that attempt is refused
+    with pytest.raises(IllegalTransition):
+        await h.store.apply(lifecycle.complete(job.id, running.fence, "late", h.clock()))
+
+
+async def test_a_handler_that_ignores_its_cancellation_cannot_complete_the_job(
+    harnesses: Harnesses,
+) -> None:
+    gate = Gate()
+
+    async def stubborn(ctx: JobContext, payload: Item) -> str:
+        try:
+            await gate.hold()
+        except asyncio.CancelledError:
+            return "done anyway"
+        return "done"
+
+    h = await harnesses.make(task_type("stubborn", stubborn))
+    job = await h.enqueue("stubborn")
+    await wait_for(gate.entered)
+    await h.queue.cancel(job.id)
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert (row.status, row.result) == (S.cancelled, None)
+    assert outcomes(row) == ["cancelled"]
+
+
+# -- retry-failed and rerun -----------------------------------------------------------------
+async def test_retry_failed_runs_a_failed_job_again_with_fresh_attempts(harnesses: Harnesses) -> None:
+    attempts_seen: list[int] = []
+
+    async def fails_once(ctx: JobContext, payload: Item) -> str:
+        attempts_seen.append(ctx.attempt)
+        if len(attempts_seen) == 1:
+            raise RuntimeError("SMTP refused")
+        return "sent"
+
+    h = await harnesses.make(task_type("mail", fails_once, max_attempts=1))
+    job = await h.enqueue("mail")
+    await h.run_until_idle()
+    assert (await h.get(job.id)).status == S.failed
+    assert await h.queue.retry_failed(FailedFilter(task_type="mail")) == [job.id]
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert (row.status, row.result, row.attempts) == (S.completed, "sent", 1)
+    assert attempts_seen == [1, 1]
+    assert outcomes(row) == ["error", "completed"]
+
+
+async def test_rerun_of_a_completed_job_runs_a_new_job(harnesses: Harnesses) -> None:
+    h = await harnesses.make()
+    job = await h.enqueue("noop", {"label": "report"})
+    await h.run_until_idle()
+    rerun = await h.queue.rerun(job.id)
+    await h.run_until_idle()
+    row = await h.get(rerun.id)
+    assert (row.status, row.rerun_of) == (S.completed, job.id)
+    assert row.result == {"label": "report", "n": 0, "attempt": 1}
+
+
+# -- outcomes: timeout, RetryLater, PermanentError ------------------------------------------
+async def test_a_handler_past_its_timeout_is_stopped_recorded_as_timeout_and_retried(
+    harnesses: Harnesses,
+) -> None:
+    started: list[int] = []
+
+    async def hangs(ctx: JobContext, payload: Item) -> None:
+        started.append(ctx.attempt)
+        await asyncio.Event().wait()
+
+    h = await harnesses.make(task_type("hang", hangs, max_attempts=2,
+                                       timeout=timedelta(milliseconds=30)))
+    job = await h.enqueue("hang")
+    await h.run_until_idle(include_timers=True)
+    row = await h.get(job.id)
+    assert started == [1, 2]
+    assert (row.status, row.attempts) == (S.failed, 2)
+    assert outcomes(row) == ["timeout", "timeout"]
+    assert (row.error or "").startswith("timed out after")
+
+
+async def test_a_timeout_error_raised_by_the_handler_itself_is_an_error_not_a_timeout(
+    harnesses: Harnesses,
+) -> None:
+    async def smtp_silent(ctx: JobContext, payload: Item) -> None:
+        raise TimeoutError("SMTP server did not answer")
+
+    h = await harnesses.make(task_type("smtp", smtp_silent, max_attempts=1,
+                                       timeout=timedelta(minutes=5)))
+    job = await h.enqueue("smtp")
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert (row.status, outcomes(row)) == (S.failed, ["error"])
+    assert row.error == "TimeoutError: SMTP server did not answer"
+    assert "smtp_silent" in (row.error_traceback or "")
+
+
+async def test_retry_later_sets_the_next_run_at_and_counts_the_attempt(
+    harnesses: Harnesses, clock: ManualClock
+) -> None:
+    async def rate_limited(ctx: JobContext, payload: Item) -> str:
+        if ctx.attempt == 1:
+            raise RetryLater(1000, "SMTP rate limit")
+        return "sent"
+
+    h = await harnesses.make(task_type("mail", rate_limited, max_attempts=3), clock=clock)
+    job = await h.enqueue("mail")
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert (row.status, row.attempts) == (S.scheduled, 1)
+    assert row.run_at == clock() + timedelta(seconds=1000)
+    assert row.error == "SMTP rate limit"
+    clock.advance(1000)
+    await h.scheduler.reload()
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert (row.status, row.attempts, row.result) == (S.completed, 2, "sent")
+    assert outcomes(row) == ["error", "completed"]
+
+
+async def test_retry_later_without_counting_never_uses_up_the_attempts(
+    harnesses: Harnesses, clock: ManualClock
+) -> None:
+    seen: list[int] = []
+
+    async def throttled(ctx: JobContext, payload: Item) -> str:
+        seen.append(ctx.attempt)
+        if len(seen) <= 3:
+            raise RetryLater(1000, "quota", count_attempt=False)
+        return "ok"
+
+    h = await harnesses.make(task_type("quota", throttled, max_attempts=1), clock=clock)
+    job = await h.enqueue("quota")
+    for _ in range(3):
+        await h.run_until_idle()
+        row = await h.get(job.id)
+        assert (row.status, row.attempts) == (S.scheduled, 0)
+        clock.advance(1000)
+        await h.scheduler.reload()
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert (row.status, row.attempts) == (S.completed, 1)
+    assert seen == [1, 1, 1, 1]
+    assert outcomes(row) == ["throttled", "throttled", "throttled", "completed"]
+
+
+async def test_retry_later_on_the_last_attempt_fails_the_job(harnesses: Harnesses) -> None:
+    async def later(ctx: JobContext, payload: Item) -> None:
+        raise RetryLater(0.01, "still busy")
+
+    h = await harnesses.make(task_type("later", later, max_attempts=2))
+    job = await h.enqueue("later")
+    await h.run_until_idle(include_timers=True)
+    row = await h.get(job.id)
+    assert (row.status, row.attempts, row.error) == (S.failed, 2, "still busy")
+
+
+async def test_a_permanent_error_fails_the_job_at_once_keeping_error_and_traceback(
+    harnesses: Harnesses,
+) -> None:
+    async def bad_input(ctx: JobContext, payload: Item) -> None:
+        raise PermanentError("recipient list is empty")
+
+    h = await harnesses.make(task_type("bad", bad_input, max_attempts=5))
+    job = await h.enqueue("bad")
+    await h.run_until_idle(include_timers=True)
+    row = await h.get(job.id)
+    assert (row.status, row.attempts) == (S.failed, 1)
+    assert row.error == "PermanentError: recipient list is empty"
+    assert "PermanentError" in (row.error_traceback or "")
+    assert outcomes(row) == ["error"]
+
+
+# -- leases ---------------------------------------------------------------------------------
+async def _take_over(h: Harness, job_id: JobId, clock: ManualClock) -> JobRow:
+    """Another process finds the lease of `job_id` expired, re-queues it and claims it."""
+    clock.advance(61)
+    (expired,) = await h.store.expired_leases(clock(), 10)
+    await h.store.apply(lifecycle.release_expired_lease(
+        expired.id, expired.fence, expired.attempts, expired.max_attempts, clock()))
+    (row,) = await h.store.claim([job_id], OTHER_OWNER, clock() + timedelta(seconds=60))
+    return row
+
+
+async def test_a_worker_that_lost_its_lease_cannot_record_over_the_newer_attempt(
+    harnesses: Harnesses, clock: ManualClock
+) -> None:
+    gate = Gate()
+
+    async def slow(ctx: JobContext, payload: Item) -> str:
+        await gate.hold()
+        return f"from attempt {ctx.attempt}"
+
+    h = await harnesses.make(task_type("slow", slow), clock=clock)
+    job = await h.enqueue("slow")
+    await wait_for(gate.entered)
+    newer = await _take_over(h, job.id, clock)
+    gate.release.set()  # the old attempt finishes and tries to record its outcome
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert row == newer  # untouched: still running attempt 2 of the other worker
+    assert outcomes(row) == ["worker_lost"]
+    done = await h.store.apply(lifecycle.complete(job.id, newer.fence, "from attempt 2", clock()))
+    assert done.job.result == "from attempt 2"
+
+
+async def test_heartbeat_extends_the_leases_of_running_jobs(
+    harnesses: Harnesses, clock: ManualClock
+) -> None:
+    gate = Gate()
+
+    async def slow(ctx: JobContext, payload: Item) -> None:
+        await gate.hold()
+
+    h = await harnesses.make(task_type("slow", slow), clock=clock)
+    job = await h.enqueue("slow")
+    await wait_for(gate.entered)
+    assert (await h.get(job.id)).lease_until == clock() + timedelta(seconds=60)
+    clock.advance(45)
+    await h.processor.heartbeat()
+    assert (await h.get(job.id)).lease_until == clock() + timedelta(seconds=60)
+    clock.advance(45)  # past the first lease: still held thanks to the heartbeat
+    assert await h.store.expired_leases(clock(), 10) == []
+    gate.release.set()
+    await h.run_until_idle()
+    assert (await h.get(job.id)).status == S.completed
+
+
+async def test_a_heartbeat_that_finds_its_lease_gone_stops_the_handler(
+    harnesses: Harnesses, clock: ManualClock
+) -> None:
+    gate = Gate()
+    stopped = asyncio.Event()
+
+    async def slow(ctx: JobContext, payload: Item) -> None:
+        try:
+            await gate.hold()
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    h = await harnesses.make(task_type("slow", slow), clock=clock)
+    job = await h.enqueue("slow")
+    await wait_for(gate.entered)
+    newer = await _take_over(h, job.id, clock)
+    await h.processor.heartbeat()
+    await wait_for(stopped)
+    await h.run_until_idle()
+    assert h.processor.running_ids == []
+    assert await h.get(job.id) == newer
+
+
+async def test_a_lease_expired_and_reclaimed_by_the_same_process_stops_the_old_attempt(
+    harnesses: Harnesses, clock: ManualClock
+) -> None:
+    gates = {1: Gate(), 2: Gate()}
+    stopped: list[int] = []
+
+    async def slow(ctx: JobContext, payload: Item) -> str:
+        try:
+            await gates[ctx.attempt].hold()
+        except asyncio.CancelledError:
+            stopped.append(ctx.attempt)
+            raise
+        return f"attempt {ctx.attempt}"
+
+    h = await harnesses.make(task_type("slow", slow), clock=clock)
+    job = await h.enqueue("slow")
+    await wait_for(gates[1].entered)
+    clock.advance(61)  # the loop was held too long: the heartbeat could not renew the lease
+    assert await h.scheduler.release_expired_leases() == 1
+    await wait_for(gates[2].entered)  # this process claimed it again: attempt 2
+    assert stopped == [1]  # the old attempt lost the job and was stopped
+    assert h.processor.running_ids == [job.id]
+    gates[2].release.set()
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert (row.status, row.result) == (S.completed, "attempt 2")
+    assert outcomes(row) == ["worker_lost", "completed"]
+
+
+class HeartbeatFailingStore(SqliteJobStore):
+    """The one test double of this suite: a real SqliteJobStore whose lease-extending write
+    fails while `broken` is set. No real database fault can make only the heartbeat's write
+    fail simply (closing the connection would fail the claims and outcomes too)."""
+
+    broken = False
+
+    async def extend_leases(
+        self, owner: str, ids: Sequence[JobId], lease_until: Any
+    ) -> set[JobId]:
+        if self.broken:
+            raise sqlite3.OperationalError("disk I/O error")
+        return await super().extend_leases(owner, ids, lease_until)
+
+
+async def test_while_heartbeat_writes_fail_the_processor_claims_nothing_new(
+    harnesses: Harnesses, db_url: str
+) -> None:
+    gate = Gate()
+
+    async def slow(ctx: JobContext, payload: Item) -> None:
+        await gate.hold()
+
+    store = HeartbeatFailingStore(db_url, owner=OWNER)
+    await store.open()
+    h = await harnesses.make(task_type("slow", slow), store=store)
+    first = await h.enqueue("slow")
+    await wait_for(gate.entered)
+    store.broken = True
+    await h.processor.heartbeat()
+    second = await h.enqueue("noop")
+    # nothing may happen now: give the processor a bounded chance to (wrongly) claim
+    with pytest.raises(TimeoutError):
+        await h.run_until_idle(within=0.3)
+    assert (await h.get(second.id)).status == S.queued
+    store.broken = False
+    await h.processor.heartbeat()
+    gate.release.set()
+    await h.run_until_idle()
+    assert (await h.get(second.id)).status == S.completed
+    assert (await h.get(first.id)).status == S.completed
+
+
+# -- graceful stop --------------------------------------------------------------------------
+async def test_stop_gives_unfinished_jobs_back_without_counting_the_attempt(
+    harnesses: Harnesses,
+) -> None:
+    gate = Gate()
+    stopped = asyncio.Event()
+
+    async def slow(ctx: JobContext, payload: Item) -> None:
+        try:
+            await gate.hold()
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    h = await harnesses.make(task_type("slow", slow), shutdown_grace=timedelta(seconds=0.05))
+    job = await h.enqueue("slow")
+    await wait_for(gate.entered)
+    await h.processor.stop()
+    h.started = False
+    assert stopped.is_set()
+    row = await h.get(job.id)
+    assert (row.status, row.attempts, row.lease_owner) == (S.queued, 0, None)
+    assert outcomes(row) == ["released"]
+    assert (await h.store.events(job.id))[-1].event == "released"
+
+    later = await harnesses.make(task_type("slow", slow), owner="next-process/1/0/z")
+    gate.release.set()
+    await later.scheduler.reload()
+    await later.run_until_idle()
+    row = await later.get(job.id)
+    assert (row.status, row.attempts) == (S.completed, 1)
+    assert outcomes(row) == ["released", "completed"]
+
+
+async def test_stop_lets_a_job_that_finishes_within_the_grace_complete(harnesses: Harnesses) -> None:
+    gate = Gate()
+
+    async def quick(ctx: JobContext, payload: Item) -> str:
+        await gate.hold()
+        return "made it"
+
+    h = await harnesses.make(task_type("quick", quick), shutdown_grace=timedelta(seconds=5))
+    job = await h.enqueue("quick")
+    await wait_for(gate.entered)
+    stopping = asyncio.create_task(h.processor.stop())
+    await asyncio.sleep(0)
+    gate.release.set()
+    await stopping
+    h.started = False
+    row = await h.get(job.id)
+    assert (row.status, row.result) == (S.completed, "made it")
+
+
+# -- follow-ups, final writes, checkpoints --------------------------------------------------
+async def test_follow_ups_are_inserted_when_the_job_completes_and_then_run(
+    harnesses: Harnesses,
+) -> None:
+    made: list[JobId] = []
+
+    async def parent(ctx: JobContext, payload: Item) -> None:
+        made.append(ctx.enqueue("noop", {"label": "child"}))
+
+    h = await harnesses.make(task_type("parent", parent))
+    await h.enqueue("parent")
+    await h.run_until_idle()
+    (child_id,) = made
+    child = await h.get(child_id)
+    assert (child.status, child.result["label"]) == (S.completed, "child")
+
+
+async def test_follow_ups_of_a_failing_job_never_exist(harnesses: Harnesses) -> None:
+    made: list[JobId] = []
+
+    async def parent(ctx: JobContext, payload: Item) -> None:
+        made.append(ctx.enqueue("noop", {"label": "child"}))
+        raise PermanentError("nope")
+
+    h = await harnesses.make(task_type("parent", parent))
+    await h.enqueue("parent")
+    await h.run_until_idle()
+    assert len(made) == 1
+    with pytest.raises(JobNotFound):
+        await h.get(made[0])
+    assert h.rows() == 1
+
+
+async def _make_ledger(h: Harness) -> None:
+    async def create(tx: Tx) -> None:
+        await tx.execute("CREATE TABLE ledger (job_id TEXT PRIMARY KEY, credits INTEGER)")
+
+    await h.store.transaction(create)
+
+
+async def test_on_complete_writes_commit_with_the_completion(harnesses: Harnesses) -> None:
+    async def grant(ctx: JobContext, payload: Item) -> str:
+        async def write(tx: Tx) -> None:
+            await tx.execute("INSERT INTO ledger VALUES (:id, :n)", {"id": ctx.job_id, "n": payload.n})
+
+        ctx.on_complete(write)
+        return "granted"
+
+    h = await harnesses.make(task_type("grant", grant))
+    await _make_ledger(h)
+    job = await h.enqueue("grant", {"n": 25})
+    await h.run_until_idle()
+    assert (await h.get(job.id)).status == S.completed
+    assert h.rows("ledger") == 1
+
+
+async def test_on_complete_writes_roll_back_when_the_job_was_cancelled_meanwhile(
+    harnesses: Harnesses,
+) -> None:
+    gate = Gate()
+
+    async def grant(ctx: JobContext, payload: Item) -> str:
+        async def write(tx: Tx) -> None:
+            await tx.execute("INSERT INTO ledger VALUES (:id, :n)", {"id": ctx.job_id, "n": payload.n})
+
+        ctx.on_complete(write)
+        await gate.hold()
+        return "granted"
+
+    h = await harnesses.make(task_type("grant", grant))
+    await _make_ledger(h)
+    job = await h.enqueue("grant", {"n": 25})
+    await wait_for(gate.entered)
+    # cancelled by another process: this one is not told, its handler runs on
+    await h.store.apply(lifecycle.cancel(job.id, h.clock()))
+    gate.release.set()
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert (row.status, row.result) == (S.cancelled, None)
+    assert h.rows("ledger") == 0
+
+
+async def test_a_checkpoint_saved_in_one_attempt_is_seen_by_the_next(harnesses: Harnesses) -> None:
+    seen: list[dict[str, Any] | None] = []
+
+    async def resumable(ctx: JobContext, payload: Item) -> int:
+        seen.append(ctx.checkpoint)
+        start = (ctx.checkpoint or {}).get("cursor", 0)
+        if ctx.attempt == 1:
+            await ctx.save_checkpoint({"cursor": 50}, done=50, total=100)
+            raise ConnectionError("connection reset after chunk 1")
+        await ctx.progress(100, 100)
+        return int(start)
+
+    h = await harnesses.make(task_type("sync", resumable))
+    job = await h.enqueue("sync")
+    await h.run_until_idle(include_timers=True)
+    row = await h.get(job.id)
+    assert seen == [None, {"cursor": 50}]
+    assert (row.status, row.result) == (S.completed, 50)
+    assert (row.progress_done, row.progress_total) == (100, 100)
+    assert row.checkpoint == {"cursor": 50}
+
+
+# -- middleware, hooks, concurrency ---------------------------------------------------------
+async def test_middleware_wraps_the_handler_first_one_outermost(harnesses: Harnesses) -> None:
+    trail: list[str] = []
+
+    def named(name: str) -> Any:
+        async def middleware(ctx: JobContext, call_next: CallNext) -> Any:
+            trail.append(f"{name}>")
+            try:
+                return await call_next()
+            finally:
+                trail.append(f"<{name}")
+
+        return middleware
+
+    async def handle(ctx: JobContext, payload: Item) -> str:
+        trail.append("handler")
+        return "ok"
+
+    h = await harnesses.make(task_type("mw", handle), middleware=[named("outer"), named("inner")])
+    job = await h.enqueue("mw")
+    await h.run_until_idle()
+    assert trail == ["outer>", "inner>", "handler", "<inner", "<outer"]
+    assert (await h.get(job.id)).result == "ok"
+
+
+async def test_on_failed_is_called_once_when_the_attempts_are_used_up(harnesses: Harnesses) -> None:
+    failed: list[JobRow] = []
+    completed: list[JobRow] = []
+
+    async def on_failed(job: JobRow) -> None:
+        failed.append(job)
+
+    async def on_completed(job: JobRow) -> None:
+        completed.append(job)
+        raise RuntimeError("a broken hook is logged, not raised")
+
+    async def handle(ctx: JobContext, payload: Item) -> str:
+        if payload.label == "bad":
+            raise RuntimeError("bad")
+        return "good"
+
+    hooks = TaskHooks(on_completed=on_completed, on_failed=on_failed)
+    h = await harnesses.make(task_type("hooked", handle, hooks=hooks, max_attempts=3))
+    bad = await h.enqueue("hooked", {"label": "bad"})
+    good = await h.enqueue("hooked", {"label": "good"})
+    await h.run_until_idle(include_timers=True)
+    assert [(j.id, j.status, j.attempts) for j in failed] == [(bad.id, S.failed, 3)]
+    assert [(j.id, j.status) for j in completed] == [(good.id, S.completed)]
+    assert (await h.get(good.id)).status == S.completed
+
+
+async def test_a_task_type_concurrency_limit_is_respected(harnesses: Harnesses) -> None:
+    inside = 0
+    most = 0
+
+    async def limited(ctx: JobContext, payload: Item) -> None:
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        for _ in range(5):  # stay inside for a few loop turns so others could enter
+            await asyncio.sleep(0)
+        inside -= 1
+
+    h = await harnesses.make(task_type("smtp", limited, concurrency=2), concurrency=10,
+                             start=False)
+    jobs = [await h.enqueue("smtp", {"n": i}) for i in range(8)]
+    others = [await h.enqueue("noop") for _ in range(3)]
+    await h.start()
+    await h.run_until_idle()
+    assert most == 2
+    for job in [*jobs, *others]:
+        assert (await h.get(job.id)).status == S.completed
+
+
+async def test_a_woken_job_of_a_task_type_unknown_here_is_left_to_a_process_that_knows_it(
+    harnesses: Harnesses,
+) -> None:
+    h = await harnesses.make(start=False)
+    other = await harnesses.make(task_type("elsewhere", _never), start=False, owner=OTHER_OWNER)
+    a = await h.enqueue("noop")
+    c = await other.enqueue("elsewhere", depends_on=[a.id])
+    assert c.status == S.waiting
+    await h.start()
+    await h.run_until_idle()
+    row = await h.get(c.id)
+    assert (row.status, row.attempts) == (S.queued, 0)  # freed by A, but not run here
+    assert await h.scheduler.reload() == 0
+    assert await other.scheduler.reload() == 1
+
+
+async def test_a_claimed_job_of_an_unknown_task_type_is_failed_not_left_running(
+    harnesses: Harnesses,
+) -> None:
+    h = await harnesses.make()
+    other = await harnesses.make(task_type("elsewhere", _never), start=False, owner=OTHER_OWNER)
+    job = await other.enqueue("elsewhere", max_attempts=1)
+    assert h.queue.ready is not None
+    h.queue.ready.put(DueJob(job.id, job.task_type, job.queue, job.priority, job.run_at))
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert row.status == S.failed
+    assert row.error == "UnknownTaskType: unknown task type 'elsewhere'"
+    assert outcomes(row) == [AttemptOutcome.error.value]
+
+
+async def _never(ctx: JobContext, payload: Item) -> None:
+    raise AssertionError("never runs here")
+
+
+async def test_a_job_claimed_while_the_processor_stops_is_given_back_too(
+    harnesses: Harnesses,
+) -> None:
+    async def quick(ctx: JobContext, payload: Item) -> None:
+        raise AssertionError("must not run once stop() began")
+
+    h = await harnesses.make(task_type("quick", quick, max_attempts=1))
+    job = await h.enqueue("quick")
+    # no event marks "inside the claim": yield loop turns (no timed sleep) until it is
+    while not h.processor._claiming:  # noqa: ASYNC110
+        await asyncio.sleep(0)
+    await h.processor.stop()
+    h.started = False
+    await h.store.writer.run_sync(lambda conn: None)  # every write queued before has committed
+    row = await h.get(job.id)
+    assert (row.status, row.attempts, row.lease_owner) == (S.queued, 0, None)
+    assert outcomes(row) == ["released"]

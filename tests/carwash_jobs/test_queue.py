@@ -1,0 +1,360 @@
+"""Tests for carwash_jobs/queue.py: the write-through enqueue and the admin operations, on a real
+SQLite file. The processor is not started here: what the queue hands to memory is inspected
+in its ReadyQueue."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from carwash_jobs import lifecycle
+from carwash_jobs.errors import (
+    IllegalTransition,
+    InvalidPayload,
+    JobNotFound,
+    UnknownDependency,
+    UnknownTaskType,
+)
+from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
+from carwash_jobs.queue import MAX_CONTEXT_BYTES, TIMER_HORIZON_SECONDS, EnqueueOptions
+from carwash_jobs.store.base import FailedFilter
+from carwash_jobs.types import JobId
+from tests.carwash_jobs.support import OWNER, Item
+
+if TYPE_CHECKING:
+    from carwash_jobs.queue import JobQueue
+    from carwash_jobs.store.base import JobRow, Tx
+    from tests.carwash_jobs.support import Harness, Harnesses, ManualClock
+
+S = JobStatus
+LEASE = timedelta(seconds=60)
+
+
+@pytest.fixture
+async def idle(harnesses: Harnesses, clock: ManualClock) -> Harness:
+    """A queue whose processor is not running, on the manual clock."""
+    return await harnesses.make(clock=clock, start=False)
+
+
+def held(queue: JobQueue, job_id: JobId) -> bool:
+    return queue.contains(job_id)
+
+
+async def fail_job(h: Harness, job: JobRow, clock: ManualClock) -> JobRow:
+    (row,) = await h.store.claim([job.id], OWNER, clock() + LEASE)
+    transition = lifecycle.fail(row.id, row.fence, "boom", "tb", AttemptOutcome.error, clock())
+    return (await h.store.apply(transition)).job
+
+
+# -- enqueue --------------------------------------------------------------------------------
+async def test_enqueue_commits_the_row_then_offers_it_to_memory(idle: Harness) -> None:
+    inserted = await idle.queue.enqueue("noop", {"label": "a", "n": 2})
+    assert inserted.created
+    stored = await idle.get(inserted.job.id)
+    assert stored.status == S.queued
+    assert stored.payload == {"label": "a", "n": 2}
+    assert idle.rows() == 1
+    assert held(idle.queue, stored.id)
+
+
+async def test_enqueue_accepts_a_payload_model_and_fills_task_type_defaults(idle: Harness) -> None:
+    job = (await idle.queue.enqueue("noop", Item(label="m"))).job
+    assert job.payload == {"label": "m", "n": 0}
+    assert (job.priority, job.queue, job.max_attempts) == (0, "default", 5)
+
+
+async def test_enqueue_options_override_the_defaults(idle: Harness) -> None:
+    job = await idle.enqueue(priority=7, queue="critical", max_attempts=2, tags=["x"],
+                             context={"requested_by": "admin"})
+    assert (job.priority, job.queue, job.max_attempts, job.tags) == (7, "critical", 2, ["x"])
+    assert job.context == {"requested_by": "admin"}
+
+
+async def test_a_delay_makes_the_job_scheduled_on_an_in_process_timer(
+    idle: Harness, clock: ManualClock
+) -> None:
+    job = await idle.enqueue(delay_seconds=30)
+    assert job.status == S.scheduled
+    assert job.run_at == clock() + timedelta(seconds=30)
+    assert idle.queue.timers == 1
+    assert idle.queue.ready is not None
+    assert not idle.queue.ready.contains(job.id)  # not ready yet: on the timer
+    assert held(idle.queue, job.id)
+
+
+async def test_a_job_due_beyond_the_timer_horizon_waits_for_the_reload(
+    idle: Harness, clock: ManualClock
+) -> None:
+    run_at = clock() + timedelta(seconds=TIMER_HORIZON_SECONDS + 60)
+    job = await idle.enqueue(run_at=run_at)
+    assert (job.status, job.run_at) == (S.scheduled, run_at)
+    assert idle.queue.timers == 0
+    assert not held(idle.queue, job.id)
+
+
+async def test_a_run_at_in_the_past_is_due_now(idle: Harness, clock: ManualClock) -> None:
+    job = await idle.enqueue(run_at=clock() - timedelta(hours=1))
+    assert job.status == S.queued
+    assert held(idle.queue, job.id)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"delay_seconds": -1}, "delay_seconds"),
+        ({"run_at": datetime(2030, 1, 1), "delay_seconds": None}, "run_at"),
+        ({"run_at": datetime(2030, 1, 1, tzinfo=UTC), "delay_seconds": 5}, "run_at"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"tags": "vip"}, "tags"),
+        ({"context": {"blob": "x" * MAX_CONTEXT_BYTES}}, "context"),
+        ({"context": {"when": datetime(2030, 1, 1, tzinfo=UTC)}}, "context"),
+    ],
+)
+async def test_invalid_options_are_rejected_naming_the_field_and_nothing_is_written(
+    idle: Harness, options: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        await idle.enqueue(**options)
+    assert caught.value.field == field
+    assert idle.rows() == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"lines": [{"sku": "wax", "qty": 1}]}, "customer_id"),
+        ({"customer_id": 1, "lines": [{"sku": "wax", "qty": -2}]}, "lines.0.qty"),
+    ],
+)
+async def test_an_invalid_payload_is_rejected_naming_the_field_and_no_row_is_written(
+    idle: Harness, payload: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        await idle.queue.enqueue("order", payload)
+    assert caught.value.field == field
+    assert idle.rows() == 0
+    assert len(idle.queue.ready or ()) == 0
+
+
+async def test_an_unknown_task_type_is_rejected(idle: Harness) -> None:
+    with pytest.raises(UnknownTaskType):
+        await idle.queue.enqueue("nope", {})
+    assert idle.rows() == 0
+
+
+def test_unknown_enqueue_options_are_named() -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        EnqueueOptions.from_mapping({"priority": 1, "prio": 2})
+    assert caught.value.field == "prio"
+
+
+async def test_a_second_enqueue_with_the_same_idempotency_key_returns_the_existing_job(
+    idle: Harness,
+) -> None:
+    options = EnqueueOptions(idempotency_key="credits:march")
+    first = await idle.queue.enqueue("noop", {"n": 1}, options)
+    second = await idle.queue.enqueue("noop", {"n": 2}, options)
+    assert first.created
+    assert not second.created
+    assert second.job.id == first.job.id
+    assert second.job.payload == {"label": "", "n": 1}
+    assert idle.rows() == 1
+
+
+async def test_enqueue_many_commits_every_job_together(idle: Harness) -> None:
+    before = idle.store.writer.batches
+    results = await idle.queue.enqueue_many("noop", [{"n": i} for i in range(20)])
+    assert idle.store.writer.batches - before == 1
+    assert [r.job.payload["n"] for r in results] == list(range(20))
+    assert len(idle.queue.ready or ()) == 20
+
+
+async def test_enqueue_many_refuses_a_shared_idempotency_key(idle: Harness) -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        await idle.queue.enqueue_many("noop", [{}, {}], EnqueueOptions(idempotency_key="k"))
+    assert caught.value.field == "idempotency_key"
+
+
+async def test_enqueue_with_an_unknown_dependency_writes_no_row(idle: Harness) -> None:
+    with pytest.raises(UnknownDependency):
+        await idle.enqueue(depends_on=[JobId("0" * 32)])
+    assert idle.rows() == 0
+
+
+async def test_a_waiting_job_is_not_offered_to_memory(idle: Harness) -> None:
+    a = await idle.enqueue()
+    c = await idle.enqueue(depends_on=[a.id, a.id])
+    assert c.status == S.waiting
+    assert c.depends_on == [a.id]  # duplicates collapse
+    assert not held(idle.queue, c.id)
+
+
+# -- the caller's transaction ---------------------------------------------------------------
+async def test_an_enqueue_joined_to_a_transaction_exists_once_it_commits(idle: Harness) -> None:
+    async def work(tx: Tx) -> JobId:
+        await tx.execute("CREATE TABLE invoices (id INTEGER)")
+        await tx.execute("INSERT INTO invoices VALUES (1)")
+        inserted = await idle.queue.enqueue("noop", {"label": "mail invoice"}, tx=tx)
+        assert not held(idle.queue, inserted.job.id)  # not before the commit
+        return inserted.job.id
+
+    job_id: JobId = await idle.queue.transaction(work)
+    assert (await idle.get(job_id)).status == S.queued
+    assert held(idle.queue, job_id)
+    assert idle.rows("invoices") == 1
+
+
+async def test_an_enqueue_joined_to_a_transaction_vanishes_when_it_rolls_back(
+    idle: Harness,
+) -> None:
+    made: list[JobId] = []
+
+    async def work(tx: Tx) -> None:
+        inserted = await idle.queue.enqueue("noop", {"label": "never"}, tx=tx)
+        made.append(inserted.job.id)
+        raise RuntimeError("the invoice could not be saved")
+
+    with pytest.raises(RuntimeError):
+        await idle.queue.transaction(work)
+    assert len(made) == 1
+    with pytest.raises(JobNotFound):
+        await idle.get(made[0])
+    assert not held(idle.queue, made[0])
+    assert idle.rows() == 0
+
+
+# -- cancel, retry-failed, rerun, reload ----------------------------------------------------
+async def test_cancel_of_a_queued_job_ends_it_and_forgets_it(idle: Harness) -> None:
+    job = await idle.enqueue()
+    cancelled = await idle.queue.cancel(job.id)
+    assert cancelled.status == S.cancelled
+    assert cancelled.error == "cancelled by request"
+    assert cancelled.attempt_history == []
+    assert not held(idle.queue, job.id)
+
+
+async def test_cancel_of_a_scheduled_job_stops_its_timer(idle: Harness) -> None:
+    job = await idle.enqueue(delay_seconds=10)
+    await idle.queue.cancel(job.id)
+    assert idle.queue.timers == 0
+    assert (await idle.get(job.id)).status == S.cancelled
+
+
+async def test_cancel_of_a_finished_job_is_an_illegal_transition(
+    idle: Harness, clock: ManualClock
+) -> None:
+    job = await fail_job(idle, await idle.enqueue(), clock)
+    with pytest.raises(IllegalTransition) as caught:
+        await idle.queue.cancel(job.id)
+    assert (caught.value.from_status, caught.value.action) == ("failed", "cancel")
+
+
+async def test_cancel_tells_the_listeners(idle: Harness) -> None:
+    told: list[JobId] = []
+    idle.queue.on_cancel(told.append)
+    job = await idle.enqueue()
+    await idle.queue.cancel(job.id)
+    assert told == [job.id]
+
+
+@pytest.fixture
+async def failures(idle: Harness, clock: ManualClock) -> dict[str, JobRow]:
+    """Failed jobs of two task types at two times, and jobs in other states beside them."""
+    t0 = clock()
+    early = await fail_job(idle, await idle.enqueue("noop"), clock)
+    clock.advance(100)
+    late = await fail_job(idle, await idle.enqueue("noop"), clock)
+    order = await fail_job(
+        idle, await idle.enqueue("order", {"customer_id": 1, "lines": [{"sku": "a", "qty": 1}]}),
+        clock,
+    )
+    queued = await idle.enqueue("noop")
+    (running,) = await idle.store.claim([(await idle.enqueue("noop")).id], OWNER, clock() + LEASE)
+    clock.advance(1)
+    assert t0 < clock()
+    return {"early": early, "late": late, "order": order, "queued": queued, "running": running}
+
+
+@pytest.mark.parametrize(
+    ("make_filter", "expected"),
+    [
+        (lambda jobs, t: FailedFilter(), {"early", "late", "order"}),
+        (lambda jobs, t: FailedFilter(ids=[jobs["late"].id, jobs["queued"].id]), {"late"}),
+        (lambda jobs, t: FailedFilter(task_type="order"), {"order"}),
+        (lambda jobs, t: FailedFilter(failed_after=t + timedelta(seconds=50)), {"late", "order"}),
+        (lambda jobs, t: FailedFilter(failed_before=t + timedelta(seconds=50)), {"early"}),
+        (lambda jobs, t: FailedFilter(task_type="noop", failed_after=t + timedelta(seconds=50)),
+         {"late"}),
+    ],
+)
+async def test_retry_failed_touches_only_failed_jobs_matching_the_filter(
+    idle: Harness, clock: ManualClock, failures: dict[str, JobRow],
+    make_filter: Any, expected: set[str],
+) -> None:
+    t0 = failures["early"].finished_at
+    assert t0 is not None
+    before = {name: await idle.get(job.id) for name, job in failures.items()}
+    retried = await idle.queue.retry_failed(make_filter(failures, t0))
+    assert set(retried) == {failures[name].id for name in expected}
+    for name, job in failures.items():
+        now = await idle.get(job.id)
+        if name in expected:
+            assert (now.status, now.attempts, now.error) == (S.queued, 0, None)
+            assert now.attempt_history == before[name].attempt_history
+            assert held(idle.queue, job.id)
+        else:
+            assert now == before[name]
+
+
+async def test_rerun_makes_a_new_job_pointing_at_the_old_one(
+    idle: Harness, clock: ManualClock
+) -> None:
+    source = await idle.enqueue("noop", {"label": "again", "n": 4}, priority=3, tags=["t"],
+                                context={"by": "me"}, idempotency_key="once")
+    source = await fail_job(idle, source, clock)
+    rerun = await idle.queue.rerun(source.id)
+    assert rerun.id != source.id
+    assert rerun.rerun_of == source.id
+    assert (rerun.status, rerun.attempts) == (S.queued, 0)
+    assert (rerun.payload, rerun.priority, rerun.tags) == (source.payload, 3, ["t"])
+    assert rerun.context == {"by": "me"}
+    assert rerun.idempotency_key is None
+    assert (await idle.get(source.id)).status == S.failed
+    assert idle.rows() == 2
+
+
+@pytest.mark.parametrize("make", ["queued", "scheduled", "running"])
+async def test_rerun_of_a_job_that_has_not_ended_is_an_illegal_transition(
+    idle: Harness, clock: ManualClock, make: str
+) -> None:
+    job = await idle.enqueue(delay_seconds=60 if make == "scheduled" else None)
+    if make == "running":
+        await idle.store.claim([job.id], OWNER, clock() + LEASE)
+    with pytest.raises(IllegalTransition) as caught:
+        await idle.queue.rerun(job.id)
+    assert (caught.value.from_status, caught.value.action) == (make, "rerun")
+    assert idle.rows() == 1
+
+
+async def test_reload_promotes_due_scheduled_rows_and_loads_what_memory_lacks(
+    idle: Harness, clock: ManualClock
+) -> None:
+    far = await idle.enqueue(delay_seconds=TIMER_HORIZON_SECONDS * 2)
+    known = await idle.enqueue()
+    assert not held(idle.queue, far.id)
+    clock.advance(TIMER_HORIZON_SECONDS * 2)
+    assert await idle.queue.reload() == 1  # `known` was already in memory
+    assert (await idle.get(far.id)).status == S.queued
+    assert held(idle.queue, far.id)
+    assert held(idle.queue, known.id)
+
+
+async def test_stats_report_memory_and_database_counts(idle: Harness) -> None:
+    await idle.enqueue()
+    await idle.enqueue(delay_seconds=5)
+    stats = await idle.queue.stats()
+    assert stats.in_memory == 1
+    assert stats.stats.by_status["queued"] == 1
+    assert stats.stats.by_status["scheduled"] == 1

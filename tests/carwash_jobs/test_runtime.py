@@ -1,0 +1,141 @@
+"""Tests for carwash_jobs/runtime.py: start/stop order, roles, and recovery of what a dead local
+process left running (in-process; the SIGKILL/SIGTERM flows live in tests/acceptance)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import pytest
+
+from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.runtime import Runtime
+from carwash_jobs.settings import load_settings
+from carwash_jobs.store.base import NewJob
+from carwash_jobs.types import JobId, new_job_id
+from tests.carwash_jobs.support import ManualClock, open_sqlite, outcomes, registry_with, sqlite_url
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from carwash_jobs.settings import Settings
+    from carwash_jobs.store.base import JobStore
+
+S = JobStatus
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Neither the developer's CARWASH_* variables nor the checkout's config file leak in."""
+    for name in list(os.environ):
+        if name.upper().startswith("CARWASH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def settings_for(url: str) -> Settings:
+    return load_settings(database_url=url, concurrency=2, shutdown_grace_seconds=0.1)
+
+
+def dead_local_pid() -> int:
+    """A pid no process on this host has now."""
+    pid = 999_999
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
+
+
+async def running_row(store: JobStore, clock: ManualClock, owner: str,
+                      max_attempts: int = 5) -> JobId:
+    """A row left running by `owner`, with a lease far from expiring."""
+    job = NewJob(id=new_job_id(), task_type="noop", payload={}, status=S.queued, run_at=clock(),
+                 created_at=clock(), max_attempts=max_attempts, claimed_by=owner,
+                 lease_until=clock() + timedelta(hours=1))
+    await store.insert([job])
+    return job.id
+
+
+async def test_start_migrates_a_new_database_runs_jobs_and_stop_closes_everything(
+    tmp_path: Path,
+) -> None:
+    runtime = Runtime(settings_for(sqlite_url(tmp_path / "fresh" / "jobs.db")), registry_with())
+    await runtime.start()
+    try:
+        assert runtime.started
+        assert runtime.processor is not None
+        job = (await runtime.queue.enqueue("noop", {"label": "first"})).job
+        await runtime.processor.run_until_idle(5)
+        assert (await runtime.store.get(job.id)).status == S.completed
+    finally:
+        await runtime.stop()
+    assert not runtime.started
+    await runtime.store.close()  # closing twice is harmless
+
+
+async def test_the_runtime_is_an_async_context_manager(db_url: str) -> None:
+    async with Runtime(settings_for(db_url), registry_with()) as runtime:
+        assert runtime.started
+        await runtime.store.ping()
+    assert not runtime.started
+
+
+async def test_the_api_role_writes_jobs_but_runs_none(db_url: str) -> None:
+    async with Runtime(settings_for(db_url), registry_with(), role="api") as runtime:
+        assert runtime.processor is None
+        assert runtime.scheduler is None
+        assert runtime.queue.ready is None
+        job = (await runtime.queue.enqueue("noop", {})).job
+        assert (await runtime.store.get(job.id)).status == S.queued
+
+
+async def test_each_runtime_has_its_own_owner_identity(db_url: str) -> None:
+    first = Runtime(settings_for(db_url), registry_with())
+    second = Runtime(settings_for(db_url), registry_with())
+    assert first.owner != second.owner
+    host, pid, _start, _nonce = first.owner.split("/")
+    assert (host, int(pid)) == (socket.gethostname(), os.getpid())
+
+
+async def test_start_requeues_rows_left_running_by_a_dead_local_process(
+    db_url: str, clock: ManualClock
+) -> None:
+    store = await open_sqlite(db_url, clock=clock)
+    host = socket.gethostname()
+    dead = f"{host}/{dead_local_pid()}/0/x"
+    orphan = await running_row(store, clock, dead)
+    orphan_last_try = await running_row(store, clock, dead, max_attempts=1)
+    this_process = await running_row(store, clock, f"{host}/{os.getpid()}/0/other-runtime")
+    other_host = await running_row(store, clock, "another-host/1/0/x")
+    await store.close()
+
+    async with Runtime(settings_for(db_url), registry_with(), clock=clock) as runtime:
+        assert runtime.processor is not None
+        await runtime.processor.run_until_idle(5)
+        rows = {row.id: row for row in await runtime.store.get_many(
+            [orphan, orphan_last_try, this_process, other_host])}
+        assert (rows[orphan].status, rows[orphan].attempts) == (S.completed, 2)
+        assert outcomes(rows[orphan]) == ["worker_lost", "completed"]
+        assert rows[orphan].attempt_history[0]["owner"] == dead
+        assert (rows[orphan_last_try].status, outcomes(rows[orphan_last_try])) == (
+            S.failed, ["worker_lost"])
+        assert rows[this_process].status == S.running  # maybe alive: its lease decides
+        assert rows[other_host].status == S.running  # cannot tell from here
+
+
+async def test_recover_leftovers_finds_nothing_when_every_owner_is_alive(
+    db_url: str, clock: ManualClock
+) -> None:
+    runtime = Runtime(settings_for(db_url), registry_with(), clock=clock)
+    await runtime.store.open()
+    try:
+        await running_row(runtime.store, clock, runtime.owner)
+        assert await runtime.recover_leftovers() == 0
+    finally:
+        await runtime.store.close()
