@@ -71,7 +71,7 @@ _COLS = ", ".join(JOB_COLUMNS)
 
 INSERT_JOB = f"""
 INSERT INTO worker_queue ({_COLS}) VALUES (
-  $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, NULL, $14, $15, 0, NULL,
+  $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $20, $14, $15, 0, NULL,
   NULL, NULL, $16, NULL, '[]', $17, $18, $19)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING id
@@ -501,6 +501,7 @@ async def _insert(
             job.payload, job.context, list(job.tags), 1 if claimed else 0, job.max_attempts,
             job.run_at, job.created_at, now if claimed else None, job.claimed_by,
             job.lease_until, error, job.idempotency_key, job.rerun_of, list(job.depends_on),
+            now if status == JobStatus.cancelled else None,
         )
         if inserted is None:
             existing = await conn.fetchrow(SELECT_BY_IDEMPOTENCY_KEY, job.idempotency_key)
@@ -508,6 +509,8 @@ async def _insert(
             continue
         dependencies += [(job.id, d) for d in job.depends_on]
         events.append((job.id, now, "enqueued", status.value, 0, owner, error))
+        if claimed:
+            events.append((job.id, now, "claimed", "running", 1, job.claimed_by, None))
         results.append(Inserted(_stored(job, status, error, now), created=True))
     if dependencies:
         await conn.executemany(INSERT_DEPENDENCY, dependencies)
@@ -625,7 +628,11 @@ async def _resolve_dependents(
             woken.append(applied.job)
         else:
             transition = lifecycle.dependency_failed(JobId(dependent_id), job.id, job.status, now)
-            await _apply(conn, transition, owner, now)
+            try:
+                async with conn.transaction():  # a savepoint: a refusal here spoils nothing
+                    await _apply(conn, transition, owner, now)  # cascades to its dependents
+            except IllegalTransition:
+                continue  # that cascade already cancelled it (it also waited on a dependent)
     if woken:
         await _notify_new(conn, woken, owner)
     return woken

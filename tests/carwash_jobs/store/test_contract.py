@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from carwash_jobs.store.base import DueJob, JobRow, JobStore, Tx
 
 POSTGRES_URL_ENV = "CARWASH_TEST_POSTGRES_URL"
-POSTGRES_SKIP_REASON = "CARWASH_TEST_POSTGRES_URL is not set / no PostgreSQL adapter yet"
+POSTGRES_SKIP_REASON = "CARWASH_TEST_POSTGRES_URL is not set"
 OTHER_OWNER = "other-host/2/0/b"
 LEASE = timedelta(seconds=60)
 S = JobStatus
@@ -77,7 +77,7 @@ def postgres_template() -> Iterator[tuple[str, str] | None]:
     """(server URL, template name): one database migrated per session, which each test copies
     with CREATE DATABASE ... TEMPLATE (procrastinate's trick); None when there is no server."""
     server = os.environ.get(POSTGRES_URL_ENV)
-    if not server or not _has_adapter(server):
+    if not server or not _has_adapter(_database_url(server, "postgres")):
         yield None
         return
     name = f"carwash_tpl_{secrets.token_hex(4)}"
