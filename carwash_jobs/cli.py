@@ -12,19 +12,22 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from carwash_jobs import app
 from carwash_jobs.errors import CarwashError
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.queue import EnqueueOptions
-from carwash_jobs.runtime import Runtime
 from carwash_jobs.settings import Settings, load_settings
 from carwash_jobs.store.base import FailedFilter, JobFilter
 from carwash_jobs.store.migrations import upgrade
 from carwash_jobs.types import JobId
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from carwash_jobs.runtime import Runtime
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--failed-after", type=datetime.fromisoformat)
     retry.add_argument("--failed-before", type=datetime.fromisoformat)
     retry.set_defaults(run=_jobs_retry_failed)
+
+    demo = sub.add_parser("demo-data", help="fill the car-wash domain tables with sample data")
+    for flag, default, least in (("--tenants", 3, 1), ("--customers", 300, 0),
+                                 ("--employees", 30, 0), ("--transactions", 5000, 0)):
+        demo.add_argument(flag, type=_count(least), default=default, metavar="N",
+                          help=f"how many (default {default})")
+    demo.set_defaults(run=_demo_data)
 
     return parser
 
@@ -191,6 +201,22 @@ async def _jobs_retry_failed(settings: Settings, args: argparse.Namespace) -> in
         return {"retried": len(ids), "ids": ids}
 
     return await _with_runtime(settings, run)
+
+
+async def _demo_data(settings: Settings, args: argparse.Namespace) -> int:
+    _print(await app.demo_data(settings, tenants=args.tenants, customers=args.customers,
+                               employees=args.employees, transactions=args.transactions))
+    return 0
+
+
+def _count(least: int) -> Callable[[str], int]:
+    def count(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least} (got {text})")
+        return value
+
+    return count
 
 
 async def _public(row: Awaitable[Any]) -> Any:

@@ -4,9 +4,11 @@ accepts) and turned into asyncpg's numbered `$1` form for PostgreSQL."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 # a :name not preceded by another colon (so PostgreSQL casts like `x::jsonb` stay as they are),
 # outside of quoted strings

@@ -118,6 +118,24 @@ class Applied:
 
 
 @dataclass(frozen=True, slots=True)
+class Completion:
+    """One attempt that returned: the hot path's write, applied many at a time."""
+
+    job_id: JobId
+    fence: Fence
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """What a batch of completions did: which attempts completed (the others had lost their
+    lease or were cancelled meanwhile), and the dependents they set free."""
+
+    completed: frozenset[JobId]
+    woken: Sequence[JobRow] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class DueJob:
     """What the in-memory queue needs to order and dispatch a job without reading its row."""
 
@@ -287,6 +305,12 @@ class JobStore(Protocol):
 
     async def apply_many(self, transitions: Sequence[Transition]) -> list[Applied | Exception]:
         """Apply many independent transitions in one commit; each succeeds or fails alone."""
+        ...
+
+    async def complete_many(self, completions: Sequence[Completion]) -> Completed:
+        """Complete many running attempts in one transaction with set-based statements (each
+        fenced like `lifecycle.complete`). For completions without follow-ups or final writes;
+        those go through `apply`."""
         ...
 
     async def save_progress(

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +29,8 @@ from carwash_jobs.lifecycle import JobStatus, Transition
 from carwash_jobs.sqltext import numbered
 from carwash_jobs.store.base import (
     Applied,
+    Completed,
+    Completion,
     CronFireResult,
     CronFireRow,
     DueJob,
@@ -50,6 +51,8 @@ from carwash_jobs.store.base import (
 from carwash_jobs.types import Clock, JobId, utc_now
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
     from carwash_jobs.lifecycle import Fence
 
 log = logging.getLogger(__name__)
@@ -159,6 +162,20 @@ SELECT at, event, status, attempt, process, message FROM job_events
 WHERE job_id = $1 ORDER BY id
 """
 COUNTS = "SELECT task_type, status, COUNT(*) FROM worker_queue GROUP BY task_type, status"
+COMPLETE_MANY = """
+UPDATE worker_queue w SET status = 'completed', result = c.result, error = NULL,
+  error_traceback = NULL, finished_at = $5, lease_owner = NULL, lease_until = NULL,
+  attempt_history = (w.attempt_history::jsonb || jsonb_build_array(jsonb_build_object(
+    'attempt', w.attempts, 'outcome', 'completed', 'owner', w.lease_owner,
+    'finished_at', $6::text, 'error', NULL)))::json
+FROM unnest($1::text[], $2::int[], $3::text[], $4::json[]) AS c(id, attempt, owner, result)
+WHERE w.id = c.id AND w.status = 'running' AND w.attempts = c.attempt
+  AND w.lease_owner = c.owner
+RETURNING w.id, w.attempts
+"""
+WITH_DEPENDENTS = """
+SELECT DISTINCT depends_on_id FROM job_dependencies WHERE depends_on_id = ANY($1::text[])
+"""
 #: the unique (schedule, fire_at) key lets exactly one process record a cron fire; a second
 #: process waits for the first one's commit, then inserts nothing
 INSERT_CRON_FIRE = """
@@ -337,6 +354,25 @@ class PostgresJobStore:
                 except (IllegalTransition, JobNotFound) as exc:
                     results.append(exc)
         return results
+
+    async def complete_many(self, completions: Sequence[Completion]) -> Completed:
+        if not completions:
+            return Completed(frozenset())
+        now = self._clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            done = await conn.fetch(
+                COMPLETE_MANY, [c.job_id for c in completions],
+                [c.fence.attempt for c in completions], [c.fence.owner for c in completions],
+                [c.result for c in completions], now, now.isoformat(),
+            )
+            await conn.executemany(INSERT_EVENT, [
+                (r[0], now, "completed", "completed", r[1], self._owner, None) for r in done
+            ])
+            woken: list[JobRow] = []
+            for (job_id,) in await conn.fetch(WITH_DEPENDENTS, [r[0] for r in done]):
+                job = row_to_job(await conn.fetchrow(GET_JOB, job_id))
+                woken += await _resolve_dependents(conn, job, self._owner, now)
+            return Completed(frozenset(JobId(r[0]) for r in done), woken)
 
     async def save_progress(
         self,

@@ -26,6 +26,8 @@ from carwash_jobs.errors import (
 from carwash_jobs.lifecycle import JobStatus, Transition
 from carwash_jobs.store.base import (
     Applied,
+    Completed,
+    Completion,
     CronFireResult,
     CronFireRow,
     DueJob,
@@ -149,6 +151,29 @@ SELECT at, event, status, attempt, process, message FROM job_events
 WHERE job_id = ? ORDER BY id
 """
 COUNTS = "SELECT task_type, status, COUNT(*) FROM worker_queue GROUP BY task_type, status"
+#: many completions in one statement: :batch is a JSON array of {id, attempt, owner, result}
+COMPLETE_MANY = """
+UPDATE worker_queue SET status = 'completed', result = c.value -> '$.result',
+  error = NULL, error_traceback = NULL, finished_at = :now, lease_owner = NULL, lease_until = NULL,
+  attempt_history = json_insert(attempt_history, '$[#]', json_object(
+    'attempt', worker_queue.attempts, 'outcome', 'completed', 'owner', worker_queue.lease_owner,
+    'finished_at', :now_iso, 'error', NULL))
+FROM json_each(:batch) AS c
+WHERE worker_queue.id = c.value ->> '$.id' AND worker_queue.status = 'running'
+  AND worker_queue.attempts = c.value ->> '$.attempt'
+  AND worker_queue.lease_owner = c.value ->> '$.owner'
+RETURNING worker_queue.id, worker_queue.attempts
+"""
+#: one event row per id in :ids (a JSON array of [id, attempt]) in one statement
+INSERT_EVENTS_FOR = """
+INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
+SELECT e.value ->> '$[0]', :now, :event, :status, e.value ->> '$[1]', :owner, NULL
+FROM json_each(:ids) AS e
+"""
+WITH_DEPENDENTS = """
+SELECT DISTINCT depends_on_id FROM job_dependencies
+WHERE depends_on_id IN (SELECT value FROM json_each(:ids))
+"""
 #: the unique (schedule, fire_at) key lets exactly one process record a cron fire
 INSERT_CRON_FIRE = """
 INSERT INTO cron_fires (schedule, fire_at, job_id, fired_by) VALUES (?, ?, ?, ?)
@@ -354,6 +379,31 @@ class SqliteJobStore:
 
         return await self.writer.run_sync(run)
 
+    async def complete_many(self, completions: Sequence[Completion]) -> Completed:
+        if not completions:
+            return Completed(frozenset())
+        now = self._clock()
+        batch = _dump([
+            {"id": c.job_id, "attempt": c.fence.attempt, "owner": c.fence.owner, "result": c.result}
+            for c in completions
+        ])
+
+        def run(conn: sqlite3.Connection) -> Completed:
+            done = conn.execute(
+                COMPLETE_MANY, {"batch": batch, "now": ts(now), "now_iso": now.isoformat()}
+            ).fetchall()
+            ids = _dump([[r[0], r[1]] for r in done])
+            conn.execute(INSERT_EVENTS_FOR, {"ids": ids, "now": ts(now), "event": "completed",
+                                             "status": "completed", "owner": self._owner})
+            woken: list[JobRow] = []
+            waited_on = conn.execute(WITH_DEPENDENTS, {"ids": _dump([r[0] for r in done])})
+            for (job_id,) in waited_on.fetchall():
+                job = row_to_job(conn.execute(GET_JOB, (job_id,)).fetchone())
+                woken += _resolve_dependents(conn, job, self._owner, now)
+            return Completed(frozenset(JobId(r[0]) for r in done), woken)
+
+        return await self.writer.run_sync(run)
+
     async def save_progress(
         self,
         job_id: JobId,
@@ -519,10 +569,10 @@ def _claimed(
     conn: sqlite3.Connection, rows: list[Any], owner: str, now: datetime
 ) -> list[JobRow]:
     jobs = [row_to_job(r) for r in rows]
-    conn.executemany(
-        INSERT_EVENT,
-        [(j.id, ts(now), "claimed", "running", j.attempts, owner, None) for j in jobs],
-    )
+    conn.execute(INSERT_EVENTS_FOR, {
+        "ids": _dump([[j.id, j.attempts] for j in jobs]), "now": ts(now), "event": "claimed",
+        "status": "running", "owner": owner,
+    })
     return jobs
 
 

@@ -1,0 +1,152 @@
+"""JobController: read jobs and steer them (retry-failed, rerun, cancel, timeline).
+
+Each route is one engine call (JobStore reads, JobQueue operations), the same ones the CLI's
+`jobs ...` commands make; engine errors become HTTP codes only in endpoints/errors.py.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated
+
+from litestar import Controller, Response, get, post
+from litestar.exceptions import NotAuthorizedException, NotFoundException, ValidationException
+from litestar.openapi.spec import Operation, RequestBody
+from litestar.params import Body, PathParameter, QueryParameter
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
+
+from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.store.base import FailedFilter, JobFilter
+from carwash_jobs.types import JobId
+from endpoints.deps import QueueDep, StoreDep
+from endpoints.errors import ConflictException, field_error
+from endpoints.schemas import (
+    LOCATION_HEADER,
+    EventOut,
+    EventPage,
+    JobOut,
+    JobPage,
+    RetryFailedIn,
+    RetryFailedOut,
+    as_utc,
+)
+
+MAX_PAGE = 500
+JobIdPath = Annotated[str, PathParameter(description="The job's id.", min_length=1, max_length=100)]
+
+
+def _datetime_query(description: str) -> QueryParameter:
+    """A datetime query parameter, taken as text and parsed here: the framework's lenient
+    conversion would also take a number as a Unix timestamp, which the document does not allow."""
+    return QueryParameter(
+        description=description, schema_extra={"oneOf": None, "type": "string", "format": "date-time"}
+    )
+
+
+def _utc_query(text: str | None, name: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise _query_error(name, f"{name} is not an ISO 8601 datetime") from None
+    try:
+        return as_utc(value, name)
+    except ValueError as exc:
+        raise _query_error(name, str(exc)) from None
+
+
+def _query_error(name: str, problem: str) -> ValidationException:
+    return ValidationException(f"Validation failed: {problem}", extra=field_error(name, problem, "query"))
+
+
+@dataclass
+class _OptionalBody(Operation):
+    """An operation whose request body may be left out (the framework marks every body required)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.request_body, RequestBody):
+            self.request_body.required = False
+
+
+class JobController(Controller):
+    path = "/jobs"
+    tags = ("jobs",)
+
+    @get("/", operation_id="list_jobs", raises=[ValidationException, NotAuthorizedException])
+    async def list_jobs(
+        self,
+        job_store: StoreDep,
+        status: Annotated[JobStatus | None, QueryParameter(description="Only jobs in this state.")] = None,
+        task_type: Annotated[str | None, QueryParameter(description="Only jobs of this task type.")] = None,
+        tag: Annotated[str | None, QueryParameter(description="Only jobs carrying this tag.")] = None,
+        queue: Annotated[str | None, QueryParameter(description="Only jobs in this named queue.")] = None,
+        created_after: Annotated[
+            str | None, _datetime_query("Created at or after this ISO 8601 datetime (with a UTC offset).")
+        ] = None,
+        created_before: Annotated[
+            str | None, _datetime_query("Created before this ISO 8601 datetime (with a UTC offset).")
+        ] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="Page size.")] = 50,
+        cursor: Annotated[
+            str | None, QueryParameter(max_length=100, description="The last page's next_cursor.")
+        ] = None,
+    ) -> JobPage:
+        """Newest first, keyset-paginated: a page stays correct while jobs are being added."""
+        flt = JobFilter(
+            status=status, task_type=task_type, tag=tag, queue=queue,
+            created_after=_utc_query(created_after, "created_after"),
+            created_before=_utc_query(created_before, "created_before"),
+        )
+        return JobPage.from_page(await job_store.list_jobs(flt, limit, cursor))
+
+    @get("/{job_id:str}", operation_id="get_job", raises=[NotFoundException, NotAuthorizedException])
+    async def get_job(self, job_id: JobIdPath, job_store: StoreDep) -> JobOut:
+        return JobOut.from_row(await job_store.get(JobId(job_id)))
+
+    @post(
+        "/retry-failed", operation_id="retry_failed_jobs", status_code=HTTP_200_OK,
+        raises=[ValidationException, NotAuthorizedException], operation_class=_OptionalBody,
+    )
+    async def retry_failed(
+        self,
+        job_queue: QueueDep,
+        data: Annotated[RetryFailedIn | None, Body(title="RetryFailedIn")] = None,
+    ) -> RetryFailedOut:
+        """Failed jobs back to queued with fresh attempts; only `failed` jobs are touched."""
+        flt = data or RetryFailedIn()
+        ids = await job_queue.retry_failed(
+            FailedFilter(
+                ids=None if flt.ids is None else [JobId(i) for i in flt.ids],
+                task_type=flt.task_type, failed_after=flt.failed_after, failed_before=flt.failed_before,
+            )
+        )
+        return RetryFailedOut(retried=len(ids), ids=list(ids))
+
+    @post(
+        "/{job_id:str}/rerun", operation_id="rerun_job", status_code=HTTP_202_ACCEPTED,
+        response_headers=[LOCATION_HEADER],
+        raises=[NotFoundException, ConflictException, NotAuthorizedException, ValidationException],
+    )
+    async def rerun(self, job_id: JobIdPath, job_queue: QueueDep) -> Response[JobOut]:
+        """A new job cloned from a finished one (`rerun_of` = its id); 409 while it has not ended."""
+        job = await job_queue.rerun(JobId(job_id))
+        return Response(
+            JobOut.from_row(job), status_code=HTTP_202_ACCEPTED, headers={"Location": f"/api/jobs/{job.id}"}
+        )
+
+    @post(
+        "/{job_id:str}/cancel", operation_id="cancel_job", status_code=HTTP_200_OK,
+        raises=[NotFoundException, ConflictException, NotAuthorizedException],
+    )
+    async def cancel(self, job_id: JobIdPath, job_queue: QueueDep) -> JobOut:
+        """Cancel a job that has not ended (a running one is stopped); 409 once it has ended."""
+        return JobOut.from_row(await job_queue.cancel(JobId(job_id)))
+
+    @get(
+        "/{job_id:str}/events", operation_id="job_events",
+        raises=[NotFoundException, NotAuthorizedException],
+    )
+    async def events(self, job_id: JobIdPath, job_store: StoreDep) -> EventPage:
+        """The job's timeline, oldest first: enqueued, claimed, attempt failed, completed, ..."""
+        await job_store.get(JobId(job_id))  # 404 for an unknown job rather than an empty list
+        return EventPage(items=[EventOut.from_row(e) for e in await job_store.events(JobId(job_id))])

@@ -1,0 +1,31 @@
+"""`route_handlers`: the single list of every route the app serves.
+
+/api/* sits behind the bearer-token guard; /health (and /metrics unless configured otherwise)
+stays open. The per-task-type routes are generated from the registry.
+"""
+
+from litestar import Router
+from litestar.types import ControllerRouterHandler
+
+from carwash_jobs.registry import TaskRegistry
+from carwash_jobs.settings import Settings
+from endpoints.auth import SECURITY_SCHEME, bearer_guard
+from endpoints.health import health, metrics_route
+from endpoints.jobs import JobController
+from endpoints.queue import QueueController
+from endpoints.tasks import task_routes
+
+
+def route_handlers(
+    registry: TaskRegistry, settings: Settings, *, api_token: str
+) -> list[ControllerRouterHandler]:
+    """Every route. `api_token` is passed apart from `settings` because `serve` may have just
+    generated it; it is captured by the guard and kept nowhere else."""
+    guard = bearer_guard(api_token)
+    api = Router(
+        "/api",
+        route_handlers=[*task_routes(registry, settings), JobController, QueueController],
+        guards=[guard],
+        security=[{SECURITY_SCHEME: []}],
+    )
+    return [api, health, metrics_route([] if settings.metrics_public else [guard])]

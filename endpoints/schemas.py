@@ -1,0 +1,310 @@
+"""The HTTP models: what clients send and receive (shared/API.md), and nothing the engine needs.
+
+Every job-shaped response is built from `JobRow.public()`, the one place that defines what a
+client sees of a job, so the API and the CLI cannot drift apart.
+"""
+
+import json
+import types
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from litestar.datastructures import ResponseHeader
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.queue import EnqueueOptions
+from carwash_jobs.store.base import EventRow, JobRow, Page
+from carwash_jobs.types import JobId
+
+#: SQLite stores integers in 64 bits and Python's do not stop there: bound what reaches a column.
+INT32_MAX = 2**31 - 1
+#: the furthest ahead a delay may reach (ten years); beyond it datetime arithmetic overflows
+MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600
+#: the years a stored timestamp can hold (the store writes four-digit years)
+EARLIEST_YEAR, LATEST_YEAR = 1970, 9998
+#: documents the header of every 202 that creates a job
+LOCATION_HEADER = ResponseHeader(
+    name="Location", description="/api/jobs/{id}: where to poll the job", documentation_only=True
+)
+
+
+def as_utc(value: datetime, field: str) -> datetime:
+    """`value` in UTC, or ValueError when it has no offset or falls outside what the store keeps."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{field} needs a UTC offset, e.g. 2030-01-01T08:00:00Z")
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not EARLIEST_YEAR <= utc.year <= LATEST_YEAR:
+        raise ValueError(f"{field} must lie between the years {EARLIEST_YEAR} and {LATEST_YEAR}")
+    return utc
+
+
+def reject_numbers(value: Any) -> Any:
+    """Datetimes come as ISO 8601 text; a number would otherwise pass as a Unix timestamp."""
+    if isinstance(value, (int, float)):
+        raise ValueError("must be an ISO 8601 datetime text with a UTC offset")
+    return value
+
+
+class _WrongJsonType:
+    """Stands in for a value of the wrong JSON type, so that the field's own validation fails
+    with its usual message and names the field."""
+
+    def __repr__(self) -> str:
+        return "<value of the wrong JSON type>"
+
+
+_WRONG = _WrongJsonType()
+_SCALARS = (bool, int, float, datetime)
+
+
+def _scalar_kind(annotation: Any) -> Any:
+    """bool, int, float or datetime when a field holds one (optionally None); else None."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        inner = [arg for arg in get_args(annotation) if arg is not type(None)]
+        annotation = inner[0] if len(inner) == 1 else None
+    return annotation if annotation in _SCALARS else None
+
+
+def _json_type_matches(kind: Any, value: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is datetime:
+        return isinstance(value, str)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def json_scalars_only(cls: type[BaseModel], data: Any) -> Any:
+    """A JSON body says what type a value is: `true` is not 1, `"5"` is not 5 and `0` is not
+    1970-01-01. Pydantic's lax mode would convert them (a form, all text, needs that), so in a
+    JSON model a top-level value of the wrong JSON type is refused, naming its field."""
+    if not isinstance(data, dict):
+        return data
+    fixed: dict[str, Any] | None = None
+    for name, field in cls.model_fields.items():
+        key = field.alias or name
+        kind = _scalar_kind(field.annotation)
+        value = data.get(key)
+        if kind is not None and value is not None and not _json_type_matches(kind, value):
+            fixed = fixed if fixed is not None else dict(data)
+            fixed[key] = _WRONG
+    return data if fixed is None else fixed
+
+
+# -- the job ----------------------------------------------------------------------------------
+class ProgressOut(BaseModel):
+    done: int
+    total: int | None
+
+
+class JobOut(BaseModel):
+    """A job as clients see it; the fields after `rerun_of` are additions to shared/API.md."""
+
+    id: str
+    task_type: str
+    status: JobStatus
+    payload: dict[str, Any]
+    queue: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    run_at: datetime
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: ProgressOut
+    result: Any
+    error: str | None
+    tags: list[str]
+    rerun_of: str | None
+    depends_on: list[str]
+    idempotency_key: str | None
+    context: dict[str, Any] | None
+    lease_owner: str | None
+    error_traceback: str | None
+    attempt_history: list[dict[str, Any]]
+
+    @classmethod
+    def from_row(cls, row: JobRow) -> "JobOut":
+        return cls.model_validate(row.public())
+
+
+class JobPage(BaseModel):
+    """Newest first; pass `next_cursor` back as `cursor` for the next page (null: no more)."""
+
+    items: list[JobOut]
+    next_cursor: str | None
+
+    @classmethod
+    def from_page(cls, page: Page) -> "JobPage":
+        return cls(items=[JobOut.from_row(row) for row in page.items], next_cursor=page.next_cursor)
+
+
+class EventOut(BaseModel):
+    at: datetime
+    event: str
+    status: str
+    attempt: int
+    process: str | None
+    message: str | None
+
+    @classmethod
+    def from_row(cls, row: EventRow) -> "EventOut":
+        return cls(at=row.at, event=row.event, status=row.status, attempt=row.attempt,
+                   process=row.process, message=row.message)
+
+
+class EventPage(BaseModel):
+    """A job's timeline, oldest first."""
+
+    items: list[EventOut]
+
+
+# -- enqueue options ------------------------------------------------------------------------------
+class EnqueueOptionsIn(BaseModel):
+    """The options every task type accepts beside its payload fields.
+
+    Generated request models inherit these fields; `options_of` turns them into the engine's
+    EnqueueOptions. Bounds keep every value storable, so bad input gets a 400, never a 500.
+    """
+
+    run_at: AwareDatetime | None = Field(
+        default=None, description="When to run, ISO 8601 with a UTC offset; give this or delay_seconds."
+    )
+    delay_seconds: float | None = Field(
+        default=None, ge=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False,
+        description="Run this many seconds from now; give this or run_at.",
+    )
+    priority: int | None = Field(
+        default=None, ge=-INT32_MAX, le=INT32_MAX, description="Higher runs first; default: the task type's."
+    )
+    max_attempts: int | None = Field(
+        default=None, ge=1, le=1000, description="Attempts before the job fails; default: the task type's."
+    )
+    queue: str | None = Field(
+        default=None, min_length=1, max_length=100, description='The named queue; default "default".'
+    )
+    tags: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=50, description="Labels to find the job by."
+    )
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=255,
+        description="A second enqueue with the same key returns the existing job (200) instead.",
+    )
+    context: dict[str, Any] | None = Field(
+        default=None, description="A small JSON object (at most 4 KiB) handed to the handler."
+    )
+    depends_on: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list, max_length=100,
+        description="Job ids this job waits for; if one fails or is cancelled, this one is cancelled.",
+    )
+
+    @field_validator("run_at", mode="before")
+    @classmethod
+    def _run_at_text(cls, value: Any) -> Any:
+        return reject_numbers(value)
+
+    @field_validator("run_at")
+    @classmethod
+    def _run_at_storable(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else as_utc(value, "run_at")
+
+    @field_validator("delay_seconds")
+    @classmethod
+    def _not_both(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("run_at") is not None:
+            raise ValueError("give run_at or delay_seconds, not both")
+        return value
+
+
+#: the names of the option fields, which are never part of a payload
+OPTION_FIELDS: frozenset[str] = frozenset(EnqueueOptionsIn.model_fields)
+
+
+def options_of(data: BaseModel) -> EnqueueOptions:
+    """The engine's EnqueueOptions from a request model that carries the option fields."""
+    values = {name: getattr(data, name) for name in OPTION_FIELDS}
+    return EnqueueOptions(
+        run_at=values["run_at"], delay_seconds=values["delay_seconds"], priority=values["priority"],
+        max_attempts=values["max_attempts"], queue=values["queue"], tags=tuple(values["tags"]),
+        idempotency_key=values["idempotency_key"], context=values["context"],
+        depends_on=tuple(JobId(i) for i in values["depends_on"]),
+    )
+
+
+def queue_name_type(queues: list[str]) -> Any:
+    """`Literal[...]` of the configured queue names, so a typo gets a 400 instead of a job that
+    sits in a queue no weight was set for."""
+    return Literal.__getitem__(tuple(queues))
+
+
+class UploadForm(EnqueueOptionsIn):
+    """Base of the multipart models: a form carries only text, so JSON objects and lists of
+    objects arrive as JSON text and are decoded before validation."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    @field_validator("context", mode="before")
+    @classmethod
+    def _context_as_json(cls, value: Any) -> Any:
+        return decode_form_json(value)
+
+
+def decode_form_json(value: Any) -> Any:
+    """A form value that is JSON text of an object or list becomes that object or list."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+# -- other bodies ------------------------------------------------------------------------------
+class RetryFailedIn(BaseModel):
+    """Which failed jobs to retry; every filter given is AND-ed, none means every failed job."""
+
+    ids: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+        default=None, max_length=10_000
+    )
+    task_type: str | None = Field(default=None, min_length=1, max_length=200)
+    failed_after: AwareDatetime | None = None
+    failed_before: AwareDatetime | None = None
+
+    @field_validator("failed_after", "failed_before", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return reject_numbers(value)
+
+    @field_validator("failed_after", "failed_before")
+    @classmethod
+    def _storable(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        return None if value is None else as_utc(value, str(info.field_name))
+
+
+class RetryFailedOut(BaseModel):
+    retried: int
+    ids: list[str]
+
+
+class ReloadOut(BaseModel):
+    loaded: int = Field(description="Due jobs read from the database that were not in memory yet.")
+
+
+class QueueStatsOut(BaseModel):
+    in_memory: int = Field(description="Due job ids this process holds in memory.")
+    by_status: dict[str, int]
+    by_task_type: dict[str, dict[str, int]]
+    running_by_process: dict[str, int] = Field(
+        description="Running jobs per lease owner (host/pid/start/nonce)."
+    )
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    database: Literal["ok"]

@@ -1,0 +1,353 @@
+"""Tests for endpoints/tasks.py: one POST per task type, options beside the payload, 202/200,
+bad input as a 400 naming the field with nothing written, and multipart uploads."""
+
+from __future__ import annotations
+
+import gc
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from carwash_jobs.app import create_app
+from carwash_jobs.errors import ConfigurationError
+from carwash_jobs.registry import TaskRegistry, TaskType
+from endpoints.tasks import enqueue_model, task_routes
+from tests.endpoints.conftest import AUTH, assert_error, copy_template, idle, job_count, make_settings
+from tests.endpoints.sample_tasks.echo import EchoPayload, echo
+
+if TYPE_CHECKING:
+    from litestar import Litestar
+
+    from carwash_jobs.runtime import Runtime
+    from carwash_jobs.settings import Settings
+
+JSON = {"content-type": "application/json"}
+
+
+# -- JSON routes -----------------------------------------------------------------------------
+async def test_enqueue_answers_202_with_location_and_the_job(client: AsyncTestClient[Litestar]) -> None:
+    response = await client.post("/api/tasks/echo", json={"message": "hi", "amount_cents": 5})
+
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/api/jobs/{job['id']}"
+    assert job["task_type"] == "echo"
+    assert job["status"] == "queued"
+    assert job["payload"] == {"message": "hi", "amount_cents": 5, "mode": "plain", "recipients": []}
+    assert job["queue"] == "default"
+    assert job["max_attempts"] == 3  # the task type's default
+    assert job["progress"] == {"done": 0, "total": None}
+    assert job["created_at"].endswith("Z")
+    assert (await client.get(response.headers["location"])).json()["id"] == job["id"]
+
+
+async def test_job_is_polled_from_202_to_completed(
+    client: AsyncTestClient[Litestar], runtime: Runtime
+) -> None:
+    response = await client.post("/api/tasks/echo", json={"message": "poll me"})
+    idle(client, runtime)
+
+    job = (await client.get(response.headers["location"])).json()
+    assert job["status"] == "completed"
+    assert job["result"]["message"] == "poll me"
+    assert job["attempts"] == 1
+    assert job["finished_at"] is not None
+
+
+async def test_route_slug_comes_from_the_registry(client: AsyncTestClient[Litestar]) -> None:
+    response = await client.post("/api/tasks/slow", json={"seconds": 0})
+
+    assert response.status_code == 202
+    assert response.json()["task_type"] == "slow_sleep"
+    assert (await client.post("/api/tasks/slow_sleep", json={})).status_code == 404
+
+
+async def test_options_beside_the_payload_are_applied(client: AsyncTestClient[Litestar]) -> None:
+    before = datetime.now(UTC)
+    response = await client.post("/api/tasks/echo", json={
+        "message": "m", "priority": 7, "max_attempts": 9, "queue": "critical", "tags": ["a", "b"],
+        "context": {"who": "admin"}, "delay_seconds": 3600,
+    })
+
+    job = response.json()
+    assert response.status_code == 202
+    assert job["payload"] == {"message": "m", "amount_cents": 1, "mode": "plain", "recipients": []}
+    assert (job["priority"], job["max_attempts"], job["queue"]) == (7, 9, "critical")
+    assert job["tags"] == ["a", "b"]
+    assert job["context"] == {"who": "admin"}
+    assert job["status"] == "scheduled"
+    run_at = datetime.fromisoformat(job["run_at"])
+    assert before + timedelta(seconds=3599) < run_at < before + timedelta(seconds=3700)
+
+
+async def test_run_at_with_an_offset_schedules_the_job(client: AsyncTestClient[Litestar]) -> None:
+    body = {"message": "m", "run_at": "2999-01-01T10:00:00+02:00"}
+
+    response = await client.post("/api/tasks/echo", json=body)
+
+    assert response.json()["status"] == "scheduled"
+    assert datetime.fromisoformat(response.json()["run_at"]) == datetime(2999, 1, 1, 8, tzinfo=UTC)
+
+
+async def test_same_idempotency_key_answers_200_with_the_existing_job(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    first = await client.post("/api/tasks/echo", json={"message": "once", "idempotency_key": "k-1"})
+    again = await client.post("/api/tasks/echo", json={"message": "twice", "idempotency_key": "k-1"})
+
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["payload"]["message"] == "once"
+    assert again.headers["location"] == first.headers["location"]
+    assert await job_count(client) == 1
+
+
+async def test_depends_on_waits_until_the_dependency_completes(
+    client: AsyncTestClient[Litestar], runtime: Runtime
+) -> None:
+    # slow runs one at a time, so the second one is surely unfinished when echo is enqueued
+    await client.post("/api/tasks/slow", json={"seconds": 0.2})
+    dependency = (await client.post("/api/tasks/slow", json={"seconds": 0.2})).json()
+    body = {"message": "after", "depends_on": [dependency["id"]]}
+    waiting = await client.post("/api/tasks/echo", json=body)
+    assert waiting.json()["status"] == "waiting"
+
+    idle(client, runtime)
+
+    assert (await client.get(waiting.headers["location"])).json()["status"] == "completed"
+
+
+async def test_depends_on_a_cancelled_job_cancels_the_dependent(
+    client: AsyncTestClient[Litestar], runtime: Runtime
+) -> None:
+    dependency = (await client.post("/api/tasks/fail", json={"delay_seconds": 3600})).json()
+    doomed = await client.post("/api/tasks/echo", json={"message": "m", "depends_on": [dependency["id"]]})
+
+    await client.post(f"/api/jobs/{dependency['id']}/cancel")
+    idle(client, runtime)
+
+    job = (await client.get(doomed.headers["location"])).json()
+    assert job["status"] == "cancelled"
+    assert dependency["id"] in job["error"]
+
+
+BAD_INPUTS: list[tuple[str, Any, str | None]] = [
+    ("wrong type", {"message": 5}, "message"),
+    ("missing field", {"amount_cents": 5}, "message"),
+    ("negative amount", {"message": "m", "amount_cents": -5}, "amount_cents"),
+    ("unknown enum value", {"message": "m", "mode": "whisper"}, "mode"),
+    ("nested field", {"message": "m", "recipients": [{"email": ""}]}, "recipients.0.email"),
+    ("unknown queue", {"message": "m", "queue": "nope"}, "queue"),
+    ("zero attempts", {"message": "m", "max_attempts": 0}, "max_attempts"),
+    ("priority beyond 32 bits", {"message": "m", "priority": 2**40}, "priority"),
+    ("negative delay", {"message": "m", "delay_seconds": -1}, "delay_seconds"),
+    ("run_at and delay", {"message": "m", "run_at": "2030-01-01T00:00:00Z", "delay_seconds": 5},
+     "delay_seconds"),
+    ("run_at without offset", {"message": "m", "run_at": "2030-01-01T00:00:00"}, "run_at"),
+    ("run_at as a number", {"message": "m", "run_at": 1_900_000_000}, "run_at"),
+    ("run_at out of range", {"message": "m", "run_at": "0001-01-01T00:00:00+05:00"}, "run_at"),
+    ("context not an object", {"message": "m", "context": [1]}, "context"),
+    ("context too big", {"message": "m", "context": {"x": "y" * 5000}}, "context"),
+    ("tags not a list", {"message": "m", "tags": "x"}, "tags"),
+    ("true for a number", {"message": "m", "delay_seconds": True}, "delay_seconds"),
+    ("text for a number", {"message": "m", "priority": "5"}, "priority"),
+    ("text for a payload number", {"message": "m", "amount_cents": "5"}, "amount_cents"),
+    ("unknown dependency", {"message": "m", "depends_on": ["nope"]}, "depends_on"),
+    ("not an object", [1, 2], None),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), [(b, f) for _, b, f in BAD_INPUTS],
+                         ids=[name for name, _, _ in BAD_INPUTS])
+async def test_bad_input_gets_400_naming_the_field_and_writes_nothing(
+    client: AsyncTestClient[Litestar], body: Any, field: str | None
+) -> None:
+    response = await client.post("/api/tasks/echo", json=body)
+
+    assert_error(response, 400, field)
+    assert await job_count(client) == 0
+
+
+@pytest.mark.parametrize("raw", [b"{bad", b"", b'{"message": "\\ud800"}', b"\xff\xfe"])
+async def test_malformed_json_gets_400(client: AsyncTestClient[Litestar], raw: bytes) -> None:
+    response = await client.post("/api/tasks/echo", content=raw, headers=JSON)
+
+    assert_error(response, 400)
+    assert await job_count(client) == 0
+
+
+async def test_unknown_task_type_is_404(client: AsyncTestClient[Litestar]) -> None:
+    assert_error(await client.post("/api/tasks/nope", json={}), 404)
+
+
+async def test_body_over_the_limit_gets_413(client: AsyncTestClient[Litestar], settings: Settings) -> None:
+    body = json.dumps({"message": "m", "context": {"x": "y" * settings.max_upload_bytes}})
+
+    response = await client.post("/api/tasks/echo", content=body, headers=JSON)
+
+    assert_error(response, 413)
+    assert await job_count(client) == 0
+
+
+async def test_request_schema_is_the_payload_model_plus_the_options(settings: Settings) -> None:
+    (task_type,) = [t for t in TaskRegistry.load(settings.task_types) if t.name == "echo"]
+    model = enqueue_model(task_type, (str | None, None))
+
+    assert issubclass(model, EchoPayload)
+    assert {"message", "amount_cents", "priority", "run_at", "depends_on", "idempotency_key"} <= set(
+        model.model_fields
+    )
+
+
+def test_payload_field_named_like_an_option_is_refused(settings: Settings) -> None:
+    class Clashing(EchoPayload):
+        priority: int = 0
+
+    registry = TaskRegistry([TaskType("clash", Clashing, echo)])
+
+    with pytest.raises(ConfigurationError, match="priority"):
+        task_routes(registry, settings)
+
+
+def test_upload_field_must_name_a_payload_field() -> None:
+    with pytest.raises(ConfigurationError, match="upload_field"):
+        TaskType("bad", EchoPayload, echo, upload_field="nope")
+
+
+# -- multipart ---------------------------------------------------------------------------------
+def stored_files(settings: Settings) -> list[Path]:
+    root = Path(settings.files_dir)
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def files_root(settings: Settings) -> Path:
+    return Path(settings.files_dir).resolve()
+
+
+def file_bytes(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+async def upload(client: AsyncTestClient[Litestar], content: bytes = b"a,b\n1,2\n",
+                 filename: str = "staff.csv", **fields: str) -> Any:
+    data = {"kind": "employees", "tenant_id": "tenant-1", **fields}
+    files = {"file": (filename, content, "text/csv")}
+    return await client.post("/api/tasks/file-upload", files=files, data=data)
+
+
+async def test_upload_is_stored_durably_before_the_202(
+    client: AsyncTestClient[Litestar], runtime: Runtime, settings: Settings
+) -> None:
+    response = await upload(client, b"\xef\xbb\xbfh1,h2\r\n1,2\r\n3,4\r\n", tags="import",
+                            context='{"by": "admin"}', notes='{"source": "hr"}')
+
+    assert response.status_code == 202, response.text
+    job = response.json()
+    path = Path(job["payload"]["path"])
+    assert file_bytes(job["payload"]["path"]) == b"\xef\xbb\xbfh1,h2\r\n1,2\r\n3,4\r\n"
+    assert path.is_relative_to(files_root(settings))
+    assert path.name == "staff.csv"
+    assert job["payload"]["notes"] == {"source": "hr"}
+    assert (job["tags"], job["context"]) == (["import"], {"by": "admin"})
+    idle(client, runtime)
+    assert (await client.get(response.headers["location"])).json()["result"] == {"lines": 3}
+
+
+async def test_upload_file_name_cannot_escape_the_files_directory(
+    client: AsyncTestClient[Litestar], settings: Settings
+) -> None:
+    response = await upload(client, filename="../../etc/passwd")
+
+    path = Path(response.json()["payload"]["path"])
+    assert path.name == "passwd"
+    assert path.parent.parent == files_root(settings)
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"kind": "managers"}, "kind"),
+    ({"tenant_id": ""}, "tenant_id"),
+    ({"priority": "high"}, "priority"),
+    ({"notes": '{"a": 1}'}, "notes.a"),
+    ({"queue": "nope"}, "queue"),
+])
+async def test_upload_with_a_bad_field_gets_400_and_leaves_no_file(
+    client: AsyncTestClient[Litestar], settings: Settings, fields: dict[str, str], field: str
+) -> None:
+    assert_error(await upload(client, b"a,b\n", **fields), 400, field)
+    assert stored_files(settings) == []
+    assert await job_count(client) == 0
+
+
+async def test_upload_refused_by_the_queue_leaves_no_file(
+    client: AsyncTestClient[Litestar], settings: Settings
+) -> None:
+    assert_error(await upload(client, depends_on="no-such-job"), 400, "depends_on")
+    assert stored_files(settings) == []
+
+
+async def test_upload_without_the_file_gets_400(client: AsyncTestClient[Litestar]) -> None:
+    response = await client.post("/api/tasks/file-upload", files={"other": ("x.csv", b"x")},
+                                 data={"kind": "employees", "tenant_id": "t"})
+
+    assert_error(response, 400, "file")
+
+
+async def test_upload_over_the_limit_gets_413_and_leaves_no_file(
+    client: AsyncTestClient[Litestar], settings: Settings
+) -> None:
+    just_over = b"x" * (settings.max_upload_bytes + 1)
+    far_over = b"x" * (settings.max_upload_bytes * 3)
+
+    assert_error(await upload(client, just_over), 413)  # the file alone is too big
+    assert_error(await upload(client, far_over), 413)  # the whole body is too big
+    assert stored_files(settings) == []
+    assert await job_count(client) == 0
+
+
+async def test_upload_of_exactly_the_limit_is_accepted(
+    client: AsyncTestClient[Litestar], settings: Settings
+) -> None:
+    assert (await upload(client, b"x" * settings.max_upload_bytes)).status_code == 202
+
+
+async def test_upload_with_an_existing_idempotency_key_keeps_one_file(
+    client: AsyncTestClient[Litestar], settings: Settings
+) -> None:
+    first = await upload(client, idempotency_key="u-1")
+    again = await upload(client, b"other", idempotency_key="u-1")
+
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert stored_files(settings) == [Path(first.json()["payload"]["path"])]
+
+
+async def test_upload_form_with_a_bad_charset_gets_400(client: AsyncTestClient[Litestar]) -> None:
+    boundary = "XyZ"
+    part = f"--{boundary}\r\nContent-Disposition: form-data; name="
+    body = (
+        f'{part}"kind"\r\n\r\n'.encode() + b"\xff\xfe\r\n"
+        + f'{part}"file"; filename="a.csv"\r\n\r\n'.encode() + b"a\r\n"
+        + f"--{boundary}--\r\n".encode()
+    )
+    response = await client.post("/api/tasks/file-upload", content=body,
+                                 headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+
+    assert_error(response, 400)
+
+
+async def test_a_refused_form_does_not_leave_its_spooled_file_open(tmp_path: Path, template_db: Path) -> None:
+    """A file over 1 MB is spooled to disk while the form is parsed; when the form then fails
+    validation the handler never sees it. Litestar closes it (an open file would surface as a
+    ResourceWarning, an error under this suite's filterwarnings): this keeps that checked."""
+    copy_template(template_db, tmp_path)
+    app = create_app(make_settings(tmp_path, max_upload_bytes=3_000_000))
+    async with AsyncTestClient(app) as big:
+        big.headers.update(AUTH)
+
+        response = await upload(big, b"x" * 1_500_000, kind="managers")
+
+        assert_error(response, 400, "kind")
+    gc.collect()
