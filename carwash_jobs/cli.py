@@ -56,6 +56,9 @@ def _configure_logging(settings: Settings) -> None:
     else:
         logging.basicConfig(level=settings.log_level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # APScheduler announces every run of every duty at INFO: seconds apart, that is noise
+    if logging.getLogger().level <= logging.INFO:
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def _parser() -> argparse.ArgumentParser:
