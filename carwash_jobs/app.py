@@ -145,6 +145,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, role: Role
     from endpoints.deps import RUNTIME_KEY, dependencies
     from endpoints.errors import exception_handlers
     from endpoints.routes import route_handlers
+    from endpoints.ui import template_config
 
     if settings.api_token is None:
         raise ConfigurationError(
@@ -176,6 +177,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, role: Role
         state=State({} if runtime is None else {RUNTIME_KEY: runtime}),
         request_max_body_size=settings.max_upload_bytes,
         logging_config=None,  # the CLI configured logging (text or JSON); keep it
+        template_config=template_config(),  # the dashboard's pages (endpoints/ui.py)
         openapi_config=OpenAPIConfig(
             title="carwash-jobs",
             version=_version(),

@@ -53,6 +53,16 @@ class Batcher(Generic[ItemT, ResultT]):
                 await self._task
             self._task = None
 
+    def cancel(self) -> None:
+        """Stop at once (the owner is shutting down): whoever still waits gets an error."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for p in self._pending:
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("the queue is closed"))
+        self._pending.clear()
+
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()

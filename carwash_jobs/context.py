@@ -2,7 +2,8 @@
 
 A handler gets `(ctx, payload)`. Through `ctx` it reports progress, saves a checkpoint that the
 next attempt reads back (so a retry resumes instead of redoing), checks for cancellation,
-queues follow-up jobs and adds final writes that commit together with the job's completion.
+queues follow-up jobs, adds final writes that commit together with the job's completion, and
+paces itself with rate limits that hold across the fleet.
 It never sees the queue or the store directly.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from carwash_jobs.errors import LeaseLost
+from carwash_jobs.ratelimit import FleetRate
 
 if TYPE_CHECKING:
     from carwash_jobs.lifecycle import Fence
@@ -102,6 +104,12 @@ class JobContext:
     async def transaction(self, fn: TxFn[T]) -> T:
         """Run domain writes in their own transaction now (checkpoint after, to resume)."""
         return await self._state.store.transaction(fn)
+
+    def rate_limit(self, name: str, per_minute: int) -> FleetRate:
+        """A pace shared by every process on the database (e.g. mail a minute): call
+        `await limit.wait()` before each unit. Its slots are kept in the database, so the limit
+        holds for the fleet, not once per process."""
+        return FleetRate(self._state.store, name, per_minute)
 
     async def _write(self, *, done: int | None = None, total: int | None = None,
                      checkpoint: dict[str, Any] | None = None) -> None:

@@ -29,12 +29,34 @@ class WorkerQueue(SQLModel, table=True):
 
     __tablename__ = "worker_queue"
     __table_args__ = (
-        # the claim and reload path: due rows by priority, then age
-        sa.Index("ix_worker_queue_due", "status", "run_at", "priority"),
-        sa.Index("ix_worker_queue_lease", "status", "lease_until"),
+        # Partial indexes: a row is in an index only while its status needs it, so a status
+        # change touches few indexes (each index update costs as much as the row update).
+        # the claim and reload path: queued rows by priority, then age
+        sa.Index(
+            "ix_worker_queue_ready", sa.text("priority DESC"), "run_at", "id",
+            sqlite_where=sa.text("status = 'queued'"),
+            postgresql_where=sa.text("status = 'queued'"),
+        ),
+        # scheduled rows that become due (retries, delayed jobs)
+        sa.Index(
+            "ix_worker_queue_scheduled", "run_at",
+            sqlite_where=sa.text("status = 'scheduled'"),
+            postgresql_where=sa.text("status = 'scheduled'"),
+        ),
+        # running rows whose lease may have run out
+        sa.Index(
+            "ix_worker_queue_lease", "lease_until",
+            sqlite_where=sa.text("status = 'running'"),
+            postgresql_where=sa.text("status = 'running'"),
+        ),
         sa.Index("ix_worker_queue_created", "created_at", "id"),
         sa.Index("ix_worker_queue_type_status", "task_type", "status", "created_at"),
-        sa.Index("ix_worker_queue_status_finished", "status", "finished_at"),
+        # bulk retry by failed-time range, and pruning of old finished rows
+        sa.Index(
+            "ix_worker_queue_finished", "status", "finished_at",
+            sqlite_where=sa.text("status IN ('completed', 'failed', 'cancelled')"),
+            postgresql_where=sa.text("status IN ('completed', 'failed', 'cancelled')"),
+        ),
         sa.Index("ix_worker_queue_rerun_of", "rerun_of"),
     )
 
@@ -101,3 +123,34 @@ class CronFire(SQLModel, table=True):
     fire_at: datetime = Field(sa_column=sa.Column(_TS, primary_key=True))
     job_id: str | None = Field(default=None, max_length=32)
     fired_by: str | None = Field(default=None, max_length=200)
+
+
+class RateLimit(SQLModel, table=True):
+    """One row per fleet-wide pace (e.g. "email"): the time of its next free slot.
+
+    Every process on the database takes slots from the same row with one atomic upsert, so a
+    limit such as "600 messages a minute" holds for the whole fleet, not once per process.
+    `next_at` is in seconds since the epoch: slot arithmetic is then the same plain addition on
+    SQLite and PostgreSQL."""
+
+    __tablename__ = "rate_limits"
+
+    name: str = Field(primary_key=True, max_length=100)
+    next_at: float = Field(sa_column=sa.Column(sa.Float, nullable=False))
+
+
+class FleetProcess(SQLModel, table=True):
+    """One row per running Runtime (API or worker), renewed while it lives: who is in the fleet.
+
+    A process announces itself at start, renews `expires_at` on every heartbeat and deletes its
+    row when it stops; a row whose `expires_at` has passed belongs to a process that died."""
+
+    __tablename__ = "processes"
+
+    owner: str = Field(primary_key=True, max_length=200)  #: host/pid/start/nonce: the lease owner
+    role: str = Field(max_length=16)
+    host: str = Field(max_length=200)
+    pid: int
+    started_at: datetime = Field(sa_column=sa.Column(_TS, nullable=False))
+    last_seen_at: datetime = Field(sa_column=sa.Column(_TS, nullable=False))
+    expires_at: datetime = Field(sa_column=sa.Column(_TS, nullable=False))

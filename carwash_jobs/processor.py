@@ -35,11 +35,14 @@ if TYPE_CHECKING:
 
     from carwash_jobs.metrics import Metrics
     from carwash_jobs.queue import JobQueue
-    from carwash_jobs.store.base import JobRow, NewJob
+    from carwash_jobs.store.base import DueJob, JobRow, NewJob
 
 log = logging.getLogger(__name__)
 
 CLAIM_BATCH_MAX = 100
+#: how long jobs of a task type found at its fleet-wide concurrency limit wait before the next
+#: claim asks again (a job of that type ending in this process asks at once)
+FLEET_FULL_BACKOFF_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,8 @@ class QueueProcessor:
         self._clock = clock
         self._running: dict[JobId, _Running] = {}
         self._per_type: dict[str, int] = {}
+        #: limited task types that a claim found at their fleet-wide limit, parked for a moment
+        self._fleet_full: set[str] = set()
         self._claiming = 0
         self._slot_free = asyncio.Event()
         self._idle = asyncio.Event()
@@ -201,12 +206,47 @@ class QueueProcessor:
     def _free_slots(self) -> int:
         return self._config.concurrency - len(self._running) - self._claiming
 
-    def _has_room(self, task_type: str) -> bool:
+    def _limit_of(self, task_type: str) -> int | None:
+        """The task type's fleet-wide concurrency limit (None: unlimited, or unknown here: then
+        claim and fail it loudly rather than park it forever)."""
         try:
-            limit = self._registry.get(task_type).options.concurrency
+            return self._registry.get(task_type).options.concurrency
         except Exception:
-            return True  # unknown here: claim and fail it loudly rather than park it forever
-        return limit is None or self._per_type.get(task_type, 0) < limit
+            return None
+
+    def _has_room(self, task_type: str) -> bool:
+        limit = self._limit_of(task_type)
+        return limit is None or (
+            self._per_type.get(task_type, 0) < limit and task_type not in self._fleet_full
+        )
+
+    def _fleet_limits(self, batch: Sequence[DueJob]) -> dict[str, int]:
+        """The limits the claim of `batch` must enforce across the fleet: only those of the
+        task types in it, so a batch without limited types keeps the plain, fastest claim."""
+        limits: dict[str, int] = {}
+        for due in batch:
+            limit = self._limit_of(due.task_type)
+            if limit is not None:
+                limits[due.task_type] = limit
+        return limits
+
+    def _note_fleet_full(
+        self, batch: Sequence[DueJob], claimed: set[JobId], limits: Mapping[str, int]
+    ) -> None:
+        """A limited task type of which the claim took fewer jobs than asked is (most likely)
+        at its limit in other processes: park its jobs here for FLEET_FULL_BACKOFF_SECONDS
+        instead of asking the database again at once. What the claim left out is dropped from
+        memory, as after a lost race; the scheduler's reload brings back what is still queued."""
+        short = {due.task_type for due in batch
+                 if due.task_type in limits and due.id not in claimed}
+        loop = asyncio.get_running_loop()
+        for task_type in short - self._fleet_full:
+            self._fleet_full.add(task_type)
+            loop.call_later(FLEET_FULL_BACKOFF_SECONDS, self._fleet_room_again, task_type)
+
+    def _fleet_room_again(self, task_type: str) -> None:
+        self._fleet_full.discard(task_type)
+        self._ready.unpark(task_type)
 
     def _reserve_slot(self, task_type: str) -> bool:
         """Take a slot of `task_type` if it has room. `take` calls this for each entry it hands
@@ -229,8 +269,11 @@ class QueueProcessor:
             if not batch:
                 self._set_idle_if_idle()
                 continue
-            rows = await self._claim_batch([d.id for d in batch])
+            limits = self._fleet_limits(batch)
+            rows = await self._claim_batch([d.id for d in batch], limits)
             claimed = {row.id for row in rows}
+            if limits:  # before the slots are given back: their parked jobs wait
+                self._note_fleet_full(batch, claimed, limits)
             for due in batch:
                 if due.id not in claimed:
                     self._release_type_slot(due.task_type)
@@ -238,11 +281,13 @@ class QueueProcessor:
                 self._start(row)
             self._set_idle_if_idle()
 
-    async def _claim_batch(self, ids: list[JobId]) -> list[JobRow]:
+    async def _claim_batch(
+        self, ids: list[JobId], limits: Mapping[str, int] | None = None
+    ) -> list[JobRow]:
         """Claim `ids`. When stop() cancels the dispatcher meanwhile, the claim still commits:
         what it won is given back at once, without counting the attempt, as stop() promises."""
         self._claiming += len(ids)
-        claim = asyncio.ensure_future(self._claim(ids))
+        claim = asyncio.ensure_future(self._claim(ids, limits))
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
@@ -257,11 +302,14 @@ class QueueProcessor:
         finally:
             self._claiming -= len(ids)
 
-    async def _claim(self, ids: list[JobId]) -> list[JobRow]:
-        """Claim what this process may run; a lost race just leaves an id out."""
+    async def _claim(
+        self, ids: list[JobId], limits: Mapping[str, int] | None = None
+    ) -> list[JobRow]:
+        """Claim what this process may run; a lost race just leaves an id out, and so does a
+        job whose task type is at its fleet-wide limit (`limits`)."""
         lease_until = self._clock() + self._config.lease
         try:
-            return await self._store.claim(ids, self._owner, lease_until)
+            return await self._store.claim(ids, self._owner, lease_until, limits or None)
         except Exception:
             log.exception("claiming %d jobs failed; the reload will offer them again", len(ids))
             return []
@@ -293,6 +341,7 @@ class QueueProcessor:
         finally:
             if self._running.get(job.id) is running:  # not a newer attempt of the same job
                 del self._running[job.id]
+            self._fleet_full.discard(job.task_type)  # one of its fleet's slots just came free
             self._release_type_slot(job.task_type)
             if self._metrics is not None:
                 self._metrics.running.set(len(self._running))

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from carwash_jobs import lifecycle
+from carwash_jobs import lifecycle, tracing
+from carwash_jobs.batcher import Batcher
 from carwash_jobs.errors import IllegalTransition, InvalidPayload
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.store.base import (
@@ -98,6 +99,7 @@ class JobQueue:
         self._timers: dict[JobId, asyncio.TimerHandle] = {}
         self._listeners = _Listeners()
         self._background: set[asyncio.Task[int]] = set()
+        self._plain_inserts: Batcher[NewJob, Inserted] = Batcher(self._insert_plain)
 
     # -- enqueue -----------------------------------------------------------------------
     def build(
@@ -139,7 +141,9 @@ class JobQueue:
     ) -> Inserted:
         """Commit one job and offer it to this process's workers. With `tx`, the job is part of
         the caller's transaction (see `transaction`) and is offered after that commits."""
-        (inserted,) = await self.insert([self.build(task_type, payload, options)], tx=tx)
+        with tracing.span(f"enqueue {task_type}", **{"job.task_type": task_type}) as span:
+            (inserted,) = await self.insert([self.build(task_type, payload, options)], tx=tx)
+            span.set_attribute("job.id", inserted.job.id)
         return inserted
 
     async def enqueue_many(
@@ -154,8 +158,12 @@ class JobQueue:
         return await self.insert([self.build(task_type, p, options) for p in payloads])
 
     async def insert(self, jobs: Sequence[NewJob], *, tx: Tx | None = None) -> list[Inserted]:
-        # the store joins only its own Tx: hand it the one a _QueueTx wraps
-        results = await self.store.insert(jobs, tx=tx._tx if isinstance(tx, _QueueTx) else tx)
+        if tx is None and len(jobs) == 1 and _is_plain(jobs[0]):
+            # concurrent single enqueues share one set-based write (see batcher.py)
+            results = [await self._plain_inserts.submit(jobs[0])]
+        else:
+            # the store joins only its own Tx: hand it the one a _QueueTx wraps
+            results = await self.store.insert(jobs, tx=tx._tx if isinstance(tx, _QueueTx) else tx)
         created = [r.job for r in results if r.created]
         if self._metrics is not None:
             for job in created:
@@ -237,7 +245,11 @@ class JobQueue:
         """Called with the id of every job this process cancels (the processor stops it)."""
         self._listeners.on_cancel.append(listener)
 
+    async def _insert_plain(self, jobs: Sequence[NewJob]) -> list[Inserted]:
+        return await self.store.insert(jobs)
+
     def close(self) -> None:
+        self._plain_inserts.cancel()
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -316,6 +328,12 @@ class _QueueTx:
 
     async def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         return await self._tx.fetch(sql, params)
+
+
+def _is_plain(job: NewJob) -> bool:
+    """Nothing about it can fail alone (no key to collide, no dependency to miss), so it may
+    share a write with other callers' jobs."""
+    return job.idempotency_key is None and not job.depends_on and job.claimed_by is None
 
 
 def _due(job: JobRow) -> DueJob:

@@ -38,7 +38,9 @@ class TaskOptions:
     queue: str = "default"
     timeout: timedelta | None = timedelta(minutes=30)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    concurrency: int | None = None  #: jobs of this type running at once per process; None: any
+    #: jobs of this type running at once across the fleet (every process on the database,
+    #: enforced by the claim); None: any
+    concurrency: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,10 +4,12 @@ per process, made by the composition root; tests make as many as they like."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from carwash_jobs import lifecycle
@@ -15,10 +17,12 @@ from carwash_jobs.cron import CronService, configured_schedules, tick_interval
 from carwash_jobs.metrics import Metrics
 from carwash_jobs.middleware import Middleware, logging_middleware, metrics_middleware, tracing_middleware
 from carwash_jobs.processor import ProcessorConfig, QueueProcessor
+from carwash_jobs.prune import Pruner
 from carwash_jobs.queue import JobQueue
 from carwash_jobs.ready import ReadyQueue
 from carwash_jobs.scheduler import Scheduler
 from carwash_jobs.store import open_store
+from carwash_jobs.store.base import ProcessInfo
 from carwash_jobs.store.migrations import upgrade
 from carwash_jobs.types import Clock, process_identity, utc_now
 
@@ -55,6 +59,7 @@ class Runtime:
             synchronous=settings.sqlite_synchronous,
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             write_batch_max=settings.write_batch_max,
+            pool_size=settings.database_pool_size,
         )
         works = role in ("all", "worker")
         ready = ReadyQueue(settings.queue_mode, settings.queues) if works else None
@@ -82,6 +87,7 @@ class Runtime:
                 lease_check_interval=timedelta(seconds=settings.heartbeat_interval_seconds),
             )
         self._clock = clock
+        self._announcer: asyncio.Task[None] | None = None
         self.started = False
         #: fires the cron schedules (cron.py); None in a process that runs no scheduler
         self.cron: CronService | None = None
@@ -90,11 +96,24 @@ class Runtime:
             if self.cron.schedules:
                 interval = tick_interval(timedelta(seconds=settings.reload_interval_seconds))
                 self.scheduler.add_duty("cron", self.cron.fire_due, interval.total_seconds())
+        #: prunes finished jobs past their retention (prune.py); None without a scheduler
+        self.pruner: Pruner | None = None
+        if self.scheduler is not None:
+            self.pruner = Pruner(
+                self.store, registry, clock=clock, files_dir=settings.files_dir,
+                completed_retention=timedelta(days=settings.retention_completed_days),
+                failed_retention=timedelta(days=settings.retention_failed_days),
+            )
+            self.scheduler.add_duty("prune", self.pruner.prune, settings.prune_interval_seconds)
 
     async def start(self, *, migrate: bool = True) -> None:
         if migrate:
             await upgrade(self.settings.database_url)
         await self.store.open()
+        await self.announce()
+        self._announcer = asyncio.get_running_loop().create_task(
+            self._announce_loop(), name="process-announce"
+        )
         if self.processor is not None and self.scheduler is not None:
             await self.store.listen(self.queue.on_notice)
             await self.recover_leftovers()
@@ -109,6 +128,7 @@ class Runtime:
         if self.processor is not None:
             await self.processor.stop()
         self.queue.close()
+        await self._retire()
         await self.store.close()
         self.started = False
 
@@ -121,6 +141,37 @@ class Runtime:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    # -- membership of the fleet ---------------------------------------------------------
+    async def announce(self) -> None:
+        """Tell the fleet this process is alive (GET /api/queue/stats lists it under
+        `processes`). It counts as alive for one lease: as long as its jobs' leases would."""
+        await self.store.announce_process(
+            process_info(self.owner, self.role), ttl_seconds=self.settings.lease_seconds
+        )
+
+    async def _announce_loop(self) -> None:
+        interval = self.settings.heartbeat_interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.announce()
+            except Exception:
+                log.warning("announcing process %s failed; trying again in %.1fs", self.owner,
+                            interval, exc_info=True)
+
+    async def _retire(self) -> None:
+        if self._announcer is None:
+            return
+        self._announcer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._announcer
+        self._announcer = None
+        try:
+            await self.store.retire_process(self.owner)
+        except Exception:
+            log.warning("could not remove process %s from the fleet; it expires by itself",
+                        self.owner, exc_info=True)
 
     async def recover_leftovers(self) -> int:
         """Re-queue what earlier processes on this host left running when they died, without
@@ -138,6 +189,12 @@ class Runtime:
         recovered = [r.job for r in results if not isinstance(r, Exception)]
         log.warning("recovered %d jobs left running by dead processes %s", len(recovered), dead)
         return len(recovered)
+
+
+def process_info(owner: str, role: str) -> ProcessInfo:
+    """A process's announcement, from its identity `host/pid/start/nonce`."""
+    host, pid, started, _ = owner.split("/", 3)
+    return ProcessInfo(owner, role, host, int(pid), datetime.fromtimestamp(int(started), UTC))
 
 
 def _is_dead_local(owner: str) -> bool:

@@ -147,7 +147,23 @@ class Settings(BaseSettings):
         default=5000, ge=0, description="How long SQLite waits for a lock held by another process."
     )
     write_batch_max: int = Field(default=500, ge=1, description="Most writes one group commit carries.")
+    database_pool_size: int = Field(
+        default=10, ge=1,
+        description="PostgreSQL connections per process (plus one for LISTEN); SQLite ignores it.",
+    )
     files_dir: str = Field(default="./files", min_length=1, description="Where uploaded files are kept.")
+    retention_completed_days: float = Field(
+        default=7.0, gt=0,
+        description="Completed and cancelled jobs (with their events and files) are pruned this many "
+        "days after they finished.",
+    )
+    retention_failed_days: float = Field(
+        default=30.0, gt=0,
+        description="Failed jobs are kept this long after they finished, for inspection and retry.",
+    )
+    prune_interval_seconds: float = Field(
+        default=300.0, gt=0, description="How often the scheduler prunes jobs past their retention."
+    )
     log_level: str = Field(default="INFO", description="One of DEBUG, INFO, WARNING, ERROR, CRITICAL.")
     log_format: Literal["text", "json"] = Field(
         default="text", description="text for people, json for log collectors."

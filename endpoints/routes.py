@@ -1,7 +1,8 @@
 """`route_handlers`: the single list of every route the app serves.
 
 /api/* sits behind the bearer-token guard; /health (and /metrics unless configured otherwise)
-stays open. The per-task-type routes are generated from the registry.
+stays open; /ui (the dashboard) takes the same token once, at its login, for a session cookie.
+The per-task-type routes are generated from the registry.
 """
 
 from litestar import Router
@@ -14,6 +15,7 @@ from endpoints.health import health, metrics_route
 from endpoints.jobs import JobController
 from endpoints.queue import QueueController
 from endpoints.tasks import task_routes
+from endpoints.ui import ui_routes
 
 
 def route_handlers(
@@ -28,4 +30,5 @@ def route_handlers(
         guards=[guard],
         security=[{SECURITY_SCHEME: []}],
     )
-    return [api, health, metrics_route([] if settings.metrics_public else [guard])]
+    return [api, health, metrics_route([] if settings.metrics_public else [guard]),
+            *ui_routes(api_token)]

@@ -296,12 +296,30 @@ class ReloadOut(BaseModel):
     loaded: int = Field(description="Due jobs read from the database that were not in memory yet.")
 
 
+class ProcessOut(BaseModel):
+    """A live process of the fleet: API or worker, on PostgreSQL typically many."""
+
+    owner: str = Field(description="host/pid/start/nonce: the lease owner its claims carry.")
+    role: str = Field(description="all, api or worker.")
+    host: str
+    pid: int
+    started_at: datetime
+    last_seen_at: datetime | None = Field(description="Its last announcement (every heartbeat).")
+    running: int = Field(description="Jobs it runs now.")
+
+
 class QueueStatsOut(BaseModel):
     in_memory: int = Field(description="Due job ids this process holds in memory.")
     by_status: dict[str, int]
     by_task_type: dict[str, dict[str, int]]
     running_by_process: dict[str, int] = Field(
         description="Running jobs per lease owner (host/pid/start/nonce)."
+    )
+    processes: list[ProcessOut] = Field(
+        default_factory=list,
+        description="Live processes (announced within one lease), oldest first, with how many "
+                    "jobs each runs; a dead worker's jobs stay in running_by_process until "
+                    "their leases expire.",
     )
 
 

@@ -11,8 +11,12 @@ Why it is built this way:
 - Transient trouble (4xx, refused connection, timeouts) fails the attempt: the engine retries
   with backoff and the log makes the retry resume. A 5xx for one recipient is permanent for
   that recipient only: logged as rejected and reported, the rest go on.
-- A pacer spaces messages at least 60/rate seconds apart across all email jobs of the process
-  (CARWASH_EMAIL_RATE_PER_MINUTE), so a big list never leaves as a burst that spam filters flag.
+- The rate limit (CARWASH_EMAIL_RATE_PER_MINUTE) holds for the whole fleet: every message
+  takes a slot of the "email" pace kept in the database (`ctx.rate_limit`), slots 60/rate
+  seconds apart, so N worker processes together still send at the configured rate, evenly
+  spaced, and a big list never leaves as a burst that spam filters flag. When the fleet's
+  budget is taken for longer than a short wait, the attempt gives its worker slot back
+  (RetryLater, not counted) and resumes from the send log later.
 - Subject and names are refused at payload validation if they hold CR/LF, addresses are parsed
   with `email.headerregistry.Address`, and messages are built with `EmailMessage` (which refuses
   header line breaks again): no header injection.
@@ -28,7 +32,6 @@ import hashlib
 import mailbox
 import os
 import socket
-import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.headerregistry import Address
@@ -217,36 +220,8 @@ def _permanent(code: int) -> bool:
     return 500 <= code < 600
 
 
-# -- rate limit --------------------------------------------------------------------------------
-class Pacer:
-    """At most `per_minute` messages a minute, evenly spaced: each waits for its slot."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.interval = 60.0 / per_minute
-        self._next = 0.0
-        self._lock = asyncio.Lock()
-
-    async def wait(self) -> None:
-        async with self._lock:  # FIFO: jobs of the process take turns
-            loop = asyncio.get_running_loop()
-            delay = self._next - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            self._next = max(loop.time(), self._next) + self.interval
-
-
-# one pacer per event loop and rate: shared by every email job of this process (fleet-wide
-# limits come later); per loop, so test runs and their loops never share one
-_PACERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, Pacer]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def pacer(per_minute: int) -> Pacer:
-    by_rate = _PACERS.setdefault(asyncio.get_running_loop(), {})
-    if per_minute not in by_rate:
-        by_rate[per_minute] = Pacer(per_minute)
-    return by_rate[per_minute]
+#: the fleet-wide pace every email job takes its send slots from
+RATE_LIMIT_NAME = "email"
 
 
 # -- the handler -------------------------------------------------------------------------------
@@ -272,7 +247,7 @@ async def send_email(ctx: JobContext, payload: EmailPayload) -> EmailResult:
     await ctx.progress(done, total)
 
     transport = open_transport(settings.smtp_url)
-    limit = pacer(settings.email_rate_per_minute)
+    limit = ctx.rate_limit(RATE_LIMIT_NAME, settings.email_rate_per_minute)
     sender = (_address(payload.sender.email, payload.sender.name) if payload.sender
               else _address(DEFAULT_SENDER[1], DEFAULT_SENDER[0]))
     sent = 0
@@ -283,7 +258,7 @@ async def send_email(ctx: JobContext, payload: EmailPayload) -> EmailResult:
                 if ctx.cancelled():
                     raise LeaseLost()
                 message = build_message(payload, sender, to, ctx.job_id)
-                await limit.wait()
+                await limit.wait(remaining=total - done)
                 try:
                     await conn.send(message, sender.addr_spec, to.email)
                 except Rejected as exc:

@@ -201,6 +201,32 @@ class Stats:
 
 
 @dataclass(frozen=True, slots=True)
+class Reservation:
+    """The answer to a request for slots of a fleet-wide pace (`JobStore.reserve_rate`).
+
+    Granted: the slots are this caller's; it spends the first after `wait_seconds` and each
+    further one `interval` later. Refused: the first free slot is `wait_seconds` away, further
+    than the caller was willing to wait; nothing was taken."""
+
+    granted: bool
+    wait_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """A process of the fleet as it announces itself: its identity (the lease owner it claims
+    jobs as) and, once stored, when it was last seen and until when it counts as alive."""
+
+    owner: str
+    role: str
+    host: str
+    pid: int
+    started_at: datetime
+    last_seen_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CronFireResult:
     """What one process's attempt at a cron fire came to: "fired" (this process recorded the
     fire and inserted `job`), "skipped" (it recorded the fire without a job, because
@@ -222,6 +248,26 @@ class CronFireRow:
     fire_at: datetime
     job_id: JobId | None
     fired_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteCount:
+    """How many jobs ended in `status` during the minute that starts at `minute` (UTC)."""
+
+    minute: datetime
+    status: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrunedJob:
+    """A job `JobStore.prune` deleted: enough to remove what it left outside the database
+    (an uploaded file named in its payload)."""
+
+    id: JobId
+    task_type: str
+    status: str
+    payload: dict[str, Any]
 
 
 class Tx(Protocol):
@@ -279,16 +325,24 @@ class JobStore(Protocol):
         ...
 
     async def claim(
-        self, ids: Sequence[JobId], owner: str, lease_until: datetime
+        self, ids: Sequence[JobId], owner: str, lease_until: datetime,
+        limits: Mapping[str, int] | None = None,
     ) -> list[JobRow]:
         """Atomically move the claimable, due jobs among `ids` to running for `owner`.
-        Ids that another worker won, or that are not due, are left out of the result."""
+        Ids that another worker won, or that are not due, are left out of the result.
+
+        `limits` ({task_type: n}) caps how many jobs of a task type run at once across every
+        process on the database: the claim takes only as many of that type as leave the
+        fleet's running count at or under n (by priority, then age), exactly, even while other
+        processes claim at the same moment. The ids it leaves out stay queued."""
         ...
 
     async def claim_due(
-        self, limit: int, owner: str, lease_until: datetime, queues: Sequence[str] | None = None
+        self, limit: int, owner: str, lease_until: datetime, queues: Sequence[str] | None = None,
+        limits: Mapping[str, int] | None = None,
     ) -> list[JobRow]:
-        """Claim up to `limit` due jobs by priority, then run_at (the polling form)."""
+        """Claim up to `limit` due jobs by priority, then run_at (the polling form); `limits`
+        as in `claim`."""
         ...
 
     async def apply(
@@ -349,6 +403,29 @@ class JobStore(Protocol):
         """Run `fn` in one transaction: committed if it returns, rolled back if it raises."""
         ...
 
+    # -- the fleet ------------------------------------------------------------------------
+    async def reserve_rate(
+        self, name: str, interval_seconds: float, count: int, max_wait_seconds: float
+    ) -> Reservation:
+        """Take `count` consecutive slots of the pace `name`, one slot every `interval_seconds`
+        for every process on the database together, if the first free slot is at most
+        `max_wait_seconds` away; otherwise take nothing and say how far away it is. Atomic:
+        no slot is ever handed to two callers."""
+        ...
+
+    async def announce_process(self, process: ProcessInfo, ttl_seconds: float) -> None:
+        """Record that `process` is alive now and counts as alive for `ttl_seconds` more
+        (insert or renew); rows of processes long dead are pruned on the way."""
+        ...
+
+    async def retire_process(self, owner: str) -> None:
+        """Forget a process that stops."""
+        ...
+
+    async def live_processes(self) -> list[ProcessInfo]:
+        """The processes whose announcement has not expired, oldest first."""
+        ...
+
     # -- reads ----------------------------------------------------------------------------
     async def get(self, job_id: JobId) -> JobRow:
         """The job, or JobNotFound."""
@@ -387,4 +464,20 @@ class JobStore(Protocol):
 
     async def cron_fires(self, schedule: str | None, limit: int) -> list[CronFireRow]:
         """The newest fires (of one schedule, or of all), newest first."""
+        ...
+
+    async def finished_per_minute(self, since: datetime) -> list[MinuteCount]:
+        """Jobs that ended (completed, failed, cancelled) per minute and status since `since`:
+        the dashboard's throughput and failure-rate charts. It reads an index range, so its cost
+        follows the jobs finished since then, not the size of the table."""
+        ...
+
+    # -- retention ------------------------------------------------------------------------
+    async def prune(
+        self, completed_before: datetime, failed_before: datetime, limit: int
+    ) -> list[PrunedJob]:
+        """Delete up to `limit` finished jobs, oldest first, in one transaction: completed and
+        cancelled ones that finished before `completed_before`, failed ones that finished before
+        `failed_before`, with their events and dependency edges. A small `limit` keeps each
+        transaction short, so enqueues and claims never wait long behind a prune."""
         ...

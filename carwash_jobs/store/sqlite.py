@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +37,13 @@ from carwash_jobs.store.base import (
     JobFilter,
     JobRow,
     JobStore,
+    MinuteCount,
     NewJob,
     Notice,
     Page,
+    ProcessInfo,
+    PrunedJob,
+    Reservation,
     Stats,
     T,
     Tx,
@@ -72,6 +76,20 @@ INSERT INTO worker_queue ({_COLS}) VALUES (
   NULL, NULL, :error, NULL, '[]', :idempotency_key, :rerun_of, :depends_on)
 ON CONFLICT (idempotency_key) DO NOTHING
 """
+#: plain jobs (no idempotency key, no dependencies) from one JSON array, and their events
+INSERT_PLAIN_JOBS = f"""
+INSERT INTO worker_queue ({_COLS})
+SELECT v ->> '$.id', v ->> '$.task_type', v ->> '$.queue', v ->> '$.status',
+  v ->> '$.priority', v -> '$.payload', v -> '$.context', v -> '$.tags', 0,
+  v ->> '$.max_attempts', v ->> '$.run_at', v ->> '$.created_at', NULL, NULL, NULL, NULL, 0,
+  NULL, NULL, NULL, NULL, NULL, '[]', NULL, v ->> '$.rerun_of', '[]'
+FROM (SELECT value AS v FROM json_each(:jobs))
+"""
+INSERT_PLAIN_EVENTS = """
+INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
+SELECT value ->> '$.id', :now, 'enqueued', value ->> '$.status', 0, :owner, NULL
+FROM json_each(:jobs)
+"""
 SELECT_BY_IDEMPOTENCY_KEY = f"SELECT {_COLS} FROM worker_queue WHERE idempotency_key = ?"
 INSERT_DEPENDENCY = "INSERT INTO job_dependencies (job_id, depends_on_id) VALUES (?, ?)"
 INSERT_EVENT = """
@@ -79,11 +97,12 @@ INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
 VALUES (?, ?, ?, ?, ?, ?, ?)
 """
 SELECT_STATUSES = "SELECT id, status FROM worker_queue WHERE id IN ({ids})"
+#: by id: the unary + keeps the planner on the primary key, not a scan of the due index
 CLAIM_IDS = f"""
 UPDATE worker_queue
 SET status = 'running', attempts = attempts + 1, lease_owner = ?, lease_until = ?,
     started_at = ?
-WHERE id IN ({{ids}}) AND status IN ('queued', 'scheduled') AND run_at <= ?
+WHERE id IN ({{ids}}) AND +status IN ('queued', 'scheduled') AND +run_at <= ?
 RETURNING {_COLS}
 """
 CLAIM_DUE = f"""
@@ -94,6 +113,47 @@ WHERE id IN (
   SELECT id FROM worker_queue
   WHERE status = 'queued' AND run_at <= ? {{queue_filter}}
   ORDER BY priority DESC, run_at, id LIMIT ?)
+RETURNING {_COLS}
+"""
+#: The fleet-wide concurrency guard (`limits`), inside the claim's own statement: candidates
+#: (`c`: id, task_type, nth = rank within its task type by priority, then age) of a limited type
+#: are taken only while nth plus the jobs of that type already running stays within the limit.
+#: :limits is a JSON object {task_type: n}. The IN subquery is computed once, before any row
+#: changes, and SQLite serialises writers: no other claim can move the count meanwhile.
+_FLEET_GUARD = """
+  LEFT JOIN json_each(:limits) AS l ON l.key = c.task_type
+  WHERE l.key IS NULL OR c.nth + (
+    SELECT COUNT(*) FROM worker_queue AS r WHERE r.task_type = c.task_type AND r.status = 'running'
+  ) <= l.value"""
+_CLAIM_SET = """
+UPDATE worker_queue
+SET status = 'running', attempts = attempts + 1, lease_owner = :owner, lease_until = :lease_until,
+    started_at = :now"""
+CLAIM_IDS_LIMITED = f"""{_CLAIM_SET}
+WHERE id IN (
+  SELECT c.id FROM (
+    SELECT id, task_type,
+      ROW_NUMBER() OVER (PARTITION BY task_type ORDER BY priority DESC, run_at, id) AS nth
+    FROM worker_queue
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND status IN ('queued', 'scheduled')
+      AND run_at <= :now) AS c{_FLEET_GUARD})
+RETURNING {_COLS}
+"""
+#: the polling form: task types already at their limit are left out before the LIMIT applies
+CLAIM_DUE_LIMITED = f"""{_CLAIM_SET}
+WHERE id IN (
+  SELECT c.id FROM (
+    SELECT id, task_type,
+      ROW_NUMBER() OVER (PARTITION BY task_type ORDER BY priority DESC, run_at, id) AS nth
+    FROM (
+      SELECT id, task_type, priority, run_at FROM worker_queue
+      WHERE status = 'queued' AND run_at <= :now
+        AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+        AND task_type NOT IN (
+          SELECT f.key FROM json_each(:limits) AS f WHERE f.value <= (
+            SELECT COUNT(*) FROM worker_queue AS r
+            WHERE r.task_type = f.key AND r.status = 'running'))
+      ORDER BY priority DESC, run_at, id LIMIT :limit)) AS c{_FLEET_GUARD})
 RETURNING {_COLS}
 """
 SELECT_FENCE = "SELECT status FROM worker_queue WHERE id = ?"
@@ -119,7 +179,7 @@ WHERE id = :id AND status = 'running' AND attempts = :attempt AND lease_owner = 
 """
 EXTEND_LEASES = """
 UPDATE worker_queue SET lease_until = ?
-WHERE lease_owner = ? AND status = 'running' AND id IN ({ids})
+WHERE +lease_owner = ? AND +status = 'running' AND id IN ({ids})
 RETURNING id
 """
 PROMOTE_DUE = """
@@ -150,18 +210,39 @@ JOB_EVENTS = """
 SELECT at, event, status, attempt, process, message FROM job_events
 WHERE job_id = ? ORDER BY id
 """
-COUNTS = "SELECT task_type, status, COUNT(*) FROM worker_queue GROUP BY task_type, status"
-#: many completions in one statement: :batch is a JSON array of {id, attempt, owner, result}
+#: Counts by task type and status without counting a big table (migration 0005): finished jobs
+#: from job_counts, which triggers keep; unfinished ones through the partial index of their
+#: status, named, because without ANALYZE statistics SQLite prefers a full scan of the covering
+#: ix_worker_queue_type_status (200 ms at a million rows, measured); waiting jobs, which have no
+#: index of their own, through their dependency edges (a waiting job always has some)
+COUNTS = """
+SELECT task_type, 'queued', COUNT(*) FROM worker_queue INDEXED BY ix_worker_queue_ready
+WHERE status = 'queued' GROUP BY task_type
+UNION ALL
+SELECT task_type, 'scheduled', COUNT(*) FROM worker_queue INDEXED BY ix_worker_queue_scheduled
+WHERE status = 'scheduled' GROUP BY task_type
+UNION ALL
+SELECT task_type, 'running', COUNT(*) FROM worker_queue INDEXED BY ix_worker_queue_lease
+WHERE status = 'running' GROUP BY task_type
+UNION ALL
+SELECT task_type, 'waiting', COUNT(*) FROM worker_queue
+WHERE status = 'waiting' AND id IN (SELECT job_id FROM job_dependencies) GROUP BY task_type
+UNION ALL
+SELECT task_type, status, SUM(n) FROM job_counts GROUP BY task_type, status HAVING SUM(n) <> 0
+"""
+#: many completions in one statement: :batch is a JSON array of {id, attempt, owner, result}.
+#: The unary + keeps the planner from scanning running rows by status: each row is found by id.
 COMPLETE_MANY = """
-UPDATE worker_queue SET status = 'completed', result = c.value -> '$.result',
+UPDATE worker_queue SET status = 'completed', result = c.result,
   error = NULL, error_traceback = NULL, finished_at = :now, lease_owner = NULL, lease_until = NULL,
   attempt_history = json_insert(attempt_history, '$[#]', json_object(
     'attempt', worker_queue.attempts, 'outcome', 'completed', 'owner', worker_queue.lease_owner,
     'finished_at', :now_iso, 'error', NULL))
-FROM json_each(:batch) AS c
-WHERE worker_queue.id = c.value ->> '$.id' AND worker_queue.status = 'running'
-  AND worker_queue.attempts = c.value ->> '$.attempt'
-  AND worker_queue.lease_owner = c.value ->> '$.owner'
+FROM (SELECT value ->> '$.id' AS id, value ->> '$.attempt' AS attempt,
+             value ->> '$.owner' AS owner, value -> '$.result' AS result
+      FROM json_each(:batch)) AS c
+WHERE worker_queue.id = c.id AND +worker_queue.status = 'running'
+  AND worker_queue.attempts = c.attempt AND worker_queue.lease_owner = c.owner
 RETURNING worker_queue.id, worker_queue.attempts
 """
 #: one event row per id in :ids (a JSON array of [id, attempt]) in one statement
@@ -194,6 +275,51 @@ ORDER BY fire_at DESC, schedule LIMIT ?
 CRON_FIRES_OF_SCHEDULE = """
 SELECT schedule, fire_at, job_id, fired_by FROM cron_fires WHERE schedule = ?
 ORDER BY fire_at DESC LIMIT ?
+"""
+#: take slots of a fleet-wide pace: the row's next_at moves on by :cost seconds, unless the
+#: first free slot is later than :latest (then nothing changes and nothing is returned)
+RESERVE_RATE = """
+INSERT INTO rate_limits (name, next_at) VALUES (:name, :now + :cost)
+ON CONFLICT (name) DO UPDATE SET next_at = MAX(rate_limits.next_at, :now) + :cost
+WHERE rate_limits.next_at <= :latest
+RETURNING next_at
+"""
+RATE_NEXT_AT = "SELECT next_at FROM rate_limits WHERE name = ?"
+ANNOUNCE_PROCESS = """
+INSERT INTO processes (owner, role, host, pid, started_at, last_seen_at, expires_at)
+VALUES (:owner, :role, :host, :pid, :started_at, :now, :expires_at)
+ON CONFLICT (owner) DO UPDATE
+SET last_seen_at = excluded.last_seen_at, expires_at = excluded.expires_at
+"""
+PRUNE_PROCESSES = "DELETE FROM processes WHERE expires_at < ?"
+RETIRE_PROCESS = "DELETE FROM processes WHERE owner = ?"
+LIVE_PROCESSES = """
+SELECT owner, role, host, pid, started_at, last_seen_at, expires_at FROM processes
+WHERE expires_at > ? ORDER BY started_at, owner
+"""
+#: a dead process's row is kept this long after it expired (the dashboard may show it)
+PROCESS_RETENTION = timedelta(hours=1)
+
+#: finished jobs of one status past their retention, oldest first. `status` is a literal, never
+#: a parameter: only then may SQLite use the partial index ix_worker_queue_finished
+PRUNABLE = """
+SELECT id, task_type, status, payload FROM worker_queue
+WHERE status = '{status}' AND finished_at < ? ORDER BY finished_at LIMIT ?
+"""
+#: what a pruned job leaves in the database; :ids is a JSON array of job ids
+PRUNE_DELETES = (
+    "DELETE FROM job_events WHERE job_id IN (SELECT value FROM json_each(:ids))",
+    "DELETE FROM job_dependencies WHERE job_id IN (SELECT value FROM json_each(:ids))",
+    "DELETE FROM job_dependencies WHERE depends_on_id IN (SELECT value FROM json_each(:ids))",
+    "DELETE FROM worker_queue WHERE id IN (SELECT value FROM json_each(:ids))",
+)
+PRUNED_STATUSES = ("completed", "cancelled", "failed")
+#: the IN list repeats the partial index's own predicate word for word: only then may SQLite use
+#: ix_worker_queue_finished (a range of it, instead of a scan of the table)
+FINISHED_PER_MINUTE = """
+SELECT substr(finished_at, 1, 16), status, COUNT(*) FROM worker_queue
+WHERE status IN ('completed', 'failed', 'cancelled') AND finished_at >= ?
+GROUP BY substr(finished_at, 1, 16), status
 """
 
 
@@ -311,11 +437,15 @@ class SqliteJobStore:
         return await self.writer.run_sync(run)
 
     async def claim(
-        self, ids: Sequence[JobId], owner: str, lease_until: datetime
+        self, ids: Sequence[JobId], owner: str, lease_until: datetime,
+        limits: Mapping[str, int] | None = None,
     ) -> list[JobRow]:
         if not ids:
             return []
         now = self._clock()
+        if limits:
+            return await self._claim_limited(CLAIM_IDS_LIMITED, owner, lease_until, now, limits,
+                                             ids=_dump(list(ids)))
 
         def run(conn: sqlite3.Connection) -> list[JobRow]:
             sql = CLAIM_IDS.format(ids=_placeholders(len(ids)))
@@ -325,15 +455,34 @@ class SqliteJobStore:
         return await self.writer.run_sync(run)
 
     async def claim_due(
-        self, limit: int, owner: str, lease_until: datetime, queues: Sequence[str] | None = None
+        self, limit: int, owner: str, lease_until: datetime, queues: Sequence[str] | None = None,
+        limits: Mapping[str, int] | None = None,
     ) -> list[JobRow]:
         now = self._clock()
+        if limits:
+            return await self._claim_limited(
+                CLAIM_DUE_LIMITED, owner, lease_until, now, limits, limit=limit,
+                queues=_dump(list(queues)) if queues else None,
+            )
         queue_filter = f"AND queue IN ({_placeholders(len(queues))})" if queues else ""
 
         def run(conn: sqlite3.Connection) -> list[JobRow]:
             sql = CLAIM_DUE.format(queue_filter=queue_filter)
             params = (owner, ts(lease_until), ts(now), ts(now), *(queues or ()), limit)
             return _claimed(conn, conn.execute(sql, params).fetchall(), owner, now)
+
+        return await self.writer.run_sync(run)
+
+    async def _claim_limited(
+        self, sql: str, owner: str, lease_until: datetime, now: datetime,
+        limits: Mapping[str, int], **params: Any,
+    ) -> list[JobRow]:
+        """A claim under fleet-wide concurrency limits: one statement, its own guard."""
+        values = {**params, "owner": owner, "lease_until": ts(lease_until), "now": ts(now),
+                  "limits": _dump(dict(limits))}
+
+        def run(conn: sqlite3.Connection) -> list[JobRow]:
+            return _claimed(conn, conn.execute(sql, values).fetchall(), owner, now)
 
         return await self.writer.run_sync(run)
 
@@ -450,6 +599,51 @@ class SqliteJobStore:
     async def transaction(self, fn: TxFn[T]) -> T:
         return await self.writer.run_async(fn)
 
+    # -- the fleet (on SQLite: the processes sharing one file) ---------------------------
+    async def reserve_rate(
+        self, name: str, interval_seconds: float, count: int, max_wait_seconds: float
+    ) -> Reservation:
+        now = self._clock().timestamp()
+        cost = interval_seconds * count
+        params = {"name": name, "now": now, "cost": cost, "latest": now + max_wait_seconds}
+
+        def run(conn: sqlite3.Connection) -> Reservation:
+            row = conn.execute(RESERVE_RATE, params).fetchone()
+            if row is not None:
+                return Reservation(True, max(row[0] - cost - now, 0.0))
+            (next_at,) = conn.execute(RATE_NEXT_AT, (name,)).fetchone()
+            return Reservation(False, max(next_at - now, 0.0))
+
+        return await self.writer.run_sync(run)
+
+    async def announce_process(self, process: ProcessInfo, ttl_seconds: float) -> None:
+        now = self._clock()
+        params = {
+            "owner": process.owner, "role": process.role, "host": process.host,
+            "pid": process.pid, "started_at": ts(process.started_at), "now": ts(now),
+            "expires_at": ts(now + timedelta(seconds=ttl_seconds)),
+        }
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(ANNOUNCE_PROCESS, params)
+            conn.execute(PRUNE_PROCESSES, (ts(now - PROCESS_RETENTION),))
+
+        await self.writer.run_sync(run)
+
+    async def retire_process(self, owner: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(RETIRE_PROCESS, (owner,))
+
+        await self.writer.run_sync(run)
+
+    async def live_processes(self) -> list[ProcessInfo]:
+        rows = await self._fetch(LIVE_PROCESSES, (ts(self._clock()),))
+        return [
+            ProcessInfo(r[0], r[1], r[2], r[3], parse_ts(r[4]) or self._clock(), parse_ts(r[5]),
+                        parse_ts(r[6]))
+            for r in rows
+        ]
+
     # -- reads -------------------------------------------------------------------------
     async def expired_leases(self, now: datetime, limit: int) -> list[JobRow]:
         return [row_to_job(r) for r in await self._fetch(EXPIRED_LEASES, (ts(now), limit))]
@@ -545,6 +739,42 @@ class SqliteJobStore:
             for r in rows
         ]
 
+    async def finished_per_minute(self, since: datetime) -> list[MinuteCount]:
+        rows = await self._fetch(FINISHED_PER_MINUTE, (ts(since),))
+        return [
+            MinuteCount(datetime.fromisoformat(minute).replace(tzinfo=UTC), status, count)
+            for minute, status, count in rows
+        ]
+
+    # -- retention -----------------------------------------------------------------------
+    async def prune(
+        self, completed_before: datetime, failed_before: datetime, limit: int
+    ) -> list[PrunedJob]:
+        cutoffs = {"completed": completed_before, "cancelled": completed_before,
+                   "failed": failed_before}
+
+        def run(conn: sqlite3.Connection) -> list[PrunedJob]:
+            found: list[Any] = []
+            for status in PRUNED_STATUSES:
+                if len(found) >= limit:
+                    break
+                found += conn.execute(
+                    PRUNABLE.format(status=status), (ts(cutoffs[status]), limit - len(found))
+                ).fetchall()
+            if not found:
+                return []
+            ids = _dump([r[0] for r in found])
+            for sql in PRUNE_DELETES:
+                conn.execute(sql, {"ids": ids})
+            return [
+                PrunedJob(JobId(r[0]), r[1], r[2], json.loads(r[3]) if isinstance(r[3], str) else r[3])
+                for r in found
+            ]
+
+        if limit <= 0:
+            return []
+        return await self.writer.run_sync(run)
+
 
 def _list_where(flt: JobFilter, cursor: str | None) -> tuple[str, list[Any]]:
     clauses: list[str] = []
@@ -576,7 +806,41 @@ def _claimed(
     return jobs
 
 
+def _is_plain(job: NewJob) -> bool:
+    """A job that needs no per-row decision: no idempotency key, no dependencies, not claimed."""
+    return job.idempotency_key is None and not job.depends_on and job.claimed_by is None
+
+
 def _insert(
+    conn: sqlite3.Connection, jobs: Sequence[NewJob], owner: str, now: datetime
+) -> list[Inserted]:
+    if all(_is_plain(job) for job in jobs):
+        return _insert_plain(conn, jobs, owner, now)
+    return _insert_each(conn, jobs, owner, now)
+
+
+def _insert_plain(
+    conn: sqlite3.Connection, jobs: Sequence[NewJob], owner: str, now: datetime
+) -> list[Inserted]:
+    """Many plain jobs in two set-based statements (rows and their events), not 2N."""
+    rows: list[dict[str, Any]] = []
+    results: list[Inserted] = []
+    for job in jobs:
+        status, _ = lifecycle.initial_status(job.run_at, now, {})
+        rows.append({
+            "id": job.id, "task_type": job.task_type, "queue": job.queue, "status": status.value,
+            "priority": job.priority, "payload": job.payload, "context": job.context,
+            "tags": list(job.tags), "max_attempts": job.max_attempts, "run_at": ts(job.run_at),
+            "created_at": ts(job.created_at), "rerun_of": job.rerun_of,
+        })
+        results.append(Inserted(_stored(job, status, None, now), created=True))
+    batch = _dump(rows)
+    conn.execute(INSERT_PLAIN_JOBS, {"jobs": batch})
+    conn.execute(INSERT_PLAIN_EVENTS, {"jobs": batch, "now": ts(now), "owner": owner})
+    return results
+
+
+def _insert_each(
     conn: sqlite3.Connection, jobs: Sequence[NewJob], owner: str, now: datetime
 ) -> list[Inserted]:
     results: list[Inserted] = []

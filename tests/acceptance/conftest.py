@@ -1,4 +1,5 @@
-"""Fixtures for whole-process tests: a SQLite file, worker subprocesses and their records.
+"""Fixtures for whole-process tests: a SQLite file (or a PostgreSQL database), worker and API
+subprocesses, and their records.
 
 Every worker is a real `carwash-jobs serve --role worker` process (run as
 `python -m carwash_jobs.cli`), started in the test's tmp_path so that no config/carwash.toml
@@ -14,7 +15,9 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
+import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from carwash_jobs import app
 from carwash_jobs.settings import load_settings
@@ -35,7 +41,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TASK_TYPE_MODULES = ["tests.acceptance.tasks_record", "tests.acceptance.tasks_long"]
+TASK_TYPE_MODULES = ["tests.acceptance.tasks_record", "tests.acceptance.tasks_long",
+                     "tests.acceptance.tasks_limited"]
 POLL_SECONDS = 0.05
 LOG_TAIL_LINES = 40
 
@@ -234,3 +241,141 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield result
     finally:
         result.reap()
+
+
+# -- PostgreSQL: a fresh database per test, API and worker processes on it ----------------------
+POSTGRES_URL_ENV = "CARWASH_TEST_POSTGRES_URL"
+POSTGRES_SKIP_REASON = (
+    f"{POSTGRES_URL_ENV} is not set: the scale-out tests run API and worker processes against a "
+    "real PostgreSQL server (e.g. postgresql://postgres@127.0.0.1:5432/postgres)"
+)
+API_TOKEN = "acceptance-token-0123456789"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (bound and released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _admin(server_url: str, statement: str) -> None:
+    """CREATE or DROP DATABASE, on the server's own database."""
+    conn = await asyncpg.connect(make_url(server_url).set(drivername="postgresql")
+                                 .render_as_string(hide_password=False))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@dataclass(slots=True)
+class PgCluster(Cluster):
+    """A fresh PostgreSQL database shared by the test process, one or more `serve --role api`
+    processes and any number of `serve --role worker` processes. The test's own queries go
+    through one asyncpg connection on a private event loop, so the tests stay synchronous
+    like the SQLite ones."""
+
+    server_url: str = ""
+    database: str = ""
+    api: Worker | None = None
+    api_port: int = 0
+    _loop: asyncio.AbstractEventLoop | None = None
+    _conn: Any = None
+
+    @property
+    def url(self) -> str:
+        return make_url(self.server_url).set(
+            drivername="postgresql+asyncpg", database=self.database
+        ).render_as_string(hide_password=False)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def _query(self, sql: str) -> list[Any]:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        if self._conn is None:
+            dsn = make_url(self.url).set(drivername="postgresql").render_as_string(
+                hide_password=False)
+            self._conn = self._loop.run_until_complete(asyncpg.connect(dsn))
+        return [tuple(r) for r in self._loop.run_until_complete(self._conn.fetch(sql))]
+
+    def query(self, sql: str) -> list[Any]:
+        """Rows of `sql`, read by the test process (as another process would see them)."""
+        return self._query(sql)
+
+    def start_api(self, **settings: str) -> Worker:
+        """`carwash-jobs serve --role api` on a free loopback port; returns once /health
+        answers."""
+        self.api_port = free_port()
+        log = self.root / "api.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "carwash_jobs.cli", "serve", "--role", "api",
+                 "--host", "127.0.0.1", "--port", str(self.api_port)],
+                cwd=self.root, env=self.env({"CARWASH_API_TOKEN": API_TOKEN, **settings}),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            )
+        self.api = Worker("api", process, log)
+        self.workers.append(self.api)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=1).status_code == 200:
+                    return self.api
+            except httpx.TransportError:
+                pass
+            if not self.api.alive() or time.monotonic() > deadline:
+                raise AssertionError(f"the API process did not come up:\n{self.api.tail()}")
+            time.sleep(POLL_SECONDS)
+
+    def enqueue_chunks(self, task_type: str, payloads: Sequence[Mapping[str, Any]],
+                       chunk: int = 2_000) -> list[str]:
+        """Bulk enqueue from an api-role runtime of this process, one commit per `chunk` jobs:
+        workers start on the first chunk while the rest is written."""
+
+        async def run() -> list[str]:
+            settings = load_settings(database_url=self.url, task_types=TASK_TYPE_MODULES)
+            ids: list[str] = []
+            async with app.build_runtime(settings, role="api") as runtime:
+                for start in range(0, len(payloads), chunk):
+                    inserted = await runtime.queue.enqueue_many(
+                        task_type, payloads[start:start + chunk])
+                    ids += [i.job.id for i in inserted]
+            return ids
+
+        return asyncio.run(run())
+
+    def http(self) -> httpx.Client:
+        """A client of the API process, carrying the bearer token."""
+        return httpx.Client(base_url=self.api_url, timeout=10,
+                            headers={"Authorization": f"Bearer {API_TOKEN}"})
+
+    def close(self) -> None:
+        if self._conn is not None and self._loop is not None:
+            self._loop.run_until_complete(self._conn.close())
+        if self._loop is not None:
+            self._loop.close()
+        self._conn = self._loop = None
+
+
+@pytest.fixture
+def pg_cluster(tmp_path: Path) -> Iterator[PgCluster]:
+    """A fresh, migrated database on the CARWASH_TEST_POSTGRES_URL server, dropped WITH (FORCE)
+    after the test; every process started on it is reaped first."""
+    server = os.environ.get(POSTGRES_URL_ENV)
+    if not server:
+        pytest.skip(POSTGRES_SKIP_REASON)
+    name = f"carwash_acc_{secrets.token_hex(6)}"
+    asyncio.run(_admin(server, f'CREATE DATABASE "{name}"'))
+    result = PgCluster(tmp_path, server_url=server, database=name)
+    try:
+        asyncio.run(upgrade(result.url))
+        yield result
+    finally:
+        result.reap()
+        result.close()
+        asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -43,7 +43,7 @@ async def wait_for_status(client: AsyncTestClient[Litestar], job_id: str, status
 
 # -- get ---------------------------------------------------------------------------------------
 async def test_get_answers_the_job(client: AsyncTestClient[Litestar]) -> None:
-    job = await enqueue(client, tags=["x"])
+    job = await enqueue(client, tags=["x"], delay_seconds=600)  # stays put: no worker races the read
 
     assert await get(client, job["id"]) == job
 

@@ -15,12 +15,21 @@ import pytest
 
 from carwash_jobs.errors import InvalidPayload
 from carwash_jobs.lifecycle import JobStatus
-from tests.task_types.support import add_customers, free_port, query, recover, run_job, settle
+from tests.task_types.support import (
+    Runtimes,
+    add_customers,
+    free_port,
+    query,
+    recover,
+    run_job,
+    settle,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from tests.task_types.support import Runtimes, SmtpServer
+    from carwash_jobs.store.base import JobRow
+    from tests.task_types.support import SmtpServer
 
 
 def recipients(n: int, domain: str = "example.com") -> list[dict[str, str]]:
@@ -164,6 +173,37 @@ async def test_the_rate_limit_spaces_messages_at_the_server(
             assert times[j] - times[i] >= (j - i) * 0.1 - 0.1, (i, j, times[j] - times[i])
     assert statistics.median(gaps) >= 0.09, gaps
     assert times[-1] - times[0] < 19 * 0.1 + 1.5  # paced, not throttled to a crawl
+
+
+async def test_the_rate_limit_holds_for_two_processes_together(
+    runtimes: Runtimes, smtp_server: SmtpServer
+) -> None:
+    """Two runtimes on one database, each on an event loop (a thread) of its own, stand for two
+    worker processes: each sends one job at the same time, and together they keep to the one
+    fleet-wide rate (a per-process pacer would let each send 600/min: twice the rate)."""
+    first = await runtimes.start(smtp_url=smtp_server.url, email_rate_per_minute=600)
+
+    async def in_another_process() -> JobRow:
+        elsewhere = Runtimes(runtimes.db_url, runtimes.tmp_path)
+        try:
+            second = await elsewhere.start(smtp_url=smtp_server.url, email_rate_per_minute=600)
+            return await run_job(second, "email", mail(recipients=recipients(8, "example.org")))
+        finally:
+            await elsewhere.close()
+
+    jobs = await asyncio.gather(
+        run_job(first, "email", mail(recipients=recipients(8))),
+        asyncio.to_thread(asyncio.run, in_another_process()),
+    )
+
+    assert [job.status for job in jobs] == [JobStatus.completed] * 2
+    times = sorted(m.at for m in smtp_server.handler.messages)
+    assert len(times) == 16
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert statistics.median(gaps) >= 0.09, gaps
+    for i, j in itertools.combinations(range(16), 2):
+        if j - i >= 3:
+            assert times[j] - times[i] >= (j - i) * 0.1 - 0.1, (i, j, gaps)
 
 
 async def test_connection_refused_is_retried_then_fails(runtimes: Runtimes) -> None:

@@ -920,3 +920,178 @@ async def test_stats_count_jobs_by_status_task_type_and_owner(
 
 async def test_ping_answers_while_open(store: JobStore) -> None:
     await store.ping()
+
+
+# -- the fleet: limits shared by every process on the database -------------------------------
+async def test_claim_under_a_limit_takes_only_what_leaves_the_fleet_within_it(
+    store: JobStore, other_store: JobStore, clock: ManualClock
+) -> None:
+    await claimed(other_store, clock, owner=OTHER_OWNER)  # one noop already runs elsewhere
+    low = [await add(store, clock) for _ in range(3)]
+    high = await add(store, clock, priority=5)
+    orders = [await add(store, clock, task_type="order") for _ in range(2)]
+
+    rows = await store.claim(ids([*low, high, *orders]), OWNER, clock() + LEASE,
+                             limits={"noop": 3})
+
+    # 3 - 1 running = 2 noop slots: the higher priority first, then the oldest; order is unlimited
+    assert set(ids(rows)) == {high.id, low[0].id, *ids(orders)}
+    left = await store.get_many([low[1].id, low[2].id])
+    assert {row.status for row in left} == {S.queued}
+
+
+async def test_claim_under_a_limit_already_reached_takes_none_of_that_type(
+    store: JobStore, clock: ManualClock
+) -> None:
+    await claimed(store, clock)
+    await claimed(store, clock)
+    waiting = await add(store, clock)
+
+    assert await store.claim([waiting.id], OWNER, clock() + LEASE, limits={"noop": 2}) == []
+    assert (await store.get(waiting.id)).status == S.queued
+
+
+async def test_claim_due_under_a_limit_skips_a_full_type_and_fills_the_rest(
+    store: JobStore, clock: ManualClock
+) -> None:
+    await claimed(store, clock)
+    for _ in range(3):
+        await add(store, clock, priority=9)  # noop, at its limit of 1 already
+    orders = [await add(store, clock, task_type="order") for _ in range(3)]
+
+    rows = await store.claim_due(2, OWNER, clock() + LEASE, limits={"noop": 1, "order": 5})
+
+    assert ids(rows) == ids(orders[:2])
+
+
+async def test_concurrent_claims_of_many_processes_never_exceed_a_limit(
+    database_url: str, clock: ManualClock
+) -> None:
+    """Four processes each claim their own ten jobs of one type at the same moment, under a
+    fleet limit of five: each alone would see nothing running and take five."""
+    stores = [open_store(database_url, owner=f"host/{n}/0/x", clock=clock) for n in range(4)]
+    for opened in stores:
+        await opened.open()
+    try:
+        for limit in (5, 1, 7):
+            jobs = [await add(stores[0], clock, task_type=f"limited{limit}") for _ in range(40)]
+            await asyncio.gather(*(
+                opened.claim(ids(jobs[n * 10:(n + 1) * 10]), f"host/{n}/0/x", clock() + LEASE,
+                             limits={f"limited{limit}": limit})
+                for n, opened in enumerate(stores)
+            ))
+            stats = await stores[0].stats()
+            assert stats.by_task_type[f"limited{limit}"].get("running", 0) == limit
+    finally:
+        for opened in stores:
+            await opened.close()
+
+
+async def test_rate_slots_are_handed_out_one_interval_apart(
+    store: JobStore, clock: ManualClock
+) -> None:
+    first = await store.reserve_rate("mail", 0.5, 4, max_wait_seconds=10)
+    second = await store.reserve_rate("mail", 0.5, 1, max_wait_seconds=10)
+    other = await store.reserve_rate("sms", 0.5, 1, max_wait_seconds=10)
+
+    assert (first.granted, first.wait_seconds) == (True, 0.0)
+    assert second.granted
+    assert second.wait_seconds == pytest.approx(2.0)  # after 4 x 0.5
+    assert (other.granted, other.wait_seconds) == (True, 0.0)  # another pace: its own slots
+
+
+async def test_a_rate_slot_further_away_than_the_caller_waits_is_refused_and_nothing_taken(
+    store: JobStore, clock: ManualClock
+) -> None:
+    await store.reserve_rate("mail", 1.0, 30, max_wait_seconds=10)  # the next 30 s are taken
+
+    refused = await store.reserve_rate("mail", 1.0, 1, max_wait_seconds=10)
+    clock.advance(25)
+    granted = await store.reserve_rate("mail", 1.0, 1, max_wait_seconds=10)
+    clock.advance(60)
+    idle = await store.reserve_rate("mail", 1.0, 1, max_wait_seconds=10)
+
+    assert not refused.granted
+    assert refused.wait_seconds == pytest.approx(30.0)
+    assert granted.granted
+    assert granted.wait_seconds == pytest.approx(5.0)  # not 6: the refusal took no slot
+    assert (idle.granted, idle.wait_seconds) == (True, 0.0)  # unused time is not saved up
+
+
+async def test_rate_slots_taken_by_two_processes_at_once_never_coincide(
+    store: JobStore, other_store: JobStore, clock: ManualClock
+) -> None:
+    answers = await asyncio.gather(*(
+        (store if n % 2 else other_store).reserve_rate("mail", 1.0, 1, max_wait_seconds=100)
+        for n in range(20)
+    ))
+    assert sorted(round(a.wait_seconds, 6) for a in answers) == [float(n) for n in range(20)]
+
+
+async def test_live_processes_are_the_announced_ones_not_yet_expired_or_retired(
+    store: JobStore, other_store: JobStore, clock: ManualClock
+) -> None:
+    from carwash_jobs.store.base import ProcessInfo
+
+    worker = ProcessInfo(OWNER, "worker", "test-host", 1, clock() - timedelta(seconds=5))
+    api = ProcessInfo(OTHER_OWNER, "api", "other-host", 2, clock())
+    await store.announce_process(worker, ttl_seconds=10)
+    await other_store.announce_process(api, ttl_seconds=3)
+
+    live = await store.live_processes()
+    assert [(p.owner, p.role, p.host, p.pid) for p in live] == [
+        (OWNER, "worker", "test-host", 1), (OTHER_OWNER, "api", "other-host", 2)]
+    assert live[0].started_at == worker.started_at
+    assert live[0].last_seen_at == clock()
+    assert live[0].expires_at == clock() + timedelta(seconds=10)
+
+    clock.advance(5)  # the api process stopped renewing: it counts as dead
+    await store.announce_process(worker, ttl_seconds=10)
+    assert [p.owner for p in await store.live_processes()] == [OWNER]
+    assert (await store.live_processes())[0].last_seen_at == clock()
+
+    await store.retire_process(OWNER)
+    assert await store.live_processes() == []
+
+
+async def test_a_heartbeat_and_a_completion_batch_over_the_same_jobs_never_deadlock(
+    store: JobStore, clock: ManualClock
+) -> None:
+    """One process's heartbeat extends the leases of the jobs a completion batch is finishing
+    at the same moment, on two connections; each locks many rows, and in different orders
+    they would wait on each other in a circle (PostgreSQL aborts one: 'deadlock detected')."""
+    from carwash_jobs.store.base import Completion
+
+    for _ in range(8):
+        jobs = [await claimed(store, clock) for _ in range(60)]
+        shuffled = list(reversed(jobs))
+        held, completed = await asyncio.gather(
+            store.extend_leases(OWNER, ids(jobs), clock() + LEASE),
+            store.complete_many([Completion(j.id, j.fence, None) for j in shuffled]),
+        )
+        assert completed.completed == set(ids(jobs))
+        assert held <= set(ids(jobs))
+
+
+async def test_a_bulk_insert_of_plain_jobs_reads_back_as_returned(
+    store: JobStore, clock: ManualClock
+) -> None:
+    """The set-based path of many plain jobs (no key, no dependencies) writes what one-by-one
+    inserts write: every column, the enqueued event, the scheduled ones scheduled."""
+    jobs = [
+        new_job(clock, priority=3, queue="bulk", tags=["a", "b"], context={"by": "admin"},
+                max_attempts=4),
+        new_job(clock, tags=[], context=None),
+        new_job(clock, run_at=clock() + timedelta(minutes=5), rerun_of=JobId("x" * 32)),
+    ]
+    results = await store.insert(jobs)
+
+    stored = await store.get_many([j.id for j in jobs])
+    by_id = {row.id: row for row in stored}
+    assert [by_id[r.job.id] for r in results] == [r.job for r in results]
+    assert [r.job.status for r in results] == [S.queued, S.queued, S.scheduled]
+    assert by_id[jobs[0].id].tags == ["a", "b"]
+    assert by_id[jobs[0].id].context == {"by": "admin"}
+    assert by_id[jobs[1].id].context is None
+    assert by_id[jobs[2].id].rerun_of == "x" * 32
+    assert [await event_names(store, j.id) for j in jobs] == [["enqueued"]] * 3

@@ -1,0 +1,226 @@
+"""Retention (carwash_jobs/prune.py and JobStore.prune on every adapter): old finished jobs, their
+events, dependency edges and upload files go; recent ones and unfinished ones stay; failed jobs
+stay longer. Also the trigger-kept counts of finished jobs (migration 0005), which pruning and
+every move in or out of a finished status must keep equal to a plain COUNT(*).
+
+The adapter fixtures are the store contract suite's: SQLite always, PostgreSQL when
+CARWASH_TEST_POSTGRES_URL names a server.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from carwash_jobs import lifecycle
+from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.prune import Pruner
+from carwash_jobs.registry import TaskRegistry
+from carwash_jobs.store.base import Completion, NewJob
+from carwash_jobs.types import new_job_id
+from tests.carwash_jobs.store import test_contract as contract
+from tests.carwash_jobs.store.test_contract import add, claimed, complete, failed
+from tests.endpoints.sample_tasks.upload import TASK_TYPE as UPLOAD
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from carwash_jobs.store.base import JobRow, JobStore, Tx
+    from tests.carwash_jobs.support import ManualClock
+
+DAY = 24 * 3600
+
+# the store contract suite's adapter fixtures: SQLite, and PostgreSQL when configured
+database_url = contract.database_url
+postgres_template = contract.postgres_template
+store = contract.store
+
+
+async def count(store: JobStore, sql: str, **params: Any) -> int:
+    async def run(tx: Tx) -> int:
+        rows = await tx.fetch(sql, params)
+        return int(rows[0]["n"])
+
+    return await store.transaction(run)
+
+
+async def direct_counts(store: JobStore) -> dict[tuple[str, str], int]:
+    async def run(tx: Tx) -> list[dict[str, Any]]:
+        return await tx.fetch(
+            "SELECT task_type, status, COUNT(*) AS n FROM worker_queue GROUP BY task_type, status"
+        )
+
+    return {(r["task_type"], r["status"]): int(r["n"]) for r in await store.transaction(run)}
+
+
+async def assert_counts_agree(store: JobStore) -> None:
+    stats = await store.stats()
+    kept = {(t, s): n for t, by in stats.by_task_type.items() for s, n in by.items() if n}
+    direct = await direct_counts(store)
+    assert kept == direct
+    for status in JobStatus:
+        assert stats.by_status[status.value] == sum(
+            n for (_, s), n in direct.items() if s == status.value
+        )
+
+
+async def cancelled(store: JobStore, clock: ManualClock) -> JobRow:
+    job = await add(store, clock)
+    return (await store.apply(lifecycle.cancel(job.id, clock()))).job
+
+
+# -- JobStore.prune ----------------------------------------------------------------------------
+async def test_old_finished_jobs_go_and_recent_and_unfinished_ones_stay(
+    store: JobStore, clock: ManualClock
+) -> None:
+    old_done = await complete(store, await claimed(store, clock), clock)
+    old_cancelled = await cancelled(store, clock)
+    old_failed = await failed(store, clock)
+    old_dependent = await add(store, clock, depends_on=[old_done.id])  # queued: never pruned
+    clock.advance(8 * DAY)
+    recent_done = await complete(store, await claimed(store, clock), clock)
+    recent_failed = await failed(store, clock)
+    now = clock()
+
+    pruned = await store.prune(now - timedelta(days=7), now - timedelta(days=30), limit=100)
+
+    assert {p.id for p in pruned} == {old_done.id, old_cancelled.id}
+    assert {p.status for p in pruned} == {"completed", "cancelled"}
+    assert all(p.payload == {"n": 1} and p.task_type == "noop" for p in pruned)
+    remaining = {job.id for job in await store.get_many(
+        [old_done.id, old_cancelled.id, old_failed.id, old_dependent.id, recent_done.id, recent_failed.id]
+    )}
+    assert remaining == {old_failed.id, old_dependent.id, recent_done.id, recent_failed.id}
+    assert await store.events(old_done.id) == []
+    assert await store.events(recent_done.id) != []
+    assert await count(store, "SELECT COUNT(*) AS n FROM job_dependencies WHERE depends_on_id = :id",
+                       id=old_done.id) == 0
+    assert await count(store, "SELECT COUNT(*) AS n FROM job_events WHERE job_id = :id",
+                       id=old_dependent.id) > 0
+
+
+async def test_failed_jobs_go_after_their_longer_retention(store: JobStore, clock: ManualClock) -> None:
+    old_failed = await failed(store, clock)
+    clock.advance(31 * DAY)
+    now = clock()
+
+    pruned = await store.prune(now - timedelta(days=7), now - timedelta(days=30), limit=100)
+
+    assert [p.id for p in pruned] == [old_failed.id]
+    assert await store.events(old_failed.id) == []
+
+
+async def test_prune_takes_at_most_limit_jobs_oldest_first(store: JobStore, clock: ManualClock) -> None:
+    jobs = []
+    for _ in range(5):
+        jobs.append(await complete(store, await claimed(store, clock), clock))
+        clock.advance(60)
+    clock.advance(8 * DAY)
+    cutoff = clock() - timedelta(days=7)
+
+    first = await store.prune(cutoff, cutoff, limit=2)
+    rest = await store.prune(cutoff, cutoff, limit=10)
+    none = await store.prune(cutoff, cutoff, limit=10)
+
+    assert [p.id for p in first] == [j.id for j in jobs[:2]]
+    assert [p.id for p in rest] == [j.id for j in jobs[2:]]
+    assert none == []
+
+
+# -- the counts the triggers keep --------------------------------------------------------------
+async def test_counts_of_finished_jobs_follow_every_move_in_and_out(
+    store: JobStore, clock: ManualClock
+) -> None:
+    done = [await claimed(store, clock) for _ in range(3)]
+    await store.complete_many([Completion(j.id, j.fence, {"ok": True}) for j in done])  # set-based
+    await complete(store, await claimed(store, clock, task_type="other"), clock)
+    bad = await failed(store, clock)
+    await failed(store, clock)
+    await cancelled(store, clock)
+    await add(store, clock, depends_on=[bad.id])  # born cancelled: its dependency had failed
+    waiting = await add(store, clock, depends_on=[(await claimed(store, clock)).id])
+    await store.apply(lifecycle.cancel(waiting.id, clock()))
+    await add(store, clock, run_at=clock() + timedelta(hours=1))  # scheduled
+    await claimed(store, clock)  # running
+    await assert_counts_agree(store)
+
+    await store.apply_many([lifecycle.retry_failed(bad.id, clock())])  # failed -> queued
+    await assert_counts_agree(store)
+
+    clock.advance(40 * DAY)
+    await store.prune(clock(), clock(), limit=1000)
+    await assert_counts_agree(store)
+    stats = await store.stats()
+    assert stats.by_status["completed"] == stats.by_status["failed"] == stats.by_status["cancelled"] == 0
+
+
+# -- the duty ---------------------------------------------------------------------------------
+def upload(files_dir: Path, name: str) -> Path:
+    directory = files_dir / name
+    directory.mkdir(parents=True)
+    path = directory / "employees.csv"
+    path.write_text("employee_no\n1\n", encoding="utf-8")
+    return path
+
+
+async def cancelled_upload(store: JobStore, clock: ManualClock, path: Path) -> JobRow:
+    """A finished job of the upload task type whose payload names `path`."""
+    job = NewJob(id=new_job_id(), task_type=UPLOAD.name, payload={"path": str(path)},
+                 status=JobStatus.queued, run_at=clock(), created_at=clock())
+    (inserted,) = await store.insert([job])
+    return (await store.apply(lifecycle.cancel(inserted.job.id, clock()))).job
+
+
+async def test_the_duty_removes_the_upload_files_of_pruned_jobs_only(
+    tmp_path: Path, clock: ManualClock, store: JobStore
+) -> None:
+    files = tmp_path / "files"
+    old_file = upload(files, "a" * 32)
+    new_file = upload(files, "b" * 32)
+    outside = tmp_path / "elsewhere" / "keep.csv"
+    outside.parent.mkdir()
+    outside.write_text("x", encoding="utf-8")
+    await cancelled_upload(store, clock, old_file)
+    await cancelled_upload(store, clock, outside)
+    clock.advance(8 * DAY)
+    recent = await cancelled_upload(store, clock, new_file)
+    pruner = Pruner(
+        store, TaskRegistry([UPLOAD]), clock=clock, files_dir=str(files),
+        completed_retention=timedelta(days=7), failed_retention=timedelta(days=30), batch=1,
+    )
+
+    assert await pruner.prune() == 2  # in batches of one, until a batch comes back short
+
+    assert not old_file.parent.exists()
+    assert outside.exists()  # not an upload under files_dir: left alone
+    assert new_file.exists()
+    assert (await store.get(recent.id)).status == JobStatus.cancelled
+
+
+async def test_the_runtime_runs_the_duty_on_its_interval(tmp_path: Path) -> None:
+    from carwash_jobs.app import build_runtime
+    from carwash_jobs.settings import load_settings
+
+    settings = load_settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", task_types=[], schedules_file="",
+        prune_interval_seconds=42.0,
+    )
+    runtime = build_runtime(settings)
+
+    assert runtime.scheduler is not None
+    assert ("prune", runtime.pruner.prune if runtime.pruner else None, 42.0) in [
+        (name, fn, seconds) for name, fn, seconds in runtime.scheduler._duties
+    ]
+
+
+@pytest.mark.parametrize(
+    "field", ["retention_completed_days", "retention_failed_days", "prune_interval_seconds"]
+)
+def test_retention_settings_must_be_positive(field: str) -> None:
+    from carwash_jobs.errors import ConfigurationError
+    from carwash_jobs.settings import load_settings
+
+    with pytest.raises(ConfigurationError, match=field):
+        load_settings(**{field: 0})

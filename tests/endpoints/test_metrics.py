@@ -1,0 +1,157 @@
+"""Observability through the app: /metrics parses with prometheus_client's own parser and its
+counters, gauges and histograms move as jobs run; the JSON log lines of a job run carry its id,
+task type and attempt; and, with the optional `otel` extra installed, an enqueue and each handler
+run leave an OpenTelemetry span."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from carwash_jobs.app import JsonLogFormatter
+from tests.endpoints.conftest import copy_template, idle, make_settings
+from tests.endpoints.sample_tasks import MODULES
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from litestar import Litestar
+    from litestar.testing import AsyncTestClient
+
+    from carwash_jobs.runtime import Runtime
+    from carwash_jobs.settings import Settings
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, template_db: Path) -> Settings:
+    """The endpoint tests' settings, plus `gated`, a task type that can fail and be retried."""
+    copy_template(template_db, tmp_path)
+    return make_settings(tmp_path, task_types=[*MODULES, "tests.endpoints.ui_tasks"])
+
+
+async def scrape(client: AsyncTestClient[Litestar]) -> Samples:
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def enqueue(client: AsyncTestClient[Litestar], slug: str, body: dict[str, Any]) -> str:
+    response = await client.post(f"/api/tasks/{slug}", json=body)
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+async def test_the_counters_move_as_jobs_run(
+    client: AsyncTestClient[Litestar], runtime: Runtime, tmp_path: Path
+) -> None:
+    before = await scrape(client)
+    for n in range(3):
+        await enqueue(client, "echo", {"message": str(n)})
+    await enqueue(client, "fail", {})
+    await enqueue(client, "gated", {"gate": str(tmp_path / "closed"), "max_attempts": 2})
+    idle(client, runtime)
+
+    after = await scrape(client)
+
+    assert value(before, "carwash_jobs_enqueued_total", task_type="echo") == 0
+    assert value(after, "carwash_jobs_enqueued_total", task_type="echo") == 3
+    assert value(after, "carwash_jobs_enqueued_total", task_type="gated") == 1
+    assert value(after, "carwash_jobs_completed_total", task_type="echo") == 3
+    assert value(after, "carwash_jobs_failed_total", task_type="fail") == 1
+    assert value(after, "carwash_jobs_retried_total", task_type="gated") == 1  # one attempt left
+    assert value(after, "carwash_job_duration_seconds_count", task_type="echo") == 3
+    assert value(after, "carwash_job_pickup_seconds_count", task_type="echo") == 3
+    assert value(after, "carwash_job_duration_seconds_bucket", task_type="echo", le="+Inf") == 3
+
+
+async def test_the_depth_gauges_are_set_at_scrape_time(
+    client: AsyncTestClient[Litestar], runtime: Runtime
+) -> None:
+    await enqueue(client, "echo", {"message": "now"})
+    idle(client, runtime)
+    await enqueue(client, "echo", {"message": "later", "delay_seconds": 3600})
+    await enqueue(client, "fail", {})
+    idle(client, runtime)
+
+    samples = await scrape(client)
+
+    assert value(samples, "carwash_queue_jobs", status="completed") == 1
+    assert value(samples, "carwash_queue_jobs", status="scheduled") == 1
+    assert value(samples, "carwash_queue_jobs", status="failed") == 1
+    assert value(samples, "carwash_queue_jobs", status="queued") == 0
+    assert ("carwash_queue_in_memory", ()) in samples
+    assert value(samples, "carwash_jobs_running") == 0
+
+
+async def test_json_log_lines_of_a_run_carry_job_id_task_type_and_attempt(
+    client: AsyncTestClient[Litestar], runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="carwash_jobs")
+    job_id = await enqueue(client, "echo", {"message": "logged"})
+    idle(client, runtime)
+
+    lines = [json.loads(JsonLogFormatter().format(r)) for r in caplog.records]
+    of_job = [line for line in lines if line.get("job_id") == job_id]
+
+    assert of_job, lines
+    assert {line["task_type"] for line in of_job} == {"echo"}
+    assert {line["attempt"] for line in of_job} == {1}
+    assert any("completed in" in line["message"] for line in of_job)
+    assert all({"at", "level", "logger", "message"} <= set(line) for line in of_job)
+
+
+# -- OpenTelemetry ------------------------------------------------------------------------------
+otel = pytest.mark.skipif(
+    importlib.util.find_spec("opentelemetry.sdk") is None,
+    reason="the optional otel extra (opentelemetry-api, opentelemetry-sdk) is not installed",
+)
+
+
+@pytest.fixture
+def spans() -> Any:
+    """An in-memory exporter on the process's tracer provider (set once per process: OpenTelemetry
+    refuses to replace it), emptied for each test."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()
+
+
+@otel
+async def test_an_enqueue_and_each_handler_run_leave_a_span(
+    client: AsyncTestClient[Litestar], runtime: Runtime, spans: Any
+) -> None:
+    job_id = await enqueue(client, "echo", {"message": "traced"})
+    idle(client, runtime)
+
+    finished = {span.name: span for span in spans.get_finished_spans()}
+
+    assert finished["enqueue echo"].attributes["job.id"] == job_id
+    assert finished["enqueue echo"].attributes["job.task_type"] == "echo"
+    assert finished["job echo"].attributes["job.id"] == job_id
+    assert finished["job echo"].attributes["job.attempt"] == 1
