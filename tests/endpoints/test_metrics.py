@@ -126,15 +126,32 @@ otel = pytest.mark.skipif(
 @pytest.fixture
 def spans() -> Any:
     """An in-memory exporter on the process's tracer provider (set once per process: OpenTelemetry
-    refuses to replace it), emptied for each test."""
+    refuses to replace it), emptied for each test.
+
+    The provider draws span ids from a private Random: the SDK's default draws from the global
+    `random` module, and the provider outlives this test, so every later span would move the
+    global random state, which hypothesis (the fuzz tests) refuses inside its tests."""
+    import random
+
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+
+    class PrivateIds(IdGenerator):
+        def __init__(self) -> None:
+            self._random = random.Random()
+
+        def generate_span_id(self) -> int:
+            return self._random.getrandbits(64) or 1
+
+        def generate_trace_id(self) -> int:
+            return self._random.getrandbits(128) or 1
 
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
+        provider = TracerProvider(id_generator=PrivateIds())
         trace.set_tracer_provider(provider)
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
