@@ -9,7 +9,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -24,6 +26,13 @@ SECONDS = 15.0
 TOKEN = "bench-token"
 
 
+def _no_schedules(url: str) -> Path:
+    """An empty schedules file: the shipped schedules name task types this server lacks."""
+    path = Path(tempfile.gettempdir()) / f"carwash-bench-schedules-{os.getpid()}.toml"
+    path.write_text("schedules = []\n")
+    return path
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,7 +44,8 @@ async def run(report: Report, backend: str, pg_url: str) -> None:
         port = _free_port()
         env = {
             **os.environ, "CARWASH_DATABASE_URL": url, "CARWASH_API_TOKEN": TOKEN,
-            "CARWASH_TASK_TYPES": '["bench.noop_task"]', "CARWASH_SCHEDULES_FILE": "",
+            "CARWASH_TASK_TYPES": '["bench.noop_task"]',
+            "CARWASH_SCHEDULES_FILE": str(_no_schedules(url)),
             "CARWASH_LOG_LEVEL": "WARNING", "CARWASH_CONCURRENCY": "50",
         }
         server = subprocess.Popen(  # noqa: ASYNC220 - a spawn, not a wait

@@ -154,3 +154,17 @@ class FleetProcess(SQLModel, table=True):
     started_at: datetime = Field(sa_column=sa.Column(_TS, nullable=False))
     last_seen_at: datetime = Field(sa_column=sa.Column(_TS, nullable=False))
     expires_at: datetime = Field(sa_column=sa.Column(_TS, nullable=False))
+
+
+class JobCount(SQLModel, table=True):
+    """How many jobs of a task type sit in a finished status, kept by database triggers
+    (migration 0005) so that counting never scans worker_queue. On PostgreSQL each connection
+    that finishes jobs adds to rows of its own (`shard`: its backend pid), so concurrent
+    transactions never wait on one row; the rows of a (task_type, status) add up to its count."""
+
+    __tablename__ = "job_counts"
+
+    task_type: str = Field(primary_key=True, max_length=64)
+    status: str = Field(primary_key=True, max_length=16)
+    shard: int = Field(primary_key=True)
+    n: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))

@@ -109,7 +109,8 @@ def test_one_api_and_three_workers_drain_20000_jobs_while_a_worker_is_sigkilled(
     victim = workers[1]
     cluster.wait_for(f"{KILL_AFTER_RECORDS} records and the victim running jobs",
                      lambda: cluster.record_count() >= KILL_AFTER_RECORDS
-                     and bool(_running_of(cluster, victim)), timeout=60)
+                     # several running, so they cannot all finish between this look and the kill
+                     and len(_running_of(cluster, victim)) >= 3, timeout=60)
     victim.send(signal.SIGKILL)
     assert victim.wait(10) == -signal.SIGKILL
     orphans = _running_of(cluster, victim)

@@ -153,6 +153,8 @@ def log_in(page: Page, server: Server, path: str = "/ui") -> None:
 
 
 def test_log_in_filter_open_a_failed_job_retry_it_and_watch_it_complete(server: Server, page: Page) -> None:
+    from playwright.sync_api import expect
+
     gate = server.directory / "gate-open"
     server.enqueue("echo", {"message": "a wash was booked"})
     other_failure = server.enqueue("fail", {"reason": "not the one we look for"})
@@ -196,7 +198,9 @@ def test_log_in_filter_open_a_failed_job_retry_it_and_watch_it_complete(server: 
     page.once("dialog", accept)
     page.click("form[action$='/retry'] button")
     page.wait_for_url(f"**/ui/jobs/{gated}?notice=retried")
-    page.wait_for_function("document.querySelector('#job-status').textContent === 'completed'")
+    # the live refresh brings the new state in; a polled predicate cannot be used here, since
+    # the page's Content-Security-Policy forbids the eval it would need (as it should)
+    expect(page.locator("#job-status")).to_have_text("completed", timeout=WAIT_MS)
     assert questions
     assert questions[0].startswith(f"Retry job {gated}?")
     assert "retried" in page.locator("#timeline").inner_text()
@@ -212,7 +216,7 @@ def test_declining_the_confirmation_changes_nothing(server: Server, page: Page) 
 
     page.once("dialog", lambda dialog: dialog.dismiss())
     page.click("form[action$='/retry'] button")
-    page.wait_for_timeout(300)
+    page.wait_for_timeout(300)  # long enough for a submit to have left the page
 
     assert page.url.endswith(f"/ui/jobs/{failed}")
     assert server.api.get(f"/api/jobs/{failed}").json()["status"] == "failed"

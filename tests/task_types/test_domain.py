@@ -79,10 +79,19 @@ async def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Asyn
 async def test_the_migrated_schema_matches_the_domain_models(empty_database: str) -> None:
     await upgrade(empty_database)
 
+    # SQLite's reflection cannot express the DESC column of the ready index (the engine's
+    # migration test says the same); PostgreSQL compares it
+    unreflectable = {"ix_worker_queue_ready"} if empty_database.startswith("sqlite") else set()
+
+    def comparable(obj: Any, name: str | None, type_: str, reflected: bool, to: Any) -> bool:
+        return not (type_ == "index" and name in unreflectable)
+
     diff = await _on(
         empty_database,
         lambda conn: compare_metadata(
-            MigrationContext.configure(conn, opts={"compare_server_default": True}),
+            MigrationContext.configure(
+                conn, opts={"compare_server_default": True, "include_object": comparable}
+            ),
             SQLModel.metadata,
         ),
     )
