@@ -1,6 +1,6 @@
 """A task type that exists only in the tests: adding one is this module plus one config line.
 
-docs/adding-a-task-type.md walks through it; test_adding_a_task_type.py loads it by its dotted
+the README section "Adding a task type" walks through it; test_adding_a_task_type.py loads it by its dotted
 path, exactly as the settings' task_types list does, and runs it through the engine.
 """
 
