@@ -156,6 +156,7 @@ async def engine(
     processor = QueueProcessor(
         queue, owner=f"bench/{os.getpid()}", config=ProcessorConfig(concurrency=concurrency)
     )
+    await store.listen(queue.on_notice)  # other processes' enqueues wake this one (PostgreSQL)
     if start:
         await processor.start()
     try:
