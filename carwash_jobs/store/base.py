@@ -20,6 +20,18 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+#: the worker_queue columns in table order, as both adapters select and return them
+JOB_COLUMNS = (
+    "id", "task_type", "queue", "status", "priority", "payload", "context", "tags", "attempts",
+    "max_attempts", "run_at", "created_at", "started_at", "finished_at", "lease_owner",
+    "lease_until", "progress_done", "progress_total", "checkpoint", "result", "error",
+    "error_traceback", "attempt_history", "idempotency_key", "rerun_of", "depends_on",
+)
+JSON_COLUMNS = frozenset(
+    {"payload", "context", "tags", "checkpoint", "result", "attempt_history", "depends_on"}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class JobRow:
     """A job as stored. Read-only: a change is made by applying a lifecycle Transition."""

@@ -29,6 +29,8 @@ from carwash_jobs.errors import (
 from carwash_jobs.lifecycle import JobStatus, Transition
 from carwash_jobs.sqltext import numbered
 from carwash_jobs.store.base import (
+    JOB_COLUMNS,
+    JSON_COLUMNS,
     Applied,
     Completed,
     Completion,
@@ -66,15 +68,6 @@ CHANNEL = "carwash_jobs"
 #: a NOTIFY payload must stay under 8000 bytes: more new jobs than this send a reload hint
 NOTIFY_JOBS_MAX = 40
 
-JOB_COLUMNS = (
-    "id", "task_type", "queue", "status", "priority", "payload", "context", "tags", "attempts",
-    "max_attempts", "run_at", "created_at", "started_at", "finished_at", "lease_owner",
-    "lease_until", "progress_done", "progress_total", "checkpoint", "result", "error",
-    "error_traceback", "attempt_history", "idempotency_key", "rerun_of", "depends_on",
-)
-JSON_COLUMNS = frozenset(
-    {"payload", "context", "tags", "checkpoint", "result", "attempt_history", "depends_on"}
-)
 _COLS = ", ".join(JOB_COLUMNS)
 
 INSERT_JOB = f"""

@@ -25,6 +25,8 @@ from carwash_jobs.errors import (
 )
 from carwash_jobs.lifecycle import JobStatus, Transition
 from carwash_jobs.store.base import (
+    JOB_COLUMNS,
+    JSON_COLUMNS,
     Applied,
     Completed,
     Completion,
@@ -57,15 +59,6 @@ if TYPE_CHECKING:
 
     from carwash_jobs.lifecycle import Fence
 
-JOB_COLUMNS = (
-    "id", "task_type", "queue", "status", "priority", "payload", "context", "tags", "attempts",
-    "max_attempts", "run_at", "created_at", "started_at", "finished_at", "lease_owner",
-    "lease_until", "progress_done", "progress_total", "checkpoint", "result", "error",
-    "error_traceback", "attempt_history", "idempotency_key", "rerun_of", "depends_on",
-)
-JSON_COLUMNS = frozenset(
-    {"payload", "context", "tags", "checkpoint", "result", "attempt_history", "depends_on"}
-)
 TIME_COLUMNS = frozenset({"run_at", "created_at", "started_at", "finished_at", "lease_until"})
 _COLS = ", ".join(JOB_COLUMNS)
 
