@@ -9,18 +9,18 @@ import os
 from bench import scenarios
 from bench.support import Report, versions
 
-SCENARIOS = ("throughput", "pickup", "ceiling", "http", "scale", "soak")
+SCENARIOS = ("throughput", "pickup", "ceiling", "http", "scale", "dashboard", "soak")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--scenario", choices=SCENARIOS, action="append",
-                        help="run only these (repeatable); default: all but soak")
+                        help="run only these (repeatable); default: all but dashboard and soak")
     parser.add_argument("--backend", choices=("sqlite", "postgres"), action="append")
     parser.add_argument("--jobs", type=int, default=50_000)
     parser.add_argument("--history", type=int, default=1_000_000,
-                        help="finished (and due) jobs for the scale scenario")
+                        help="finished (and due) jobs for the scale and dashboard scenarios")
     parser.add_argument("--soak-seconds", type=float, default=1200.0)
     parser.add_argument("--json", action="store_true", help="end with one JSON object per figure")
     args = parser.parse_args()
@@ -34,28 +34,44 @@ def main() -> None:
 
 
 async def run(report: Report, args: argparse.Namespace, pg_url: str) -> None:
-    chosen = args.scenario or [s for s in SCENARIOS if s != "soak"]
+    chosen = args.scenario or [s for s in SCENARIOS if s not in ("dashboard", "soak")]
     for backend in args.backend or ["sqlite", "postgres"]:
-        ceiling = e2e = None
-        if "ceiling" in chosen:
-            ceiling = await scenarios.ceiling(report, backend, pg_url, args.jobs)
-        if "throughput" in chosen or "soak" in chosen:
-            e2e = await scenarios.throughput(report, backend, pg_url, args.jobs)
-        if ceiling and e2e:
-            report.add("ceiling", backend, "end_to_end_fraction_of_ceiling", e2e / ceiling, "x")
-        if "pickup" in chosen:
-            await scenarios.pickup(report, backend, pg_url)
-            if backend == "postgres":
-                await scenarios.pickup_cross_process(report, pg_url)
-        if "http" in chosen:
-            from bench import http
+        e2e = await _engine_scenarios(report, args, pg_url, backend, chosen)
+        await _system_scenarios(report, args, pg_url, backend, chosen, e2e)
 
-            await http.run(report, backend, pg_url)
-        if "scale" in chosen:
-            await scenarios.scale(report, backend, pg_url, args.jobs, args.history)
-        if "soak" in chosen:
-            await scenarios.soak(report, backend, pg_url, (e2e or 1000) / 2, args.soak_seconds)
 
+async def _engine_scenarios(report: Report, args: argparse.Namespace, pg_url: str, backend: str,
+                            chosen: list[str]) -> float | None:
+    """The engine in one process; returns the end-to-end rate (the soak runs at half of it)."""
+    ceiling = e2e = None
+    if "ceiling" in chosen:
+        ceiling = await scenarios.ceiling(report, backend, pg_url, args.jobs)
+    if "throughput" in chosen or "soak" in chosen:
+        e2e = await scenarios.throughput(report, backend, pg_url, args.jobs)
+    if ceiling and e2e:
+        report.add("ceiling", backend, "end_to_end_fraction_of_ceiling", e2e / ceiling, "x")
+    if "pickup" in chosen:
+        await scenarios.pickup(report, backend, pg_url)
+        if backend == "postgres":
+            await scenarios.pickup_cross_process(report, pg_url)
+    return e2e
+
+
+async def _system_scenarios(report: Report, args: argparse.Namespace, pg_url: str, backend: str,
+                            chosen: list[str], e2e: float | None) -> None:
+    """The service over HTTP, big tables, and time."""
+    if "http" in chosen:
+        from bench import http
+
+        await http.run(report, backend, pg_url)
+    if "scale" in chosen:
+        await scenarios.scale(report, backend, pg_url, args.jobs, args.history)
+    if "dashboard" in chosen:
+        from bench import dashboard
+
+        await dashboard.run(report, backend, pg_url, args.history)
+    if "soak" in chosen:
+        await scenarios.soak(report, backend, pg_url, (e2e or 1000) / 2, args.soak_seconds)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import asyncpg
 
@@ -59,6 +61,8 @@ SELECT lpad(to_hex((extract(epoch FROM at) * 1000)::bigint), 12, '0') || lpad(to
 FROM (SELECT g, now() - make_interval(secs => g::double precision * $2 / $1) AS at
       FROM generate_series(1, $1) g) s
 """
+#: the fill's one tag, indexed as the store indexes a job's tags
+_TAGS = "INSERT INTO job_tags (tag, job_id) SELECT 'bench', id FROM worker_queue"
 _RECOUNT = """
 INSERT INTO job_counts (task_type, status, shard, n)
 SELECT task_type, status, 0, COUNT(*) FROM worker_queue
@@ -75,9 +79,11 @@ async def fill(url: str, backend: str, n: int) -> None:
         async with conn.transaction():
             await conn.execute("SET LOCAL session_replication_role = replica")  # no row triggers
             await conn.execute(_PG_FILL, n, SPREAD_SECONDS)
+            await conn.execute(_TAGS)
             await conn.execute("DELETE FROM job_counts")
             await conn.execute(_RECOUNT)
         await conn.execute("VACUUM ANALYZE worker_queue")
+        await conn.execute("VACUUM ANALYZE job_tags")
     finally:
         await conn.close()
 
@@ -87,6 +93,7 @@ def _fill_sqlite(path: str, n: int) -> None:
     try:
         conn.execute("BEGIN")
         conn.execute(_SQLITE_FILL, {"n": n, "spread": SPREAD_SECONDS})
+        conn.execute(_TAGS)
         conn.execute("DELETE FROM job_counts")
         conn.execute(_RECOUNT)
         conn.execute("COMMIT")
@@ -125,7 +132,10 @@ async def run(report: Report, backend: str, pg_url: str, history: int = HISTORY_
 
 
 def _routes(job_id: str) -> list[tuple[str, str]]:
-    """(label, path): every dashboard page and fragment, and the API's list routes."""
+    """(label, path): every dashboard page and fragment, and the API's list routes with each
+    filter: ones that match most rows, few rows, and none."""
+    hour_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    six_days_ago = (datetime.now(UTC) - timedelta(days=6)).isoformat()
     return [
         ("ui_overview", "/ui"),
         ("ui_overview_partial", "/ui/partials/overview"),
@@ -135,12 +145,20 @@ def _routes(job_id: str) -> list[tuple[str, str]]:
         ("ui_jobs_task_type", "/ui/jobs?task_type=email"),
         ("ui_jobs_running_none", "/ui/jobs?status=running"),
         ("ui_jobs_tag_none", "/ui/jobs?tag=nothing"),
+        ("ui_jobs_tag_all", "/ui/jobs?tag=bench"),
+        ("ui_jobs_tag_failed", "/ui/jobs?tag=bench&status=failed"),
         ("ui_job", f"/ui/jobs/{job_id}"),
         ("ui_job_partial", f"/ui/partials/jobs/{job_id}"),
         ("api_jobs", "/api/jobs"),
         ("api_jobs_500", "/api/jobs?limit=500"),
         ("api_jobs_failed", "/api/jobs?status=failed"),
         ("api_jobs_task_type", "/api/jobs?task_type=email"),
+        ("api_jobs_type_failed", "/api/jobs?task_type=email&status=failed"),
+        ("api_jobs_queue_none", "/api/jobs?queue=nowhere"),
+        ("api_jobs_cancelled_none", "/api/jobs?status=cancelled"),
+        ("api_jobs_tag_all", "/api/jobs?tag=bench"),
+        ("api_jobs_created_last_hour", f"/api/jobs?created_after={quote(hour_ago)}"),
+        ("api_jobs_created_before_6d", f"/api/jobs?created_before={quote(six_days_ago)}"),
         ("api_queue_stats", "/api/queue/stats"),
         ("metrics", "/metrics"),
     ]

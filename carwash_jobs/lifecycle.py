@@ -119,6 +119,10 @@ class Transition:
     #: (a cancel does not know beforehand whether the job was running)
     running_attempt_outcome: AttemptOutcome | None = None
     attempts_delta: int = 0  #: added to attempts (a release gives the attempt back)
+    #: apply only if the lease ran out before this instant: the recovery of an expired lease
+    #: reads first and writes later, and the owner may renew the lease in between; the fence
+    #: (attempt, owner) does not change on a renewal, so only this recheck notices it
+    lease_expired_by: datetime | None = None
 
     def __post_init__(self) -> None:
         for source in self.from_statuses:
@@ -220,10 +224,15 @@ def retry_failed(job_id: JobId, now: datetime) -> Transition:
 
 
 def release_expired_lease(
-    job_id: JobId, fence: Fence, attempts: int, max_attempts: int, now: datetime
+    job_id: JobId, fence: Fence, attempts: int, max_attempts: int, now: datetime,
+    *, owner_known_dead: bool = False,
 ) -> Transition:
     """The worker holding the job is gone. The lost attempt counts, so a job that kills its
-    worker ends failed instead of looping forever."""
+    worker ends failed instead of looping forever. The write rechecks that the lease is still
+    out of date at `now`: an owner that renewed it after the scan keeps its job. Only when the
+    owner is known dead (a local process that no longer exists) may its lease be taken before
+    it runs out, since nobody can renew it any more."""
+    expired_by = None if owner_known_dead else now
     error = f"worker {fence.owner} stopped renewing its lease"
     history = AttemptRecord(fence.attempt, AttemptOutcome.worker_lost, fence.owner, now, error)
     if attempts >= max_attempts:
@@ -231,11 +240,13 @@ def release_expired_lease(
             job_id, "release", frozenset({JobStatus.running}), JobStatus.failed, "failed",
             changes={"error": error, "error_traceback": None, **_finished(now)},
             message=f"worker_lost: {error}; no attempts left", fence=fence, history=history,
+            lease_expired_by=expired_by,
         )
     return Transition(
         job_id, "release", frozenset({JobStatus.running}), JobStatus.queued, "lease_expired",
         changes={"run_at": now, "lease_owner": None, "lease_until": None, "error": error},
         message=f"worker_lost: {error}", fence=fence, history=history,
+        lease_expired_by=expired_by,
     )
 
 

@@ -50,7 +50,12 @@ class WorkerQueue(SQLModel, table=True):
             postgresql_where=sa.text("status = 'running'"),
         ),
         sa.Index("ix_worker_queue_created", "created_at", "id"),
-        sa.Index("ix_worker_queue_type_status", "task_type", "status", "created_at"),
+        # the job list's filters, newest first (migration 0006); (task_type, status, id) also
+        # counts the running jobs of a task type for the fleet-wide concurrency limit
+        sa.Index("ix_worker_queue_status", "status", "id"),
+        sa.Index("ix_worker_queue_type", "task_type", "id"),
+        sa.Index("ix_worker_queue_queue", "queue", "id"),
+        sa.Index("ix_worker_queue_type_status", "task_type", "status", "id"),
         # bulk retry by failed-time range, and pruning of old finished rows
         sa.Index(
             "ix_worker_queue_finished", "status", "finished_at",
@@ -96,6 +101,17 @@ class JobDependency(SQLModel, table=True):
 
     job_id: str = Field(primary_key=True, max_length=32)
     depends_on_id: str = Field(primary_key=True, max_length=32)
+
+
+class JobTag(SQLModel, table=True):
+    """One row per tag of a job, written with the job: the list's tag filter reads an index
+    range in id order instead of opening every job's JSON tags array."""
+
+    __tablename__ = "job_tags"
+    __table_args__ = (sa.Index("ix_job_tags_job", "job_id"),)
+
+    tag: str = Field(primary_key=True, max_length=200)
+    job_id: str = Field(primary_key=True, max_length=32)
 
 
 class JobEvent(SQLModel, table=True):

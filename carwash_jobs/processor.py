@@ -5,7 +5,12 @@ One dispatcher task claims as many ready jobs as there are free slots in a singl
 each claimed job runs in its own task through three short steps: `_execute` (the handler under
 middleware, timeout and cancellation, mapped to an Outcome) and `_record` (the lifecycle
 transition the outcome calls for). A heartbeat extends the leases of running jobs; a job whose
-lease was lost (cancelled elsewhere, or taken over) is stopped.
+lease was lost (cancelled elsewhere, or taken over) is stopped. Once a job's handler has
+finished, nothing stops it any more: only its record is left, and the record's own
+compare-and-set tells whether the job was still held.
+
+The task type's hooks run here, after the end they report is committed: on_completed,
+on_failed, and on_cancelled for a job cancelled while it ran here (once its handler stopped).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import contextlib
 import logging
 import traceback
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -85,6 +90,10 @@ class _Running:
     job: JobRow
     state: AttemptState
     task: asyncio.Task[None] | None = None
+    #: the handler is done; what is left is recording its outcome. Its lease may be gone by
+    #: then only because that record committed (or was refused): it is not lost, and
+    #: cancelling its task could only cut off the hooks and metrics of a committed end
+    finished: bool = False
 
 
 @dataclass(slots=True)
@@ -95,6 +104,9 @@ class ProcessorConfig:
     shutdown_grace: timedelta = timedelta(seconds=30)
     middleware: Sequence[Middleware] = ()
     services: Mapping[str, Any] = field(default_factory=dict)
+    #: single enqueues in this process start here at once, written claimed, while a slot is
+    #: free and nothing is ready (queue.Handoff); off: every job goes through the claim
+    handoff: bool = True
 
 
 class QueueProcessor:
@@ -122,6 +134,9 @@ class QueueProcessor:
         #: limited task types that a claim found at their fleet-wide limit, parked for a moment
         self._fleet_full: set[str] = set()
         self._claiming = 0
+        self._handoffs = 0  #: enqueues writing a job claimed for this processor, in flight
+        self._handoffs_settled = asyncio.Event()
+        self._handoffs_settled.set()
         self._slot_free = asyncio.Event()
         self._idle = asyncio.Event()
         self._claims_allowed = asyncio.Event()  #: cleared while heartbeat writes fail
@@ -130,6 +145,8 @@ class QueueProcessor:
         self._completions: Batcher[Completion, bool] = Batcher(self._complete_many)
         self._stopping = False
         queue.on_cancel(self.cancel_local)
+        if config.handoff:
+            queue.hand_off_to(self)
 
     @property
     def owner(self) -> str:
@@ -155,6 +172,7 @@ class QueueProcessor:
             task.cancel()
         if dispatcher:  # a claim in flight completes and gives back what it won
             await asyncio.wait(dispatcher)
+        await self._handoffs_settled.wait()  # an enqueue writing a job claimed for us: it runs
         tasks = [r.task for r in self._running.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=self._config.shutdown_grace.total_seconds())
@@ -173,12 +191,15 @@ class QueueProcessor:
         await self._completions.close()
 
     def cancel_local(self, job_id: JobId) -> bool:
-        """Stop a job running here (it was cancelled, or its lease lost)."""
+        """Stop a job running here (it was cancelled, or its lease lost). A job whose handler
+        has finished is only flagged: its record finds out by itself whether it still held the
+        job (and calls on_cancelled when a cancel won)."""
         running = self._running.get(job_id)
         if running is None or running.task is None:
             return False
         running.state.cancel_requested.set()
-        running.task.cancel()
+        if not running.finished:
+            running.task.cancel()
         return True
 
     def is_idle(self) -> bool:
@@ -255,6 +276,37 @@ class QueueProcessor:
             return False
         self._per_type[task_type] = self._per_type.get(task_type, 0) + 1
         return True
+
+    # -- handoff: an enqueue that finds a free slot writes its job claimed (queue.Handoff) ----
+    def reserve_handoff(self, task_type: str) -> tuple[str, datetime] | None:
+        """A slot for a job written claimed; not for a task type with a fleet-wide limit,
+        which only the claim statement can check against the other processes."""
+        if not self._tasks or self._stopping or not self._claims_allowed.is_set():
+            return None  # not started, or stopping, or its leases may be running out
+        if self._free_slots() <= 0 or self._limit_of(task_type) is not None:
+            return None
+        if not self._reserve_slot(task_type):
+            return None
+        self._claiming += 1
+        self._handoffs += 1
+        self._handoffs_settled.clear()
+        return self._owner, self._clock() + self._config.lease
+
+    def _handoff_settled(self) -> None:
+        self._claiming -= 1
+        self._handoffs -= 1
+        if self._handoffs == 0:
+            self._handoffs_settled.set()
+
+    def release_handoff(self, task_type: str) -> None:
+        self._handoff_settled()
+        self._release_type_slot(task_type)
+        self._slot_free.set()
+        self._set_idle_if_idle()
+
+    def start_handoff(self, job: JobRow) -> None:
+        self._handoff_settled()
+        self._start(job)
 
     async def _dispatch_loop(self) -> None:
         while not self._stopping:
@@ -334,6 +386,7 @@ class QueueProcessor:
         job = running.job
         try:
             outcome = await self._execute(running)
+            running.finished = True  # before the first await of the record: see heartbeat()
             await self._record(job, running.state, outcome)
         except Exception:
             log.exception("recording job %s failed; its lease will expire and it will run again",
@@ -396,6 +449,7 @@ class QueueProcessor:
         if isinstance(outcome, Discarded):
             log.info("job %s attempt %d ended without a record: %s", job.id, job.attempts,
                      outcome.reason)
+            await self._hook_if_cancelled_here(job, state)
             return
         if isinstance(outcome, Completed) and not state.follow_ups and not state.finalizers:
             await self._record_completion(job, state, outcome)
@@ -411,10 +465,11 @@ class QueueProcessor:
                 applied = await self._store.apply(transition)
         except (IllegalTransition, JobNotFound) as exc:
             log.info("job %s: outcome of attempt %d discarded: %s", job.id, job.attempts, exc)
+            await self._hook_if_cancelled_here(job, state)
             return
         self._queue.offer([applied.job, *applied.woken])
         self._count(applied.job)
-        await self._run_hook(applied.job)
+        await self._registry.run_hook(applied.job)
 
     async def _record_completion(self, job: JobRow, state: AttemptState, outcome: Completed) -> None:
         """The hot path: completions of many jobs share one set-based write."""
@@ -422,11 +477,35 @@ class QueueProcessor:
         if not done:
             log.info("job %s: completion of attempt %d discarded: it no longer holds the job",
                      job.id, job.attempts)
+            await self._hook_if_cancelled_here(job, state)
             return
         if self._metrics is not None:
             self._metrics.completed.labels(job.task_type).inc()
-        if job.task_type in self._registry and self._registry.get(job.task_type).hooks.on_completed:
-            await self._run_hook(await self._store.get(job.id))
+        if self._registry.hook(job.task_type, JobStatus.completed) is not None:
+            await self._registry.run_hook(await self._store.get(job.id))
+
+    async def _hook_if_cancelled_here(self, job: JobRow, state: AttemptState) -> None:
+        """The attempt ended without a record of its own. If that is because the job was
+        cancelled while this attempt held it, the job ended there and this process is the one
+        that saw it (its handler has stopped now): call on_cancelled.
+
+        The row decides, not the way the handler stopped: a cancel reaches it as a task cancel
+        (from this process, or a notice), or as a refused checkpoint or completion when another
+        process cancelled first. The cancel records the running attempt, with its number and
+        owner, so a lost lease (another attempt carries on, and may be cancelled there) calls
+        no hook here."""
+        if self._registry.hook(job.task_type, JobStatus.cancelled) is None:
+            return
+        try:
+            row = await self._store.get(job.id)
+        except JobNotFound:
+            return
+        last = row.attempt_history[-1] if row.attempt_history else {}
+        if (row.status == JobStatus.cancelled
+                and last.get("outcome") == AttemptOutcome.cancelled.value
+                and last.get("attempt") == state.fence.attempt
+                and last.get("owner") == state.fence.owner):
+            await self._registry.run_hook(row)
 
     async def _complete_many(self, completions: Sequence[Completion]) -> list[bool]:
         result = await self._store.complete_many(completions)
@@ -469,20 +548,6 @@ class QueueProcessor:
         if counter is not None:
             counter.labels(job.task_type).inc()
 
-    async def _run_hook(self, job: JobRow) -> None:
-        hooks = self._registry.get(job.task_type).hooks
-        hook = {
-            JobStatus.completed: hooks.on_completed,
-            JobStatus.failed: hooks.on_failed,
-            JobStatus.cancelled: hooks.on_cancelled,
-        }.get(job.status)
-        if hook is None:
-            return
-        try:
-            await hook(job)
-        except Exception:
-            log.exception("the %s hook of job %s failed", job.status.value, job.id)
-
     def _context(self, job: JobRow, state: AttemptState) -> JobContext:
         logger = JobLogger(log, {"job_id": job.id, "task_type": job.task_type,
                                  "attempt": job.attempts})
@@ -506,23 +571,29 @@ class QueueProcessor:
 
     async def heartbeat(self) -> None:
         """Extend the leases of running jobs; stop the ones this process no longer holds.
-        While the write fails, claim nothing new (the leases may be running out)."""
-        ids = list(self._running)
+        While the write fails, claim nothing new (the leases may be running out).
+
+        The running jobs are read before the write and looked at again after it. A job that
+        finished meanwhile (or already had, and is recording its outcome) may be missing from
+        the write's answer only because its own record committed first: it is not lost, and is
+        left alone. So is a job claimed again meanwhile: its claim wrote a fresh lease."""
+        before = dict(self._running)
         try:
             held = await self._store.extend_leases(
-                self._owner, ids, self._clock() + self._config.lease
+                self._owner, list(before), self._clock() + self._config.lease
             )
         except Exception:
             log.exception("heartbeat failed: not claiming new jobs until it succeeds")
             self._claims_allowed.clear()
             return
         self._claims_allowed.set()
-        for job_id in ids:
+        for job_id, seen in before.items():
             running = self._running.get(job_id)
-            if job_id not in held and running is not None:
-                log.warning("job %s: lease lost; stopping it", job_id)
-                running.state.lease_lost = True
-                self.cancel_local(job_id)
+            if job_id in held or running is not seen or seen.finished:
+                continue
+            log.warning("job %s: lease lost; stopping it", job_id)
+            seen.state.lease_lost = True
+            self.cancel_local(job_id)
 
 
 def _all(finalizers: list[Any]) -> Any:

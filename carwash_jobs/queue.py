@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from carwash_jobs import lifecycle, tracing
 from carwash_jobs.batcher import Batcher
@@ -74,6 +74,23 @@ class QueueStats:
     stats: Stats
 
 
+class Handoff(Protocol):
+    """A processor in this process that can start a job the moment its row commits.
+
+    An enqueue that finds the processor with a free slot and nothing ready ahead of it writes
+    the job already claimed by that processor: one commit to a running handler instead of
+    two (the insert, then the claim), which halves pickup latency on an idle queue."""
+
+    def reserve_handoff(self, task_type: str) -> tuple[str, datetime] | None:
+        """Hold a slot for a job of `task_type`: (lease owner, lease end), or None for no."""
+
+    def release_handoff(self, task_type: str) -> None:
+        """Give back a slot reserve_handoff() held, for a job that was not written claimed."""
+
+    def start_handoff(self, job: JobRow) -> None:
+        """Run a job written claimed in a slot reserve_handoff() held."""
+
+
 @dataclass(slots=True)
 class _Listeners:
     on_cancel: list[Callable[[JobId], object]] = field(default_factory=list)
@@ -97,6 +114,7 @@ class JobQueue:
         self._metrics = metrics
         self._clock = clock
         self._timers: dict[JobId, asyncio.TimerHandle] = {}
+        self._handoff: Handoff | None = None
         self._listeners = _Listeners()
         self._background: set[asyncio.Task[int]] = set()
         self._plain_inserts: Batcher[NewJob, Inserted] = Batcher(self._insert_plain)
@@ -142,8 +160,43 @@ class JobQueue:
         """Commit one job and offer it to this process's workers. With `tx`, the job is part of
         the caller's transaction (see `transaction`) and is offered after that commits."""
         with tracing.span(f"enqueue {task_type}", **{"job.task_type": task_type}) as span:
-            (inserted,) = await self.insert([self.build(task_type, payload, options)], tx=tx)
+            job = self.build(task_type, payload, options)
+            slot = self._reserve_handoff(job) if tx is None else None
+            if slot is None:
+                (inserted,) = await self.insert([job], tx=tx)
+            else:
+                inserted = await self._insert_claimed(
+                    replace(job, claimed_by=slot[0], lease_until=slot[1])
+                )
             span.set_attribute("job.id", inserted.job.id)
+        return inserted
+
+    def hand_off_to(self, handoff: Handoff) -> None:
+        """Let single enqueues start on `handoff` at once when it is idle (see Handoff)."""
+        self._handoff = handoff
+
+    def _reserve_handoff(self, job: NewJob) -> tuple[str, datetime] | None:
+        """A slot, when nothing stands ahead of this job: nothing ready in memory (a ready job
+        may have a higher priority), no dependency to wait for, due now."""
+        if self._handoff is None or self.ready is None or len(self.ready) > 0:
+            return None
+        if job.depends_on or job.run_at > self._clock():
+            return None
+        return self._handoff.reserve_handoff(job.task_type)
+
+    async def _insert_claimed(self, job: NewJob) -> Inserted:
+        assert self._handoff is not None
+        try:
+            (inserted,) = await self.store.insert([job])
+        except BaseException:
+            self._handoff.release_handoff(job.task_type)
+            raise
+        if inserted.created and inserted.job.status == JobStatus.running:
+            if self._metrics is not None:
+                self._metrics.enqueued.labels(job.task_type).inc()
+            self._handoff.start_handoff(inserted.job)
+        else:  # its idempotency key found an existing job: that one is not ours to run
+            self._handoff.release_handoff(job.task_type)
         return inserted
 
     async def enqueue_many(
@@ -362,10 +415,16 @@ def _max_attempts(options: EnqueueOptions, task_type: AnyTaskType) -> int:
     return options.max_attempts
 
 
+#: a tag is indexed (job_tags.tag), so its length has a bound
+TAG_MAX_LENGTH = 200
+
+
 def _tags(tags: Sequence[str]) -> list[str]:
     if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
         raise InvalidPayload("tags", "must be a list of strings")
-    return list(tags)
+    if not all(0 < len(t) <= TAG_MAX_LENGTH for t in tags):
+        raise InvalidPayload("tags", f"each tag must have 1 to {TAG_MAX_LENGTH} characters")
+    return list(dict.fromkeys(tags))
 
 
 def _context(context: Mapping[str, Any] | None) -> dict[str, Any] | None:

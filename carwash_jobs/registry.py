@@ -8,6 +8,7 @@ validation and the dashboard entry are all derived from this one object.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -16,11 +17,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from carwash_jobs.errors import ConfigurationError, InvalidPayload, UnknownTaskType
+from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from carwash_jobs.context import JobContext
     from carwash_jobs.store.base import JobRow
+
+log = logging.getLogger(__name__)
 
 PayloadT = TypeVar("PayloadT", bound=BaseModel)
 ResultT = TypeVar("ResultT")
@@ -45,11 +49,26 @@ class TaskOptions:
 
 @dataclass(frozen=True, slots=True)
 class TaskHooks:
-    """Called after a job of this type reaches an end; a hook's failure is logged, not raised."""
+    """Called after a job of this type reaches an end, once, by the process that sees it end:
+    the processor that ran it (completed; failed; cancelled while running, after the handler
+    stopped) or the scheduler whose lease recovery failed it on its last attempt. A hook's
+    failure is logged, not raised.
+
+    Not covered: a job cancelled while it was not running (queued, scheduled, waiting, or by
+    a failed dependency inside the store) calls no hook, since no processor or scheduler sees
+    that end; and a job cancelled while its worker is dead calls none, since the only process
+    that could tell its handler stopped is gone."""
 
     on_completed: Hook | None = None
     on_failed: Hook | None = None  #: e.g. tell an admin a job used up its attempts
     on_cancelled: Hook | None = None
+
+    def for_status(self, status: JobStatus) -> Hook | None:
+        return {
+            JobStatus.completed: self.on_completed,
+            JobStatus.failed: self.on_failed,
+            JobStatus.cancelled: self.on_cancelled,
+        }.get(status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,3 +161,20 @@ class TaskRegistry:
 
     def names(self) -> list[str]:
         return list(self._by_name)
+
+    def hook(self, task_type: str, status: JobStatus) -> Hook | None:
+        """The hook a job of `task_type` that ended `status` calls. None too when this process
+        does not know the task type: in a fleet, a scheduler may end another process's job."""
+        known = self._by_name.get(task_type)
+        return None if known is None else known.hooks.for_status(status)
+
+    async def run_hook(self, job: JobRow) -> None:
+        """Call the hook for the end `job` reached, if it has one. Its failure is logged, not
+        raised: the end is committed already, and must not look like a failed record."""
+        hook = self.hook(job.task_type, job.status)
+        if hook is None:
+            return
+        try:
+            await hook(job)
+        except Exception:
+            log.exception("the %s hook of job %s failed", job.status.value, job.id)

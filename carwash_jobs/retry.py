@@ -9,7 +9,8 @@ from datetime import datetime, timedelta
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Exponential backoff: base * factor**(attempt-1), capped, with +/- jitter."""
+    """Exponential backoff: base * factor**(attempt-1) with +/- jitter, then capped, so
+    `max_seconds` is a promise an operator can rely on (no retry ever waits longer)."""
 
     base_seconds: float = 2.0
     factor: float = 2.0
@@ -18,12 +19,14 @@ class RetryPolicy:
 
 
 def backoff_seconds(attempt: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
-    """The delay after failed attempt number `attempt` (1-based)."""
+    """The delay after failed attempt number `attempt` (1-based). The cap comes last: jitter
+    spreads retries around the capped delay but never pushes one past `max_seconds` (at the
+    cap the spread only goes downwards)."""
     raw = policy.base_seconds * policy.factor ** max(attempt - 1, 0)
     delay = min(raw, policy.max_seconds)
     spread = delay * policy.jitter
     pick = (rng or random).uniform(-spread, spread)
-    return max(0.0, delay + pick)
+    return min(max(0.0, delay + pick), policy.max_seconds)
 
 
 def next_attempt_at(

@@ -175,19 +175,25 @@ class Runtime:
 
     async def recover_leftovers(self) -> int:
         """Re-queue what earlier processes on this host left running when they died, without
-        waiting for their leases to run out. The lost attempt counts."""
+        waiting for their leases to run out. The lost attempt counts; a job that had no
+        attempt left ends failed here, so this process calls its on_failed hook (the dead one
+        cannot)."""
         dead = [o for o in await self.store.running_owners() if _is_dead_local(o)]
         if not dead:
             return 0
         now = self._clock()
         jobs = await self.store.running_owned_by(dead)
         transitions = [
-            lifecycle.release_expired_lease(j.id, j.fence, j.attempts, j.max_attempts, now)
+            lifecycle.release_expired_lease(j.id, j.fence, j.attempts, j.max_attempts, now,
+                                            owner_known_dead=True)
             for j in jobs
         ]
         results = await self.store.apply_many(transitions)
         recovered = [r.job for r in results if not isinstance(r, Exception)]
         log.warning("recovered %d jobs left running by dead processes %s", len(recovered), dead)
+        for job in recovered:
+            if job.status == lifecycle.JobStatus.failed:
+                await self.queue.registry.run_hook(job)
         return len(recovered)
 
 

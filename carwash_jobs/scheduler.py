@@ -3,7 +3,8 @@ agreement. It is not the main path (an enqueue hands its job to memory at once).
 
 - reload: promote due scheduled rows and load due rows this process does not hold (after a
   restart, a crash, a backoff, or another process's enqueue);
-- leases: re-queue running rows whose lease ran out (their worker died or hung).
+- leases: re-queue running rows whose lease ran out (their worker died or hung); one on its
+  last attempt ends failed here, and this process, the one that saw it end, calls on_failed.
 
 APScheduler 3 is untyped; this module is the only one that touches it.
 """
@@ -18,6 +19,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from carwash_jobs import lifecycle
 from carwash_jobs.errors import IllegalTransition
+from carwash_jobs.lifecycle import JobStatus
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -81,7 +83,8 @@ class Scheduler:
 
     async def release_expired_leases(self) -> int:
         """Running jobs whose worker stopped renewing the lease go back to queued (or failed,
-        when that was their last attempt)."""
+        when that was their last attempt: the dead worker cannot call on_failed, so this does;
+        the compare-and-set lets one process win each job, so the hook runs once)."""
         now = self._clock()
         expired = await self._queue.store.expired_leases(now, LEASE_SCAN_LIMIT)
         transitions = [
@@ -98,6 +101,9 @@ class Scheduler:
             log.warning("job %s: lease of %s expired; now %s", job.id,
                         job.attempt_history[-1].get("owner") if job.attempt_history else "?",
                         job.status.value)
+        for job in released:
+            if job.status == JobStatus.failed:
+                await self._queue.registry.run_hook(job)
         return len(released)
 
 

@@ -13,11 +13,17 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from carwash_jobs.errors import PermanentError
 from carwash_jobs.registry import TaskOptions, TaskType
-from task_types.domain import Segment, db_timestamp, in_clause, segment_query
+from task_types.domain import (
+    Segment,
+    db_timestamp,
+    exactly_one_audience,
+    in_clause,
+    segment_query,
+)
 
 if TYPE_CHECKING:
     from carwash_jobs.context import JobContext
@@ -34,16 +40,16 @@ ON CONFLICT (job_id, customer_id) DO NOTHING
 
 class CreditsPayload(BaseModel):
     customer_ids: list[int] | None = Field(default=None, min_length=1, max_length=100_000)
-    segment: Segment | None = None
+    #: validated even when left out: its validator is where "exactly one audience" is checked
+    segment: Segment | None = Field(default=None, validate_default=True)
     amount_cents: int = Field(gt=0, le=1_000_000, description="credit per customer, in cents")
     reason: str = Field(min_length=1, max_length=200)
     tenant_id: str | None = Field(default=None, min_length=1, max_length=64)
 
-    @model_validator(mode="after")
-    def _one_audience(self) -> CreditsPayload:
-        if (self.customer_ids is None) == (self.segment is None):
-            raise ValueError("give either customer_ids or segment (exactly one)")
-        return self
+    @field_validator("segment")
+    @classmethod
+    def _one_audience(cls, value: Segment | None, info: ValidationInfo) -> Segment | None:
+        return exactly_one_audience(value, info, "customer_ids")
 
 
 class CreditsResult(BaseModel):

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from email.headerregistry import Address
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
+
+if TYPE_CHECKING:
+    from pydantic import ValidationInfo
 
 _TS = sa.DateTime(timezone=True)
 #: the engine's timestamp text on SQLite: UTC, fixed width, so it sorts as a string
@@ -165,6 +168,21 @@ class FinancialSyncState(SQLModel, table=True):
 
 
 # -- values across drivers ---------------------------------------------------------------------
+def exactly_one_audience(
+    value: Segment | None, info: ValidationInfo, listed: str
+) -> Segment | None:
+    """A `segment` field validator's body: exactly one of the `listed` field and segment.
+
+    A check on the whole model would raise an error with no field in it, so the 400 would
+    lack the `key` every other validation error carries: it is made on `segment` instead,
+    which must be declared after `listed` (pydantic validates fields in order)."""
+    if listed not in info.data:
+        return value  # the listed field was wrong itself: that error is reported already
+    if (info.data[listed] is None) == (value is None):
+        raise ValueError(f"give either {listed} or segment (exactly one)")
+    return value
+
+
 def db_timestamp(dialect: str, value: datetime) -> str | datetime:
     """A timestamp as the driver of `dialect` wants it (naive values are taken as UTC)."""
     aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -41,12 +41,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from carwash_jobs.errors import LeaseLost, PermanentError
 from carwash_jobs.registry import TaskOptions, TaskType
 from carwash_jobs.retry import RetryPolicy
-from task_types.domain import Segment, check_address, check_header_text, db_timestamp, segment_query
+from task_types.domain import (
+    Segment,
+    check_address,
+    check_header_text,
+    db_timestamp,
+    exactly_one_audience,
+    segment_query,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -81,7 +88,8 @@ class EmailPayload(BaseModel):
     body_text: str = Field(max_length=1_000_000)
     body_html: str | None = Field(default=None, max_length=2_000_000)
     recipients: list[Recipient] | None = Field(default=None, min_length=1, max_length=100_000)
-    segment: Segment | None = None
+    #: validated even when left out: its validator is where "exactly one audience" is checked
+    segment: Segment | None = Field(default=None, validate_default=True)
     tenant_id: str | None = Field(default=None, min_length=1, max_length=64)
     chunk_size: int | None = Field(default=None, ge=1, le=1000, description="messages per SMTP connection")
     sender: Recipient | None = Field(default=None, description="the From address; a no-reply default")
@@ -91,11 +99,10 @@ class EmailPayload(BaseModel):
     def _subject_fits_a_header(cls, value: str) -> str:
         return check_header_text(value)
 
-    @model_validator(mode="after")
-    def _one_audience(self) -> EmailPayload:
-        if (self.recipients is None) == (self.segment is None):
-            raise ValueError("give either recipients or segment (exactly one)")
-        return self
+    @field_validator("segment")
+    @classmethod
+    def _one_audience(cls, value: Segment | None, info: ValidationInfo) -> Segment | None:
+        return exactly_one_audience(value, info, "recipients")
 
 
 class RejectedRecipient(BaseModel):

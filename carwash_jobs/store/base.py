@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
+from carwash_jobs.errors import InvalidPayload
 from carwash_jobs.lifecycle import Fence, JobStatus, Transition
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from carwash_jobs.types import JobId
 
 T = TypeVar("T")
@@ -193,6 +193,41 @@ class FailedFilter:
 class Page:
     items: Sequence[JobRow]
     next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKeyset:
+    """A page of a list filtered by creation time, read in (created_at, id) order, newest
+    first, from the (created_at, id) index: in id order, a range such as "older than six days"
+    would walk every newer job first (0.5 s at a million rows, measured).
+
+    The cursor stays a job id; its creation time comes from its row, or from the time in the
+    id itself (ids start with their creation millisecond) when the row was pruned meanwhile.
+    Of two upper bounds only the tighter one is kept: given both, SQLite reads the index range
+    of one and filters the other."""
+
+    after: datetime | None  #: created_at >= after
+    before: datetime | None  #: created_at < before
+    cursor: tuple[datetime, str] | None  #: (created_at, id) < cursor
+
+    @classmethod
+    def of(cls, flt: JobFilter, cursor: tuple[datetime, str] | None) -> CreatedKeyset:
+        before = flt.created_before
+        if cursor is not None and before is not None:
+            if before <= cursor[0]:
+                cursor = None  # every row before `before` is past the cursor too
+            else:
+                before = None
+        return cls(flt.created_after, before, cursor)
+
+
+def id_time(job_id: str) -> datetime:
+    """The creation millisecond a job id starts with (see types.new_job_id)."""
+    try:
+        ms = int(job_id[:12], 16)
+        return datetime.fromtimestamp(ms / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        raise InvalidPayload("cursor", "not a cursor this list gave out") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ from carwash_jobs.store.base import (
     Applied,
     Completed,
     Completion,
+    CreatedKeyset,
     CronFireResult,
     CronFireRow,
     DueJob,
@@ -54,6 +56,7 @@ from carwash_jobs.store.base import (
     T,
     Tx,
     TxFn,
+    id_time,
 )
 from carwash_jobs.types import Clock, JobId, utc_now
 
@@ -96,6 +99,11 @@ FROM unnest($1::text[], $2::text[]) AS e(id, status)
 """
 SELECT_BY_IDEMPOTENCY_KEY = f"SELECT {_COLS} FROM worker_queue WHERE idempotency_key = $1"
 INSERT_DEPENDENCY = "INSERT INTO job_dependencies (job_id, depends_on_id) VALUES ($1, $2)"
+CREATED_AT_OF = "SELECT created_at FROM worker_queue WHERE id = $1"
+INSERT_TAGS = """
+INSERT INTO job_tags (tag, job_id) SELECT * FROM unnest($1::text[], $2::text[])
+ON CONFLICT DO NOTHING
+"""
 INSERT_EVENT = """
 INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -285,10 +293,10 @@ RETURNING schedule
 SET_CRON_FIRE_JOB = "UPDATE cron_fires SET job_id = $1 WHERE schedule = $2 AND fire_at = $3"
 #: an unfinished job of a schedule (overlap = skip): found by its task type and tag
 ACTIVE_TAGGED_JOB = """
-SELECT id FROM worker_queue
-WHERE task_type = $1 AND status IN ('waiting', 'queued', 'scheduled', 'running')
-  AND tags::jsonb ? $2
-ORDER BY id LIMIT 1
+SELECT w.id FROM job_tags t JOIN worker_queue w ON w.id = t.job_id
+WHERE w.task_type = $1 AND w.status IN ('waiting', 'queued', 'scheduled', 'running')
+  AND t.tag = $2
+ORDER BY t.job_id LIMIT 1
 """
 CRON_FIRES = """
 SELECT schedule, fire_at, job_id, fired_by FROM cron_fires
@@ -334,6 +342,7 @@ FOR UPDATE SKIP LOCKED
 #: what a pruned job leaves in the database
 PRUNE_DELETES = (
     "DELETE FROM job_events WHERE job_id = ANY($1::text[])",
+    "DELETE FROM job_tags WHERE job_id = ANY($1::text[])",
     "DELETE FROM job_dependencies WHERE job_id = ANY($1::text[])",
     "DELETE FROM job_dependencies WHERE depends_on_id = ANY($1::text[])",
     "DELETE FROM worker_queue WHERE id = ANY($1::text[])",
@@ -624,9 +633,42 @@ class PostgresJobStore:
         return [row_to_job(r) for r in await self.pool.fetch(GET_JOBS, list(ids))]
 
     async def list_jobs(self, flt: JobFilter, limit: int, cursor: str | None = None) -> Page:
-        where, params = _list_where(flt, cursor)
+        if flt.tag is None and (flt.created_after or flt.created_before):
+            return await self._list_by_created(flt, limit, cursor)
+        if flt.tag is None:
+            where, params = _list_where(flt, cursor, "id")
+            sql = f"SELECT {_COLS} FROM worker_queue WHERE {where} ORDER BY id DESC LIMIT :limit"
+        else:  # the range of job_tags in id order drives; the tables share no column name
+            where, params = _list_where(flt, cursor, "job_tags.job_id")
+            sql = (f"SELECT {_COLS} FROM job_tags JOIN worker_queue ON worker_queue.id = "
+                   f"job_tags.job_id WHERE job_tags.tag = :tag AND {where} "
+                   "ORDER BY job_tags.job_id DESC LIMIT :limit")
+            params["tag"] = flt.tag
+        text, args = numbered(sql, {**params, "limit": limit + 1})
+        rows = await self.pool.fetch(text, *args)
+        items = [row_to_job(r) for r in rows[:limit]]
+        return Page(items, items[-1].id if len(rows) > limit else None)
+
+    async def _list_by_created(self, flt: JobFilter, limit: int, cursor: str | None) -> Page:
+        position = None
+        if cursor is not None:
+            at = await self.pool.fetchval(CREATED_AT_OF, cursor)
+            position = (at or id_time(cursor), cursor)
+        keyset = CreatedKeyset.of(flt, position)
+        where, params = _list_where(replace(flt, created_after=None, created_before=None), None, "id")
+        clauses = [where]
+        if keyset.after is not None:
+            clauses.append("created_at >= :after")
+            params["after"] = keyset.after
+        if keyset.before is not None:
+            clauses.append("created_at < :before")
+            params["before"] = keyset.before
+        if keyset.cursor is not None:
+            clauses.append("(created_at, id) < (:cursor_at, :cursor_id)")
+            params["cursor_at"], params["cursor_id"] = keyset.cursor
         text, args = numbered(
-            f"SELECT {_COLS} FROM worker_queue WHERE {where} ORDER BY id DESC LIMIT :limit",
+            f"SELECT {_COLS} FROM worker_queue WHERE {' AND '.join(clauses)} "
+            "ORDER BY created_at DESC, id DESC LIMIT :limit",
             {**params, "limit": limit + 1},
         )
         rows = await self.pool.fetch(text, *args)
@@ -720,15 +762,16 @@ class PostgresJobStore:
         return [PrunedJob(JobId(r["id"]), r["task_type"], r["status"], r["payload"]) for r in found]
 
 
-def _list_where(flt: JobFilter, cursor: str | None) -> tuple[str, dict[str, Any]]:
+def _list_where(flt: JobFilter, cursor: str | None, key: str) -> tuple[str, dict[str, Any]]:
+    """The list's filters (all but the tag, which picks the statement) and the keyset cursor
+    on `key`, the column whose order the statement reads."""
     pairs: list[tuple[str, str, Any]] = [
         ("status = :status", "status", flt.status.value if flt.status else None),
         ("task_type = :task_type", "task_type", flt.task_type),
         ("queue = :queue", "queue", flt.queue),
         ("created_at >= :after", "after", flt.created_after),
         ("created_at < :before", "before", flt.created_before),
-        ("id < :cursor", "cursor", cursor),
-        ("tags::jsonb ? :tag", "tag", flt.tag),
+        (f"{key} < :cursor", "cursor", cursor),
     ]
     clauses = [c for c, _, v in pairs if v is not None]
     return (" AND ".join(clauses) or "TRUE"), {n: v for _, n, v in pairs if v is not None}
@@ -788,6 +831,7 @@ async def _insert_plain(
         [j.run_at for j in jobs], [j.created_at for j in jobs], [j.rerun_of for j in jobs],
     )
     await conn.execute(INSERT_PLAIN_EVENTS, ids, [s.value for s in statuses], now, owner)
+    await _insert_tags(conn, jobs)
     results = [Inserted(_stored(job, status, None, now), created=True)
                for job, status in zip(jobs, statuses, strict=True)]
     await _notify_new(conn, [r.job for r in results], owner)
@@ -815,15 +859,24 @@ async def _insert_each(
             results.append(Inserted(row_to_job(existing), created=False))
             continue
         dependencies += [(job.id, d) for d in job.depends_on]
-        events.append((job.id, now, "enqueued", status.value, 0, owner, error))
+        # written claimed: the timeline still reads "enqueued (queued), then claimed (running)"
+        enqueued_as = JobStatus.queued if claimed else status
+        events.append((job.id, now, "enqueued", enqueued_as.value, 0, owner, error))
         if claimed:
             events.append((job.id, now, "claimed", "running", 1, job.claimed_by, None))
         results.append(Inserted(_stored(job, status, error, now), created=True))
     if dependencies:
         await conn.executemany(INSERT_DEPENDENCY, dependencies)
     await conn.executemany(INSERT_EVENT, events)
+    await _insert_tags(conn, [r.job for r in results if r.created])
     await _notify_new(conn, [r.job for r in results if r.created], owner)
     return results
+
+
+async def _insert_tags(conn: asyncpg.Connection, jobs: Sequence[NewJob | JobRow]) -> None:
+    pairs = [(tag, job.id) for job in jobs for tag in job.tags]
+    if pairs:
+        await conn.execute(INSERT_TAGS, [p[0] for p in pairs], [p[1] for p in pairs])
 
 
 async def _notify_new(conn: asyncpg.Connection, jobs: list[JobRow], owner: str) -> None:
@@ -896,6 +949,9 @@ async def _apply(
     if t.fence is not None:
         where.append("attempts = :fence_attempt AND lease_owner = :fence_owner")
         params.update(fence_attempt=t.fence.attempt, fence_owner=t.fence.owner)
+    if t.lease_expired_by is not None:
+        where.append("lease_until < :lease_expired_by")
+        params["lease_expired_by"] = t.lease_expired_by
     text, args = numbered(
         f"UPDATE worker_queue SET {', '.join(sets)} WHERE id = :id AND {' AND '.join(where)} "
         f"RETURNING {_COLS}", params,

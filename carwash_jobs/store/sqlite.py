@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from carwash_jobs.store.base import (
     Applied,
     Completed,
     Completion,
+    CreatedKeyset,
     CronFireResult,
     CronFireRow,
     DueJob,
@@ -50,6 +52,7 @@ from carwash_jobs.store.base import (
     T,
     Tx,
     TxFn,
+    id_time,
 )
 from carwash_jobs.store.sqlite_writer import SqliteTx, SqliteWriter
 from carwash_jobs.types import Clock, JobId, utc_now
@@ -103,7 +106,7 @@ UPDATE worker_queue
 SET status = 'running', attempts = attempts + 1, lease_owner = ?, lease_until = ?,
     started_at = ?
 WHERE id IN (
-  SELECT id FROM worker_queue
+  SELECT id FROM worker_queue INDEXED BY ix_worker_queue_ready
   WHERE status = 'queued' AND run_at <= ? {{queue_filter}}
   ORDER BY priority DESC, run_at, id LIMIT ?)
 RETURNING {_COLS}
@@ -139,7 +142,7 @@ WHERE id IN (
     SELECT id, task_type,
       ROW_NUMBER() OVER (PARTITION BY task_type ORDER BY priority DESC, run_at, id) AS nth
     FROM (
-      SELECT id, task_type, priority, run_at FROM worker_queue
+      SELECT id, task_type, priority, run_at FROM worker_queue INDEXED BY ix_worker_queue_ready
       WHERE status = 'queued' AND run_at <= :now
         AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
         AND task_type NOT IN (
@@ -176,12 +179,12 @@ WHERE +lease_owner = ? AND +status = 'running' AND id IN ({ids})
 RETURNING id
 """
 PROMOTE_DUE = """
-UPDATE worker_queue SET status = 'queued'
+UPDATE worker_queue INDEXED BY ix_worker_queue_scheduled SET status = 'queued'
 WHERE status = 'scheduled' AND run_at <= ?
 RETURNING id, attempts
 """
 EXPIRED_LEASES = f"""
-SELECT {_COLS} FROM worker_queue
+SELECT {_COLS} FROM worker_queue INDEXED BY ix_worker_queue_lease
 WHERE status = 'running' AND lease_until < ? ORDER BY lease_until LIMIT ?
 """
 RUNNING_OWNED_BY = f"""
@@ -194,8 +197,22 @@ SELECT lease_owner, COUNT(*) FROM worker_queue WHERE status = 'running' GROUP BY
 GET_JOB = f"SELECT {_COLS} FROM worker_queue WHERE id = ?"
 GET_JOBS = f"SELECT {_COLS} FROM worker_queue WHERE id IN ({{ids}})"
 LIST_JOBS = f"SELECT {_COLS} FROM worker_queue WHERE {{where}} ORDER BY id DESC LIMIT ?"
+#: with a tag: the range of job_tags in id order drives, each job is looked up by its key (the
+#: two tables share no column name, so the job columns need no prefix). CROSS JOIN is SQLite's
+#: way to fix the join order: with a status filter too, it would otherwise start from the status
+#: index and sort every job of that status
+LIST_TAGGED_JOBS = f"""
+SELECT {_COLS} FROM job_tags CROSS JOIN worker_queue ON worker_queue.id = job_tags.job_id
+WHERE job_tags.tag = ? AND {{where}} ORDER BY job_tags.job_id DESC LIMIT ?
+"""
+INSERT_TAGS = "INSERT OR IGNORE INTO job_tags (tag, job_id) VALUES (?, ?)"
+#: filtered by creation time: read in (created_at, id) order (see CreatedKeyset)
+LIST_JOBS_BY_CREATED = f"""
+SELECT {_COLS} FROM worker_queue WHERE {{where}} ORDER BY created_at DESC, id DESC LIMIT ?
+"""
+CREATED_AT_OF = "SELECT created_at FROM worker_queue WHERE id = ?"
 DUE_JOBS = """
-SELECT id, task_type, queue, priority, run_at FROM worker_queue
+SELECT id, task_type, queue, priority, run_at FROM worker_queue INDEXED BY ix_worker_queue_ready
 WHERE status = 'queued' AND run_at <= ? ORDER BY priority DESC, run_at, id LIMIT ?
 """
 FAILED_IDS = "SELECT id FROM worker_queue WHERE {where} ORDER BY id LIMIT ?"
@@ -256,10 +273,10 @@ ON CONFLICT (schedule, fire_at) DO NOTHING
 SET_CRON_FIRE_JOB = "UPDATE cron_fires SET job_id = ? WHERE schedule = ? AND fire_at = ?"
 #: an unfinished job of a schedule (overlap = skip): found by its task type and tag
 ACTIVE_TAGGED_JOB = """
-SELECT id FROM worker_queue
-WHERE task_type = ? AND status IN ('waiting', 'queued', 'scheduled', 'running')
-  AND EXISTS (SELECT 1 FROM json_each(tags) WHERE value = ?)
-ORDER BY id LIMIT 1
+SELECT w.id FROM job_tags t JOIN worker_queue w ON w.id = t.job_id
+WHERE t.tag = :tag AND w.task_type = :task_type
+  AND w.status IN ('waiting', 'queued', 'scheduled', 'running')
+ORDER BY t.job_id LIMIT 1
 """
 CRON_FIRES = """
 SELECT schedule, fire_at, job_id, fired_by FROM cron_fires
@@ -293,15 +310,19 @@ WHERE expires_at > ? ORDER BY started_at, owner
 #: a dead process's row is kept this long after it expired (the dashboard may show it)
 PROCESS_RETENTION = timedelta(hours=1)
 
-#: finished jobs of one status past their retention, oldest first. `status` is a literal, never
-#: a parameter: only then may SQLite use the partial index ix_worker_queue_finished
+#: finished jobs of one status past their retention, oldest first. SQLite uses a partial index
+#: only for a query that repeats its predicate word for word (`status = 'completed'` alone does
+#: not count: the batch then sorted the whole table, 0.9 s at a million rows), and `status` is a
+#: literal, never a parameter, so that the range can start at it
 PRUNABLE = """
-SELECT id, task_type, status, payload FROM worker_queue
-WHERE status = '{status}' AND finished_at < ? ORDER BY finished_at LIMIT ?
+SELECT id, task_type, status, payload FROM worker_queue INDEXED BY ix_worker_queue_finished
+WHERE status IN ('completed', 'failed', 'cancelled') AND status = '{status}' AND finished_at < ?
+ORDER BY finished_at LIMIT ?
 """
 #: what a pruned job leaves in the database; :ids is a JSON array of job ids
 PRUNE_DELETES = (
     "DELETE FROM job_events WHERE job_id IN (SELECT value FROM json_each(:ids))",
+    "DELETE FROM job_tags WHERE job_id IN (SELECT value FROM json_each(:ids))",
     "DELETE FROM job_dependencies WHERE job_id IN (SELECT value FROM json_each(:ids))",
     "DELETE FROM job_dependencies WHERE depends_on_id IN (SELECT value FROM json_each(:ids))",
     "DELETE FROM worker_queue WHERE id IN (SELECT value FROM json_each(:ids))",
@@ -663,11 +684,42 @@ class SqliteJobStore:
         return [row_to_job(r) for r in rows]
 
     async def list_jobs(self, flt: JobFilter, limit: int, cursor: str | None = None) -> Page:
-        where, params = _list_where(flt, cursor)
-        rows = await self._fetch(LIST_JOBS.format(where=where), (*params, limit + 1))
+        if flt.tag is None and (flt.created_after or flt.created_before):
+            return await self._list_by_created(flt, limit, cursor)
+        if flt.tag is None:
+            where, params = _list_where(flt, cursor, "id")
+            rows = await self._fetch(LIST_JOBS.format(where=where), (*params, limit + 1))
+        else:
+            where, params = _list_where(flt, cursor, "job_tags.job_id")
+            rows = await self._fetch(LIST_TAGGED_JOBS.format(where=where),
+                                     (flt.tag, *params, limit + 1))
         items = [row_to_job(r) for r in rows[:limit]]
         next_cursor = items[-1].id if len(rows) > limit else None
         return Page(items, next_cursor)
+
+    async def _list_by_created(self, flt: JobFilter, limit: int, cursor: str | None) -> Page:
+        position = None
+        if cursor is not None:
+            found = await self._fetch(CREATED_AT_OF, (cursor,))
+            at = parse_ts(found[0][0]) if found else None
+            position = (at or id_time(cursor), cursor)
+        keyset = CreatedKeyset.of(flt, position)
+        where, params = _list_where(replace(flt, created_after=None, created_before=None), None, "id")
+        clauses, args = [where], list(params)
+        if keyset.after is not None:
+            clauses.append("created_at >= ?")
+            args.append(ts(keyset.after))
+        if keyset.before is not None:
+            clauses.append("created_at < ?")
+            args.append(ts(keyset.before))
+        if keyset.cursor is not None:  # this form, not a row value: SQLite reads its range
+            clauses.append("created_at <= ? AND (created_at < ? OR id < ?)")
+            at_text = ts(keyset.cursor[0])
+            args += [at_text, at_text, keyset.cursor[1]]
+        rows = await self._fetch(LIST_JOBS_BY_CREATED.format(where=" AND ".join(clauses)),
+                                 (*args, limit + 1))
+        items = [row_to_job(r) for r in rows[:limit]]
+        return Page(items, items[-1].id if len(rows) > limit else None)
 
     async def due(self, now: datetime, limit: int) -> list[DueJob]:
         rows = await self._fetch(DUE_JOBS, (ts(now), limit))
@@ -769,7 +821,9 @@ class SqliteJobStore:
         return await self.writer.run_sync(run)
 
 
-def _list_where(flt: JobFilter, cursor: str | None) -> tuple[str, list[Any]]:
+def _list_where(flt: JobFilter, cursor: str | None, key: str) -> tuple[str, list[Any]]:
+    """The list's filters (all but the tag, which picks the statement) and the keyset cursor
+    on `key`, the column whose order the statement reads."""
     clauses: list[str] = []
     params: list[Any] = []
     pairs: list[tuple[str, Any]] = [
@@ -778,8 +832,7 @@ def _list_where(flt: JobFilter, cursor: str | None) -> tuple[str, list[Any]]:
         ("queue = ?", flt.queue),
         ("created_at >= ?", ts(flt.created_after)),
         ("created_at < ?", ts(flt.created_before)),
-        ("id < ?", cursor),
-        ("EXISTS (SELECT 1 FROM json_each(tags) WHERE value = ?)", flt.tag),
+        (f"{key} < ?", cursor),
     ]
     for clause, value in pairs:
         if value is not None:
@@ -829,6 +882,7 @@ def _insert_plain(
         results.append(Inserted(_stored(job, status, None, now), created=True))
     batch = _dump(rows)
     conn.execute(INSERT_PLAIN_JOBS, {"jobs": batch})
+    _insert_tags(conn, jobs)
     conn.execute(INSERT_PLAIN_EVENTS, {"jobs": batch, "now": ts(now), "owner": owner})
     return results
 
@@ -859,12 +913,21 @@ def _insert_each(
             continue
         if job.depends_on:
             conn.executemany(INSERT_DEPENDENCY, [(job.id, d) for d in job.depends_on])
-        events.append((job.id, ts(now), "enqueued", status.value, 0, owner, error))
+        # written claimed: the timeline still reads "enqueued (queued), then claimed (running)"
+        enqueued_as = JobStatus.queued if job.claimed_by else status
+        events.append((job.id, ts(now), "enqueued", enqueued_as.value, 0, owner, error))
         if job.claimed_by:
             events.append((job.id, ts(now), "claimed", "running", 1, job.claimed_by, None))
+        _insert_tags(conn, [job])
         results.append(Inserted(_stored(job, status, error, now), created=True))
     conn.executemany(INSERT_EVENT, events)
     return results
+
+
+def _insert_tags(conn: sqlite3.Connection, jobs: Sequence[NewJob]) -> None:
+    pairs = [(tag, job.id) for job in jobs for tag in job.tags]
+    if pairs:
+        conn.executemany(INSERT_TAGS, pairs)
 
 
 def _start_status(
@@ -930,6 +993,9 @@ def _apply(
     if t.fence is not None:
         where.append("attempts = :fence_attempt AND lease_owner = :fence_owner")
         params.update(fence_attempt=t.fence.attempt, fence_owner=t.fence.owner)
+    if t.lease_expired_by is not None:
+        where.append("lease_until < :lease_expired_by")
+        params["lease_expired_by"] = ts(t.lease_expired_by)
     sql = (f"UPDATE worker_queue SET {', '.join(sets)} WHERE id = :id AND "
            f"{' AND '.join(where)} RETURNING {_COLS}")
     row = conn.execute(sql, params).fetchone()
@@ -983,7 +1049,9 @@ def _fire_cron(
     decides among processes): the fire row, then the job only for the process that wrote it."""
     key = (schedule, ts(fire_at))
     if skip_if_active_tag is not None:
-        active = conn.execute(ACTIVE_TAGGED_JOB, (job.task_type, skip_if_active_tag)).fetchone()
+        active = conn.execute(
+            ACTIVE_TAGGED_JOB, {"task_type": job.task_type, "tag": skip_if_active_tag}
+        ).fetchone()
         if active is not None:
             if conn.execute(INSERT_CRON_FIRE, (*key, None, owner)).rowcount == 0:
                 return CronFireResult(schedule, fire_at, "lost")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from carwash_jobs.context import JobContext
+    from carwash_jobs.metrics import Metrics
     from carwash_jobs.middleware import Middleware
     from carwash_jobs.registry import Handler
     from carwash_jobs.store.base import JobRow
@@ -188,18 +189,20 @@ class Harnesses:
         middleware: Sequence[Middleware] = (),
         queue_mode: QueueMode = "weighted",
         weights: Mapping[str, int] | None = None,
+        metrics: Metrics | None = None,
+        handoff: bool = True,
     ) -> Harness:
         if store is None:  # a store passed in is opened by the test, closed by the harness
             store = await open_sqlite(self.url, owner=owner, clock=clock)
         ready = ReadyQueue(queue_mode, weights)
         queue = JobQueue(store, registry_with(*task_types), ready=ready, clock=clock)
         processor = QueueProcessor(
-            queue, owner=owner, clock=clock,
+            queue, owner=owner, clock=clock, metrics=metrics,
             config=ProcessorConfig(
                 concurrency=concurrency, lease=lease,
                 # never fires by itself in a test: tests call processor.heartbeat()
                 heartbeat_interval=timedelta(hours=1),
-                shutdown_grace=shutdown_grace, middleware=middleware,
+                shutdown_grace=shutdown_grace, middleware=middleware, handoff=handoff,
             ),
         )
         scheduler = Scheduler(queue, clock=clock, reload_interval=timedelta(hours=1),

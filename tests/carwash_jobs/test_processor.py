@@ -5,6 +5,7 @@ holds it and the test awaits the gate's event, never a sleep."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -14,14 +15,15 @@ import pytest
 from carwash_jobs import lifecycle
 from carwash_jobs.errors import IllegalTransition, JobNotFound, PermanentError, RetryLater
 from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
+from carwash_jobs.metrics import Metrics
 from carwash_jobs.registry import TaskHooks
 from carwash_jobs.retry import RetryPolicy
 from carwash_jobs.store.base import DueJob, FailedFilter
 from carwash_jobs.store.sqlite import SqliteJobStore
-from tests.carwash_jobs.support import OWNER, Gate, Item, ManualClock, outcomes, task_type
+from tests.carwash_jobs.support import OWNER, Gate, Item, ManualClock, open_sqlite, outcomes, task_type
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from carwash_jobs.context import JobContext
     from carwash_jobs.middleware import CallNext
@@ -142,6 +144,106 @@ async def test_a_delayed_job_is_scheduled_then_runs_when_due(harnesses: Harnesse
     assert done.status == S.completed
     assert done.started_at is not None
     assert done.started_at >= job.run_at
+
+
+# -- handoff: an enqueue to an idle processor writes its job claimed ---------------------------
+async def test_an_enqueue_to_an_idle_processor_writes_the_job_claimed_and_starts_it(
+    harnesses: Harnesses,
+) -> None:
+    h = await harnesses.make()
+
+    job = await h.enqueue()
+
+    assert (job.status, job.attempts, job.lease_owner) == (S.running, 1, OWNER)
+    assert job.id in h.processor.running_ids  # no claim round trip: it started at once
+    await h.run_until_idle()
+    assert (await h.get(job.id)).status == S.completed
+    assert await events_of(h, job.id) == ["enqueued", "claimed", "completed"]
+
+
+async def test_with_no_free_slot_an_enqueue_is_queued_and_claimed_later(
+    harnesses: Harnesses,
+) -> None:
+    gate = Gate()
+
+    async def held(ctx: JobContext, payload: Item) -> None:
+        await gate.hold()
+
+    h = await harnesses.make(task_type("held", held), concurrency=1)
+    first = await h.enqueue("held")
+    await wait_for(gate.entered)
+
+    second = await h.enqueue("held")
+
+    assert (first.status, second.status) == (S.running, S.queued)
+    gate.release.set()
+    await h.run_until_idle()
+    assert (await h.get(second.id)).status == S.completed
+    assert await events_of(h, second.id) == ["enqueued", "claimed", "completed"]
+
+
+async def test_jobs_ready_in_memory_go_first_so_an_enqueue_does_not_jump_them(
+    harnesses: Harnesses,
+) -> None:
+    h = await harnesses.make(start=False)
+    waiting = await h.enqueue()
+    await h.start()
+    h.processor._tasks[0].cancel()  # the dispatcher is away: `waiting` stays ready in memory
+    await asyncio.sleep(0)
+
+    late = await h.enqueue()
+
+    assert (waiting.status, late.status) == (S.queued, S.queued)
+
+
+async def test_a_task_type_with_a_concurrency_limit_is_never_handed_off(
+    harnesses: Harnesses,
+) -> None:
+    async def noop(ctx: JobContext, payload: Item) -> None:
+        return None
+
+    h = await harnesses.make(task_type("limited", noop, concurrency=1))
+
+    job = await h.enqueue("limited")
+
+    assert job.status == S.queued  # the claim statement checks the fleet-wide limit
+    await h.run_until_idle()
+    assert (await h.get(job.id)).status == S.completed
+
+
+async def test_an_enqueue_that_finds_its_idempotency_key_taken_gives_its_slot_back(
+    harnesses: Harnesses,
+) -> None:
+    h = await harnesses.make(concurrency=1)
+    first = await h.enqueue(idempotency_key="wash-42")
+    await h.run_until_idle()
+
+    again = await h.enqueue(idempotency_key="wash-42")
+
+    assert again.id == first.id
+    assert h.processor._claiming == 0
+    assert h.processor.is_idle()
+    fresh = await h.enqueue()
+    assert fresh.status == S.running  # the one slot is free again
+
+
+async def test_a_failed_claimed_insert_gives_its_slot_back(harnesses: Harnesses) -> None:
+    h = await harnesses.make(concurrency=1)
+
+    async def refuse(tx: Tx) -> None:
+        await tx.execute(
+            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON worker_queue "
+            "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
+        )
+
+    await h.store.transaction(refuse)
+    with pytest.raises(sqlite3.IntegrityError):
+        await h.enqueue()
+
+    assert h.processor._claiming == 0
+    assert h.processor.is_idle()
+    await h.store.transaction(lambda tx: tx.execute("DROP TRIGGER temp.refuse"))
+    assert (await h.enqueue()).status == S.running
 
 
 async def test_higher_priority_runs_first_and_fifo_within_a_priority(harnesses: Harnesses) -> None:
@@ -278,6 +380,157 @@ async def test_a_handler_that_ignores_its_cancellation_cannot_complete_the_job(
     row = await h.get(job.id)
     assert (row.status, row.result) == (S.cancelled, None)
     assert outcomes(row) == ["cancelled"]
+
+
+class Calls:
+    """What a task type's hooks were called with, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, JobId, JobStatus]] = []
+
+    def hooks(self) -> TaskHooks:
+        async def completed(job: JobRow) -> None:
+            self.seen.append(("on_completed", job.id, job.status))
+
+        async def failed(job: JobRow) -> None:
+            self.seen.append(("on_failed", job.id, job.status))
+
+        async def cancelled(job: JobRow) -> None:
+            self.seen.append(("on_cancelled", job.id, job.status))
+
+        return TaskHooks(on_completed=completed, on_failed=failed, on_cancelled=cancelled)
+
+
+async def test_cancelling_a_running_job_calls_on_cancelled_once_its_handler_stopped(
+    harnesses: Harnesses,
+) -> None:
+    gate = Gate()
+    calls = Calls()
+    handler_stopped: list[bool] = []
+
+    async def long_run(ctx: JobContext, payload: Item) -> str:
+        try:
+            await gate.hold()
+        finally:
+            handler_stopped.append(not calls.seen)  # the hook comes after the handler ended
+        return "finished"
+
+    h = await harnesses.make(task_type("long", long_run, hooks=calls.hooks()))
+    job = await h.enqueue("long")
+    await wait_for(gate.entered)
+    await h.queue.cancel(job.id)
+    await h.run_until_idle()
+    assert calls.seen == [("on_cancelled", job.id, S.cancelled)]
+    assert handler_stopped == [True]
+
+
+async def test_a_handler_that_ignores_its_cancellation_still_gets_on_cancelled(
+    harnesses: Harnesses,
+) -> None:
+    gate = Gate()
+    calls = Calls()
+
+    async def stubborn(ctx: JobContext, payload: Item) -> str:
+        try:
+            await gate.hold()
+        except asyncio.CancelledError:
+            return "done anyway"
+        return "done"
+
+    h = await harnesses.make(task_type("stubborn", stubborn, hooks=calls.hooks()))
+    job = await h.enqueue("stubborn")
+    await wait_for(gate.entered)
+    await h.queue.cancel(job.id)
+    await h.run_until_idle()
+    assert calls.seen == [("on_cancelled", job.id, S.cancelled)]
+    assert (await h.get(job.id)).status == S.cancelled
+
+
+async def test_a_cancel_that_commits_before_a_finished_handlers_completion_calls_on_cancelled(
+    harnesses: Harnesses,
+) -> None:
+    """The handler has returned and its completion waits for the writer when the cancel
+    commits: the completion is refused, and the job ended cancelled, so on_cancelled runs."""
+    gate, writer_held = Gate(), Gate()
+    calls = Calls()
+
+    async def quick(ctx: JobContext, payload: Item) -> str:
+        await gate.hold()
+        return "done"
+
+    async def hold_the_writer(tx: Tx) -> None:
+        await writer_held.hold()
+
+    h = await harnesses.make(task_type("quick", quick, hooks=calls.hooks()))
+    job = await h.enqueue("quick")
+    await wait_for(gate.entered)
+    blocker = asyncio.create_task(h.store.transaction(hold_the_writer))
+    await wait_for(writer_held.entered)  # every write from here on waits behind `blocker`
+    cancel = asyncio.create_task(h.queue.cancel(job.id))
+    await asyncio.sleep(0)  # the cancel's write is queued first...
+    gate.release.set()  # ...then the handler returns and its completion queues behind it
+    await _until(lambda: h.store.writer.queued >= 2)
+    writer_held.release.set()
+    await blocker
+    assert (await cancel).status == S.cancelled
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert (row.status, row.result) == (S.cancelled, None)
+    assert calls.seen == [("on_cancelled", job.id, S.cancelled)]
+
+
+async def test_a_cancel_from_another_process_met_at_a_checkpoint_calls_on_cancelled(
+    harnesses: Harnesses, db_url: str
+) -> None:
+    """Another process cancels the job and no notice has reached this one yet: the handler
+    finds out when its checkpoint is refused. The job still ended cancelled while it ran here."""
+    gate = Gate()
+    calls = Calls()
+
+    async def checkpointing(ctx: JobContext, payload: Item) -> str:
+        await gate.hold()
+        await ctx.save_checkpoint({"done": 1})  # refused: the job is cancelled
+        return "unreachable"
+
+    h = await harnesses.make(task_type("checkpointing", checkpointing, hooks=calls.hooks()))
+    job = await h.enqueue("checkpointing")
+    await wait_for(gate.entered)
+    other = await open_sqlite(db_url, owner=OTHER_OWNER)
+    try:
+        await other.apply(lifecycle.cancel(job.id, h.clock()))
+    finally:
+        await other.close()
+    gate.release.set()
+    await h.run_until_idle()
+    assert calls.seen == [("on_cancelled", job.id, S.cancelled)]
+
+
+async def test_a_job_that_lost_its_lease_calls_no_hook(
+    harnesses: Harnesses, clock: ManualClock
+) -> None:
+    gate = Gate()
+    calls = Calls()
+
+    async def slow(ctx: JobContext, payload: Item) -> None:
+        await gate.hold()
+
+    h = await harnesses.make(task_type("slow", slow, hooks=calls.hooks()), clock=clock)
+    job = await h.enqueue("slow")
+    await wait_for(gate.entered)
+    await _take_over(h, job.id, clock)
+    await h.processor.heartbeat()  # stops the old attempt: not a cancellation
+    await h.run_until_idle()
+    assert calls.seen == []
+
+
+async def _until(condition: Callable[[], bool], turns: int = 1000) -> None:
+    """Let the loop run until `condition` holds, for a state that sets no event (what is
+    queued for the SQLite writer). In-process steps only: a bounded number of loop turns."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"still false after {turns} loop turns")
 
 
 # -- retry-failed and rerun -----------------------------------------------------------------
@@ -577,6 +830,70 @@ async def test_while_heartbeat_writes_fail_the_processor_claims_nothing_new(
     assert (await h.get(first.id)).status == S.completed
 
 
+async def test_a_heartbeat_while_a_finished_job_runs_its_hook_does_not_stop_it(
+    harnesses: Harnesses, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = Gate()
+    hooked: list[JobId] = []
+
+    async def on_completed(job: JobRow) -> None:
+        await gate.hold()
+        hooked.append(job.id)
+
+    async def quick(ctx: JobContext, payload: Item) -> str:
+        return "done"
+
+    h = await harnesses.make(
+        task_type("quick", quick, hooks=TaskHooks(on_completed=on_completed)), clock=clock
+    )
+    job = await h.enqueue("quick")
+    await wait_for(gate.entered)  # the completion is committed; the job is still here
+    with caplog.at_level(logging.INFO, logger="carwash_jobs.processor"):
+        await h.processor.heartbeat()
+        gate.release.set()
+        await h.run_until_idle()
+    assert hooked == [job.id]
+    assert "lease lost" not in caplog.text
+    assert (await h.get(job.id)).status == S.completed
+
+
+async def test_a_heartbeat_racing_a_completion_commit_neither_stops_the_job_nor_skips_its_record(
+    harnesses: Harnesses, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The heartbeat reads the running jobs, then the completion commits ahead of its lease
+    write: that write finds the job no longer running, though nothing was lost."""
+    gate, writer_held = Gate(), Gate()
+    calls = Calls()
+    metrics = Metrics()
+
+    async def quick(ctx: JobContext, payload: Item) -> str:
+        await gate.hold()
+        return "done"
+
+    async def hold_the_writer(tx: Tx) -> None:
+        await writer_held.hold()
+
+    h = await harnesses.make(task_type("quick", quick, hooks=calls.hooks()), metrics=metrics)
+    job = await h.enqueue("quick")
+    await wait_for(gate.entered)
+    blocker = asyncio.create_task(h.store.transaction(hold_the_writer))
+    await wait_for(writer_held.entered)
+    gate.release.set()
+    await _until(lambda: h.store.writer.queued == 1)  # the completion waits for the writer
+    heartbeat = asyncio.create_task(h.processor.heartbeat())  # reads the job as running...
+    await _until(lambda: h.store.writer.queued == 2)  # ...and its lease write queues behind
+    with caplog.at_level(logging.INFO, logger="carwash_jobs.processor"):
+        writer_held.release.set()
+        await blocker
+        await heartbeat
+        await h.run_until_idle()
+    assert (await h.get(job.id)).status == S.completed
+    assert calls.seen == [("on_completed", job.id, S.completed)]
+    assert metrics.registry.get_sample_value(
+        "carwash_jobs_completed_total", {"task_type": "quick"}) == 1
+    assert "lease lost" not in caplog.text
+
+
 # -- graceful stop --------------------------------------------------------------------------
 async def test_stop_gives_unfinished_jobs_back_without_counting_the_attempt(
     harnesses: Harnesses,
@@ -849,7 +1166,8 @@ async def test_a_job_claimed_while_the_processor_stops_is_given_back_too(
     async def quick(ctx: JobContext, payload: Item) -> None:
         raise AssertionError("must not run once stop() began")
 
-    h = await harnesses.make(task_type("quick", quick, max_attempts=1))
+    # the claim path: a handoff would write the job claimed by the enqueue itself
+    h = await harnesses.make(task_type("quick", quick, max_attempts=1), handoff=False)
     job = await h.enqueue("quick")
     # no event marks "inside the claim": yield loop turns (no timed sleep) until it is
     while not h.processor._claiming:  # noqa: ASYNC110

@@ -101,6 +101,19 @@ async def test_old_finished_jobs_go_and_recent_and_unfinished_ones_stay(
                        id=old_dependent.id) > 0
 
 
+async def test_a_pruned_job_takes_its_tags_with_it(store: JobStore, clock: ManualClock) -> None:
+    old = await complete(store, await claimed(store, clock, tags=["vip"]), clock)
+    clock.advance(8 * DAY)
+    recent = await complete(store, await claimed(store, clock, tags=["vip"]), clock)
+    now = clock()
+
+    await store.prune(now - timedelta(days=7), now - timedelta(days=30), limit=100)
+
+    assert await count(store, "SELECT COUNT(*) AS n FROM job_tags WHERE job_id = :id", id=old.id) == 0
+    assert await count(store, "SELECT COUNT(*) AS n FROM job_tags WHERE job_id = :id",
+                       id=recent.id) == 1
+
+
 async def test_failed_jobs_go_after_their_longer_retention(store: JobStore, clock: ManualClock) -> None:
     old_failed = await failed(store, clock)
     clock.advance(31 * DAY)

@@ -72,3 +72,20 @@ def test_next_attempt_at_uses_the_rng_it_is_given() -> None:
     at = next_attempt_at(1, 5, NOW, policy, random.Random(3))
     expected = NOW + timedelta(seconds=backoff_seconds(1, policy, random.Random(3)))
     assert at == expected
+
+
+@pytest.mark.parametrize("attempt", [12, 13, 20, 50])
+def test_jitter_never_takes_a_delay_past_the_cap(attempt: int) -> None:
+    policy = RetryPolicy(base_seconds=2.0, factor=2.0, max_seconds=3600.0, jitter=0.1)
+    rng = random.Random(attempt)
+    delays = [backoff_seconds(attempt, policy, rng) for _ in range(200)]
+    assert max(delays) <= policy.max_seconds
+    assert min(delays) >= policy.max_seconds * 0.9  # still spread, downwards only
+    assert len(set(delays)) > 1
+
+
+def test_next_attempt_at_is_never_later_than_the_cap() -> None:
+    policy = RetryPolicy(base_seconds=10.0, factor=10.0, max_seconds=60.0, jitter=0.1)
+    rng = random.Random(5)
+    latest = max(next_attempt_at(3, 10, NOW, policy, rng) or NOW for _ in range(200))
+    assert latest <= NOW + timedelta(seconds=60)

@@ -11,17 +11,27 @@ from typing import TYPE_CHECKING
 import pytest
 
 from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.registry import TaskHooks
 from carwash_jobs.runtime import Runtime
 from carwash_jobs.settings import load_settings
 from carwash_jobs.store.base import NewJob
 from carwash_jobs.types import JobId, new_job_id
-from tests.carwash_jobs.support import ManualClock, open_sqlite, outcomes, registry_with, sqlite_url
+from tests.carwash_jobs.support import (
+    Item,
+    ManualClock,
+    open_sqlite,
+    outcomes,
+    registry_with,
+    sqlite_url,
+    task_type,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from carwash_jobs.context import JobContext
     from carwash_jobs.settings import Settings
-    from carwash_jobs.store.base import JobStore
+    from carwash_jobs.store.base import JobRow, JobStore
 
 S = JobStatus
 
@@ -53,9 +63,9 @@ def dead_local_pid() -> int:
 
 
 async def running_row(store: JobStore, clock: ManualClock, owner: str,
-                      max_attempts: int = 5) -> JobId:
+                      max_attempts: int = 5, task_type: str = "noop") -> JobId:
     """A row left running by `owner`, with a lease far from expiring."""
-    job = NewJob(id=new_job_id(), task_type="noop", payload={}, status=S.queued, run_at=clock(),
+    job = NewJob(id=new_job_id(), task_type=task_type, payload={}, status=S.queued, run_at=clock(),
                  created_at=clock(), max_attempts=max_attempts, claimed_by=owner,
                  lease_until=clock() + timedelta(hours=1))
     await store.insert([job])
@@ -127,6 +137,30 @@ async def test_start_requeues_rows_left_running_by_a_dead_local_process(
             S.failed, ["worker_lost"])
         assert rows[this_process].status == S.running  # maybe alive: its lease decides
         assert rows[other_host].status == S.running  # cannot tell from here
+
+
+async def test_a_leftover_on_its_last_attempt_ends_failed_and_gets_its_on_failed_hook(
+    db_url: str, clock: ManualClock
+) -> None:
+    failed: list[tuple[JobId, JobStatus]] = []
+
+    async def on_failed(job: JobRow) -> None:
+        failed.append((job.id, job.status))
+
+    async def handle(ctx: JobContext, payload: Item) -> None:
+        return None
+
+    hooked = task_type("hooked", handle, hooks=TaskHooks(on_failed=on_failed))
+    store = await open_sqlite(db_url, clock=clock)
+    dead = f"{socket.gethostname()}/{dead_local_pid()}/0/x"
+    last_try = await running_row(store, clock, dead, max_attempts=1, task_type="hooked")
+    await running_row(store, clock, dead, max_attempts=2, task_type="hooked")  # runs again
+    await store.close()
+
+    async with Runtime(settings_for(db_url), registry_with(hooked), clock=clock) as runtime:
+        assert runtime.processor is not None
+        await runtime.processor.run_until_idle(5)
+        assert failed == [(last_try, S.failed)]
 
 
 async def test_recover_leftovers_finds_nothing_when_every_owner_is_alive(

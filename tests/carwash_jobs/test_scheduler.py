@@ -11,15 +11,18 @@ from typing import TYPE_CHECKING
 import pytest
 
 from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.registry import TaskHooks
 from carwash_jobs.scheduler import Scheduler
 from carwash_jobs.store.base import NewJob
 from carwash_jobs.types import JobId, new_job_id
-from tests.carwash_jobs.support import OWNER, open_sqlite, outcomes
+from tests.carwash_jobs.support import OWNER, Item, open_sqlite, outcomes, task_type
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from datetime import datetime
 
+    from carwash_jobs.context import JobContext
+    from carwash_jobs.store.base import JobRow
     from carwash_jobs.store.sqlite import SqliteJobStore
     from tests.carwash_jobs.support import Harnesses, ManualClock
 
@@ -122,6 +125,31 @@ async def test_an_expired_lease_on_the_last_attempt_fails_the_job(
     assert (row.status, row.attempts) == (S.failed, 1)
     assert row.error == f"worker {DEAD_OWNER} stopped renewing its lease"
     assert outcomes(row) == ["worker_lost"]
+
+
+async def test_a_job_failed_for_good_by_a_lost_lease_gets_its_on_failed_hook_once(
+    harnesses: Harnesses, clock: ManualClock, other_process: SqliteJobStore
+) -> None:
+    """The worker that died cannot call the hook; the scheduler that fails the job can."""
+    failed: list[tuple[JobId, JobStatus, str | None]] = []
+
+    async def on_failed(job: JobRow) -> None:
+        failed.append((job.id, job.status, job.error))
+
+    async def handle(ctx: JobContext, payload: Item) -> None:
+        return None
+
+    hooked = task_type("hooked", handle, hooks=TaskHooks(on_failed=on_failed))
+    h = await harnesses.make(hooked, clock=clock, start=False)
+    last = await insert(other_process, new_job(clock, task_type="hooked", max_attempts=1))
+    retried = await insert(other_process, new_job(clock, task_type="hooked", max_attempts=2))
+    await other_process.claim([last, retried], DEAD_OWNER, clock() + LEASE)
+    clock.advance(61)
+    h2 = await harnesses.make(hooked, clock=clock, owner="second-host/7/0/x", start=False)
+    assert await h.scheduler.release_expired_leases() == 2
+    assert await h2.scheduler.release_expired_leases() == 0  # another process's scan: no twin
+    assert failed == [(last, S.failed, f"worker {DEAD_OWNER} stopped renewing its lease")]
+    assert (await h.get(retried)).status == S.queued  # attempts left: not an end, no hook
 
 
 async def test_a_lease_renewed_by_the_heartbeat_is_not_released(

@@ -17,6 +17,7 @@ from email import message_from_bytes, policy
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import AuthResult
+from litestar.testing import AsyncTestClient
 
 from carwash_jobs import app, lifecycle
 from carwash_jobs.queue import EnqueueOptions
@@ -29,9 +30,12 @@ if TYPE_CHECKING:
     from email.message import EmailMessage
     from pathlib import Path
 
+    from httpx import Response
+
     from carwash_jobs.context import JobContext
     from carwash_jobs.middleware import Middleware
     from carwash_jobs.runtime import Runtime
+    from carwash_jobs.settings import Settings
     from carwash_jobs.store.base import JobRow
     from carwash_jobs.types import JobId
 
@@ -46,6 +50,8 @@ TASK_TYPES = [
 FAST_RETRY = RetryPolicy(base_seconds=0.01, factor=1.0, max_seconds=0.01, jitter=0.0)
 #: fast enough that only the rate-limit test notices the pacer
 FAST_RATE = 600_000
+#: the bearer token of the apps the HTTP tests post to
+API_TOKEN = "task-types-test-token-0123"
 
 
 def sqlite_url(path: Path) -> str:
@@ -71,8 +77,7 @@ class Runtimes:
     tmp_path: Path
     started: list[Runtime] = field(default_factory=list)
 
-    async def start(self, task_types: list[str] | None = None, *,
-                    middleware: Sequence[Middleware] = (), **settings: Any) -> Runtime:
+    def settings(self, task_types: list[str] | None = None, **settings: Any) -> Settings:
         schedules = self.tmp_path / "no-schedules.toml"  # cron is not under test here
         schedules.write_text("schedules = []\n", encoding="utf-8")
         values: dict[str, Any] = {
@@ -83,9 +88,14 @@ class Runtimes:
             "email_rate_per_minute": FAST_RATE,
             "files_dir": str(self.tmp_path / "files"),
             "shutdown_grace_seconds": 1.0,
+            "api_token": API_TOKEN,
             **settings,
         }
-        loaded = load_settings(**values)
+        return load_settings(**values)
+
+    async def start(self, task_types: list[str] | None = None, *,
+                    middleware: Sequence[Middleware] = (), **settings: Any) -> Runtime:
+        loaded = self.settings(task_types, **settings)
         runtime = app.build_runtime(loaded, registry=fast_retries(app.build_registry(loaded)),
                                     middleware=middleware)
         await runtime.start()
@@ -95,6 +105,13 @@ class Runtimes:
     async def close(self) -> None:
         for runtime in reversed(self.started):
             await runtime.stop()
+
+
+async def post_task(settings: Settings, slug: str, body: dict[str, Any]) -> Response:
+    """POST /api/tasks/{slug} to the real app (its lifespan runs a Runtime of its own)."""
+    async with AsyncTestClient(app.create_app(settings)) as client:
+        return await client.post(f"/api/tasks/{slug}", json=body,
+                                 headers={"Authorization": f"Bearer {API_TOKEN}"})
 
 
 async def run_job(runtime: Runtime, task_type: str, payload: dict[str, Any],
@@ -125,8 +142,9 @@ async def recover(runtime: Runtime, job_id: JobId) -> JobRow:
     await runtime.processor.run_until_idle(timeout=5)
     job = await runtime.store.get(job_id)
     assert job.status == lifecycle.JobStatus.running, job.status
-    transition = lifecycle.release_expired_lease(
-        job.id, job.fence, job.attempts, job.max_attempts, datetime.now(UTC)
+    transition = lifecycle.release_expired_lease(  # its worker is known dead: no waiting
+        job.id, job.fence, job.attempts, job.max_attempts, datetime.now(UTC),
+        owner_known_dead=True,
     )
     applied = await runtime.store.apply(transition)
     runtime.queue.offer([applied.job])

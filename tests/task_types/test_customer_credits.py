@@ -15,6 +15,7 @@ from tests.task_types.support import (
     add_customers,
     dies_on_call,
     execute,
+    post_task,
     query,
     recover,
     run_job,
@@ -205,3 +206,23 @@ async def test_bad_grants_are_refused_at_enqueue(runtimes: Runtimes, payload: di
 
     with pytest.raises(InvalidPayload):
         await runtime.queue.enqueue("customer_credits", payload)
+
+
+@pytest.mark.parametrize("payload", [
+    {"customer_ids": [1], "segment": "opted_in", "amount_cents": 5, "reason": "both"},
+    {"amount_cents": 5, "reason": "neither"},
+])
+async def test_the_audience_error_names_its_field_like_every_validation_error(
+    runtimes: Runtimes, payload: dict[str, Any]
+) -> None:
+    runtime = await runtimes.start()
+    with pytest.raises(InvalidPayload) as refused:
+        await runtime.queue.enqueue("customer_credits", payload)
+    assert refused.value.field == "segment"
+
+    response = await post_task(runtimes.settings(), "customer-credits", payload)
+
+    assert response.status_code == 400, response.text
+    (error,) = response.json()["extra"]
+    assert error["key"] == "segment"
+    assert "customer_ids or segment" in error["message"]

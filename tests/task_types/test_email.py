@@ -19,6 +19,7 @@ from tests.task_types.support import (
     Runtimes,
     add_customers,
     free_port,
+    post_task,
     query,
     recover,
     run_job,
@@ -256,6 +257,36 @@ async def test_the_audience_must_be_one_list_or_one_segment(
 
     with pytest.raises(InvalidPayload):
         await runtime.queue.enqueue("email", payload)
+
+
+@pytest.mark.parametrize("payload", [
+    mail(),
+    mail(recipients=recipients(1), segment="opted_in"),
+])
+async def test_the_audience_error_names_its_field_like_every_validation_error(
+    runtimes: Runtimes, payload: dict[str, Any]
+) -> None:
+    runtime = await runtimes.start()
+    with pytest.raises(InvalidPayload) as refused:
+        await runtime.queue.enqueue("email", payload)
+    assert refused.value.field == "segment"
+
+    response = await post_task(runtimes.settings(), "email", payload)
+
+    assert response.status_code == 400, response.text
+    (error,) = response.json()["extra"]
+    assert error["key"] == "segment"
+    assert "recipients or segment" in error["message"]
+    assert query(runtime.settings.database_url, "SELECT COUNT(*) FROM worker_queue") == [(0,)]
+
+
+async def test_an_invalid_recipients_list_is_reported_once_under_its_own_name(
+    runtimes: Runtimes,
+) -> None:
+    response = await post_task(runtimes.settings(), "email", mail(recipients=[]))
+
+    assert response.status_code == 400, response.text
+    assert [error["key"] for error in response.json()["extra"]] == ["recipients"]
 
 
 async def test_a_segment_mails_the_opted_in_customers_of_the_tenant(

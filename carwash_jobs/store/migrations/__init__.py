@@ -8,18 +8,22 @@ numbered `0002_...`, and must keep the schema equal to `carwash_jobs/models.py` 
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).parent
 #: any constant shared by every process: serialises concurrent start-ups on one PostgreSQL database
 _PG_MIGRATION_LOCK_ID = 0x63617277617368  # "carwash"
+_WAL_SWITCH_ATTEMPTS = 200  # 50 ms apart
 
 
 def _config() -> Config:
@@ -73,12 +77,25 @@ async def upgrade(database_url: str, revision: str = "head") -> None:
             # persistent in the file, so every later connection opens in WAL mode. Set before
             # the migration: switching needs a moment alone with the file, which a concurrent
             # start-up that is already migrating would not give it ("database is locked")
-            async with engine.connect() as conn:
-                await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            await _switch_to_wal(engine)
         async with engine.begin() as conn:
             await conn.run_sync(run)
     finally:
         await engine.dispose()
+
+
+async def _switch_to_wal(engine: AsyncEngine) -> None:
+    """Put the file in WAL mode. The switch needs the file to itself and SQLite does not wait
+    for it (no busy handler): start-ups racing on a new file retry for up to ten seconds."""
+    for attempt in itertools.count(1):
+        try:
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            return
+        except sa.exc.OperationalError as error:
+            if "locked" not in str(error) or attempt >= _WAL_SWITCH_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.05)
 
 
 async def current_revision(database_url: str) -> str | None:

@@ -22,6 +22,7 @@ from carwash_jobs import lifecycle
 from carwash_jobs.errors import (
     ConfigurationError,
     IllegalTransition,
+    InvalidPayload,
     JobNotFound,
     StaleLease,
     UnknownDependency,
@@ -215,6 +216,7 @@ async def test_insert_already_claimed_starts_running_with_attempt_one(
     assert stored.lease_until == lease_until
     assert stored.started_at == clock()
     assert await event_names(store, job.id) == ["enqueued", "claimed"]
+    assert [e.status for e in await store.events(job.id)] == ["queued", "running"]
 
 
 async def test_an_existing_idempotency_key_returns_that_job_and_writes_no_second_row(
@@ -533,6 +535,28 @@ async def test_an_expired_lease_on_the_last_attempt_fails_the_job(
     assert job.finished_at == clock()
 
 
+@pytest.mark.parametrize("max_attempts", [1, 2])
+async def test_a_lease_its_owner_renewed_after_the_expiry_scan_is_not_taken_away(
+    store: JobStore, other_store: JobStore, clock: ManualClock, max_attempts: int
+) -> None:
+    row = await claimed(store, clock, max_attempts=max_attempts)
+    clock.advance(61)
+    (expired,) = await other_store.expired_leases(clock(), 10)  # the recovery reads...
+    renewed_until = clock() + LEASE
+    assert await store.extend_leases(OWNER, [row.id], renewed_until) == {row.id}  # ...the owner renews
+    with pytest.raises(StaleLease):  # ...and the recovery's write must see the renewal
+        await other_store.apply(lifecycle.release_expired_lease(
+            row.id, expired.fence, expired.attempts, expired.max_attempts, clock()))
+    job = await store.get(row.id)
+    assert (job.status, job.attempts, job.lease_owner) == (S.running, 1, OWNER)
+    assert job.lease_until == renewed_until
+    assert job.attempt_history == []
+    (refused,) = await other_store.apply_many([lifecycle.release_expired_lease(  # the scheduler's way
+        row.id, expired.fence, expired.attempts, expired.max_attempts, clock())])
+    assert isinstance(refused, StaleLease)
+    assert (await store.get(row.id)).status == S.running
+
+
 async def test_release_at_shutdown_gives_the_attempt_back(store: JobStore, clock: ManualClock) -> None:
     row = await claimed(store, clock)
     job = (await store.apply(lifecycle.release(row.id, row.fence, clock()))).job
@@ -846,6 +870,59 @@ async def test_list_jobs_filters_by_each_field(store: JobStore, clock: ManualClo
     assert await listed(created_before=t0 + timedelta(seconds=1)) == {plain.id}
     assert await listed(created_after=t0 + timedelta(seconds=5)) == {tagged.id, done.id}
     assert await listed(status=S.queued, task_type="noop") == {plain.id}
+
+
+async def test_the_tag_filter_pages_newest_first_with_the_other_filters(
+    store: JobStore, clock: ManualClock
+) -> None:
+    """Tags written by both insert paths (a set-based batch, and one by one with a key)."""
+    batch = [i.job for i in await store.insert(
+        [new_job(clock, tags=["vip", "spring"]) for _ in range(3)]
+    )]
+    keyed = await add(store, clock, tags=["vip"], idempotency_key="k-1")
+    await add(store, clock, tags=["spring"])
+    done = await complete(store, await claimed(store, clock, tags=["vip"]), clock)
+
+    pages: list[JobId] = []
+    cursor: str | None = None
+    while True:
+        page = await store.list_jobs(JobFilter(tag="vip"), limit=2, cursor=cursor)
+        pages += ids(page.items)
+        if (cursor := page.next_cursor) is None:
+            break
+    assert pages == [done.id, keyed.id, *reversed(ids(batch))]
+    queued_vip = await store.list_jobs(JobFilter(tag="vip", status=S.queued), limit=50)
+    assert ids(queued_vip.items) == [keyed.id, *reversed(ids(batch))]
+    assert (await store.list_jobs(JobFilter(tag="nobody"), limit=50)).items == []
+
+
+async def test_a_list_filtered_by_creation_time_pages_newest_first(
+    store: JobStore, clock: ManualClock
+) -> None:
+    made = []
+    for _ in range(5):
+        made.append(await add(store, clock))
+        clock.advance(10)
+
+    async def walk(flt: JobFilter, cursor: str | None = None) -> list[JobId]:
+        seen: list[JobId] = []
+        while True:
+            page = await store.list_jobs(flt, limit=2, cursor=cursor)
+            seen += ids(page.items)
+            if (cursor := page.next_cursor) is None:
+                return seen
+
+    before = made[2].created_at + timedelta(seconds=1)
+    assert await walk(JobFilter(created_before=before)) == ids(made[2::-1])
+    assert await walk(JobFilter(created_after=made[1].created_at)) == ids(made[:0:-1])
+    both = JobFilter(created_after=made[1].created_at, created_before=made[4].created_at)
+    assert await walk(both) == ids(made[3:0:-1])
+    # a cursor whose job was pruned meanwhile goes on from the time its id starts with
+    gone_at = made[3].created_at - timedelta(seconds=1)
+    gone = f"{int(gone_at.timestamp() * 1000):012x}" + "0" * 20
+    assert await walk(JobFilter(created_before=made[4].created_at), gone) == ids(made[2::-1])
+    with pytest.raises(InvalidPayload):
+        await store.list_jobs(JobFilter(created_before=before), limit=2, cursor="not-an-id")
 
 
 async def test_due_lists_queued_due_jobs_by_priority_then_age(

@@ -201,6 +201,19 @@ async def test_idempotency_key_is_unique(database_url: str) -> None:
         await _on(database_url, _insert_job(_job_row("second", "queued", idempotency_key="k")))
 
 
+async def test_upgrade_to_0006_indexes_the_tags_of_existing_jobs(database_url: str) -> None:
+    await upgrade(database_url, "0005")
+    await _on(database_url, _insert_job({**_job_row("tagged", "completed"), "tags": ["vip", "b"]}))
+    await _on(database_url, _insert_job(_job_row("untagged", "queued")))
+
+    await upgrade(database_url)
+
+    rows = await _on(database_url, lambda conn: set(
+        conn.exec_driver_sql("SELECT tag, job_id FROM job_tags").all()
+    ))
+    assert rows == {("vip", "tagged"), ("b", "tagged")}
+
+
 async def test_concurrent_upgrades_migrate_once(database_url: str) -> None:
     """Start-ups racing on a fresh database: one migrates, the others wait and find it done.
 

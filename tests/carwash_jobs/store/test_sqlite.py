@@ -12,8 +12,15 @@ import pytest
 from carwash_jobs.errors import StoreUnavailable
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.store import open_store
-from carwash_jobs.store.base import NewJob
-from carwash_jobs.store.sqlite import SqliteJobStore
+from carwash_jobs.store.base import JobFilter, NewJob
+from carwash_jobs.store.sqlite import (
+    CLAIM_DUE,
+    LIST_JOBS,
+    LIST_JOBS_BY_CREATED,
+    LIST_TAGGED_JOBS,
+    SqliteJobStore,
+    _list_where,
+)
 from carwash_jobs.types import new_job_id
 from tests.carwash_jobs.support import OWNER, count_rows, open_sqlite
 
@@ -164,3 +171,71 @@ async def test_a_closed_store_refuses_reads_and_writes(db_url: str, clock: Manua
         await store.ping()
     with pytest.raises(RuntimeError, match="not open"):
         await store.insert([new_job(clock)])
+
+
+# -- query plans ---------------------------------------------------------------------------
+LIST_FILTERS = [
+    JobFilter(),
+    JobFilter(status=JobStatus.running),
+    JobFilter(task_type="email"),
+    JobFilter(queue="bulk"),
+    JobFilter(status=JobStatus.failed, task_type="email"),
+    JobFilter(tag="vip"),
+    JobFilter(tag="vip", status=JobStatus.failed),
+]
+
+
+@pytest.mark.parametrize("flt", LIST_FILTERS, ids=repr)
+async def test_every_list_filter_reads_an_index_range_in_id_order(
+    store: SqliteJobStore, flt: JobFilter
+) -> None:
+    """A filter that matches few of a million rows must not walk the table, and no list may
+    sort: the plan reads one index in id order and stops at the page's end."""
+    where, params = _list_where(flt, None, "id" if flt.tag is None else "job_tags.job_id")
+    sql = LIST_JOBS if flt.tag is None else LIST_TAGGED_JOBS
+    args = (*params, 51) if flt.tag is None else (flt.tag, *params, 51)
+
+    plan = await _plan(store, sql.format(where=where), args)
+
+    assert "TEMP B-TREE" not in plan, plan
+    if flt == JobFilter():  # the whole list: the primary key, newest first
+        assert plan.startswith("SCAN worker_queue USING INDEX sqlite_autoindex"), plan
+    else:  # first, a range of an index that starts with a filtered column
+        first = plan.split(" | ")[0]
+        assert first.startswith("SEARCH"), plan
+        assert "autoindex_worker_queue" not in first, plan
+        assert "SCAN" not in plan, plan
+
+
+@pytest.mark.parametrize("where", [
+    "created_at < ?", "created_at >= ?",
+    "created_at >= ? AND created_at <= ? AND (created_at < ? OR id < ?)",
+])
+async def test_a_creation_time_filter_reads_the_created_index_in_order(
+    store: SqliteJobStore, where: str
+) -> None:
+    args = ("2026-11-01 00:00:00.000000",) * where.count("?")
+
+    plan = await _plan(store, LIST_JOBS_BY_CREATED.format(where=where), (*args, 51))
+
+    assert plan.startswith("SEARCH worker_queue USING INDEX ix_worker_queue_created"), plan
+    assert "TEMP B-TREE" not in plan, plan
+
+
+async def test_the_claim_reads_the_ready_index_whatever_else_is_indexed(
+    store: SqliteJobStore,
+) -> None:
+    """(status, id) also matches `status = 'queued'`; without statistics SQLite would take it
+    and sort every queued row. The claim names its index, so this plan is fixed."""
+    plan = await _plan(store, CLAIM_DUE.format(queue_filter=""),
+                       ("o", "2030", "2020", "2030", 100))
+
+    assert "ix_worker_queue_ready" in plan
+    assert "TEMP B-TREE" not in plan
+
+
+async def _plan(store: SqliteJobStore, sql: str, args: tuple[Any, ...]) -> str:
+    def explain(conn: sqlite3.Connection) -> str:
+        return " | ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+
+    return await store.writer.in_thread(explain)
