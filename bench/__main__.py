@@ -65,7 +65,10 @@ async def _system_scenarios(report: Report, args: argparse.Namespace, pg_url: st
 
         await http.run(report, backend, pg_url)
     if "scale" in chosen:
-        await scenarios.scale(report, backend, pg_url, args.jobs, args.history)
+        with_history = await scenarios.scale(report, backend, pg_url, args.jobs, args.history)
+        if e2e:
+            report.add("scale", backend, "end_to_end_slowdown_with_history",
+                       1 - with_history / e2e, "x")
     if "dashboard" in chosen:
         from bench import dashboard
 

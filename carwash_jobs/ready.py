@@ -12,22 +12,23 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal, TypeAlias
+
+from carwash_jobs.store.base import DueJob
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from carwash_jobs.store.base import DueJob
     from carwash_jobs.types import JobId
 
 QueueMode = Literal["priority", "weighted"]
 
-
-@dataclass(order=True, slots=True)
-class _Entry:
-    key: tuple[int, float, int]
-    job: DueJob = field(compare=False)
+#: One waiting job: (-priority, run_at as a timestamp, put order, id, task type, queue). A plain
+#: tuple, not a DueJob in a dataclass: a million waiting jobs are a million entries, and this
+#: form costs about half the memory (the strings are the job's own or shared; the DueJob is
+#: made again when the entry is taken). The put order is unique, so later fields never compare.
+_Entry: TypeAlias = "tuple[int, float, int, JobId, str, str]"
 
 
 class ReadyQueue:
@@ -52,8 +53,9 @@ class ReadyQueue:
         if job.id in self._ids:
             return False
         self._ids.add(job.id)
-        key = (-job.priority, job.run_at.timestamp(), next(self._seq))
-        heapq.heappush(self._heaps.setdefault(job.queue, []), _Entry(key, job))
+        entry = (-job.priority, job.run_at.timestamp(), next(self._seq), job.id, job.task_type,
+                 job.queue)
+        heapq.heappush(self._heaps.setdefault(job.queue, []), entry)
         self._changed.set()
         return True
 
@@ -71,13 +73,15 @@ class ReadyQueue:
             entry = heapq.heappop(self._heaps[name])
             if not self._heaps[name]:
                 del self._heaps[name]
-            if entry.job.id not in self._ids:
+            neg_priority, run_at, _, job_id, task_type, queue = entry
+            if job_id not in self._ids:
                 continue  # discarded
-            if not has_room(entry.job.task_type):
-                self._parked.setdefault(entry.job.task_type, []).append(entry)
+            if not has_room(task_type):
+                self._parked.setdefault(task_type, []).append(entry)
                 continue
-            self._ids.discard(entry.job.id)
-            taken.append(entry.job)
+            self._ids.discard(job_id)
+            taken.append(DueJob(job_id, task_type, queue, -neg_priority,
+                                datetime.fromtimestamp(run_at, UTC)))
         if not self._heaps:
             self._changed.clear()
         return taken
@@ -85,7 +89,7 @@ class ReadyQueue:
     def unpark(self, task_type: str) -> None:
         """A job of `task_type` ended: its parked entries may run again."""
         for entry in self._parked.pop(task_type, ()):
-            heapq.heappush(self._heaps.setdefault(entry.job.queue, []), entry)
+            heapq.heappush(self._heaps.setdefault(entry[5], []), entry)
             self._changed.set()
 
     @property
