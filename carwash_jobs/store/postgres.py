@@ -110,13 +110,16 @@ VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
 SELECT_STATUSES = "SELECT id, status FROM worker_queue WHERE id = ANY($1::text[])"
 NOTIFY = "SELECT pg_notify($1, $2)"
+#: by id. `status || ''` keeps the planner on the primary key: given the bare column, once the
+#: statistics say almost nothing is queued (a million finished jobs), it scans the status index
+#: instead, through every queued job (6 ms a claim instead of 0.3 ms, measured)
 CLAIM_IDS = f"""
 UPDATE worker_queue
 SET status = 'running', attempts = attempts + 1, lease_owner = $1, lease_until = $2,
     started_at = $3
 WHERE id IN (
   SELECT id FROM worker_queue
-  WHERE id = ANY($4::text[]) AND status IN ('queued', 'scheduled') AND run_at <= $3
+  WHERE id = ANY($4::text[]) AND status || '' IN ('queued', 'scheduled') AND run_at <= $3
   FOR UPDATE SKIP LOCKED)
 RETURNING {_COLS}
 """
@@ -159,7 +162,7 @@ CLAIM_IDS_LIMITED = f"""
 WITH {_FLEET_COUNTS}
 candidates AS (
   SELECT id, task_type, priority, run_at FROM worker_queue
-  WHERE id = ANY($4::text[]) AND status IN ('queued', 'scheduled') AND run_at <= $3
+  WHERE id = ANY($4::text[]) AND status || '' IN ('queued', 'scheduled') AND run_at <= $3
   FOR UPDATE SKIP LOCKED),{_FLEET_GUARDED_UPDATE}"""
 #: the polling form ($4 how many, $7 queues): types already at their limit are left out
 #: before the LIMIT applies
