@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
@@ -24,11 +23,12 @@ if TYPE_CHECKING:
 
 QueueMode = Literal["priority", "weighted"]
 
-#: One waiting job: (-priority, run_at as a timestamp, put order, id, task type, queue). A plain
-#: tuple, not a DueJob in a dataclass: a million waiting jobs are a million entries, and this
-#: form costs about half the memory (the strings are the job's own or shared; the DueJob is
-#: made again when the entry is taken). The put order is unique, so later fields never compare.
-_Entry: TypeAlias = "tuple[int, float, int, JobId, str, str]"
+#: One waiting job: (-priority, run_at as a timestamp, id, task type, queue). A plain tuple, not
+#: a DueJob in a dataclass: a million waiting jobs are a million entries, and this form costs
+#: about half the memory (the strings are the job's own or shared; the DueJob is made again when
+#: the entry is taken). Ids sort by creation time, so equal priority and run_at go oldest first;
+#: an id is unique, so the fields after it never compare.
+_Entry: TypeAlias = "tuple[int, float, JobId, str, str]"
 
 
 class ReadyQueue:
@@ -39,7 +39,6 @@ class ReadyQueue:
         self._current: dict[str, int] = {}  # smooth weighted round-robin credit
         self._parked: dict[str, list[_Entry]] = {}
         self._ids: set[JobId] = set()
-        self._seq = itertools.count()
         self._changed = asyncio.Event()
 
     def __len__(self) -> int:
@@ -53,8 +52,7 @@ class ReadyQueue:
         if job.id in self._ids:
             return False
         self._ids.add(job.id)
-        entry = (-job.priority, job.run_at.timestamp(), next(self._seq), job.id, job.task_type,
-                 job.queue)
+        entry = (-job.priority, job.run_at.timestamp(), job.id, job.task_type, job.queue)
         heapq.heappush(self._heaps.setdefault(job.queue, []), entry)
         self._changed.set()
         return True
@@ -73,7 +71,7 @@ class ReadyQueue:
             entry = heapq.heappop(self._heaps[name])
             if not self._heaps[name]:
                 del self._heaps[name]
-            neg_priority, run_at, _, job_id, task_type, queue = entry
+            neg_priority, run_at, job_id, task_type, queue = entry
             if job_id not in self._ids:
                 continue  # discarded
             if not has_room(task_type):
@@ -89,7 +87,7 @@ class ReadyQueue:
     def unpark(self, task_type: str) -> None:
         """A job of `task_type` ended: its parked entries may run again."""
         for entry in self._parked.pop(task_type, ()):
-            heapq.heappush(self._heaps.setdefault(entry[5], []), entry)
+            heapq.heappush(self._heaps.setdefault(entry[4], []), entry)
             self._changed.set()
 
     @property

@@ -28,7 +28,7 @@ def names(jobs: list[DueJob]) -> list[str]:
     return [job.id for job in jobs]
 
 
-def test_higher_priority_first_then_oldest_then_first_put() -> None:
+def test_higher_priority_first_then_oldest_then_first_created() -> None:
     ready = ReadyQueue()
     ready.put(due("low", priority=0, age=0))
     ready.put(due("high-late", priority=5, age=9))
