@@ -354,17 +354,33 @@ def _dump(value: Any) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
+#: positions of the decoded columns in a JOB_COLUMNS row (JobRow's fields are in that order)
+_JSON_AT = tuple(i for i, name in enumerate(JOB_COLUMNS) if name in JSON_COLUMNS)
+_TIME_AT = tuple(i for i, name in enumerate(JOB_COLUMNS) if name in TIME_COLUMNS)
+_STATUS_AT = JOB_COLUMNS.index("status")
+_STATUSES = {status.value: status for status in JobStatus}
+_UTC_SUFFIX = "+00:00"
+
+
 def row_to_job(row: Sequence[Any]) -> JobRow:
-    values = dict(zip(JOB_COLUMNS, row, strict=True))
-    for name in JSON_COLUMNS:
-        raw = values[name]
+    """Decode a worker_queue row. On the claim's hot path (about a tenth of the drain's time
+    went here), so by position, with the common empty JSON values taken without the parser."""
+    values = list(row)
+    for i in _JSON_AT:
+        raw = values[i]
         # sa.JSON columns have NUMERIC affinity in SQLite: a bare JSON number ('0', '1.5')
         # comes back as int/float, already decoded.
-        values[name] = json.loads(raw) if isinstance(raw, str | bytes) else raw
-    for name in TIME_COLUMNS:
-        values[name] = parse_ts(values[name])
-    values["status"] = JobStatus(values["status"])
-    return JobRow(**values)
+        if raw == "[]":
+            values[i] = []
+        elif raw == "null":
+            values[i] = None
+        elif isinstance(raw, str | bytes):
+            values[i] = json.loads(raw)
+    for i in _TIME_AT:
+        if values[i] is not None:
+            values[i] = datetime.fromisoformat(values[i] + _UTC_SUFFIX)
+    values[_STATUS_AT] = _STATUSES[values[_STATUS_AT]]
+    return JobRow(*values)
 
 
 def _placeholders(n: int) -> str:
