@@ -246,6 +246,41 @@ async def test_a_failed_claimed_insert_gives_its_slot_back(harnesses: Harnesses)
     assert (await h.enqueue()).status == S.running
 
 
+async def test_stop_waits_for_a_claimed_insert_in_flight_and_leaves_no_job_running(
+    harnesses: Harnesses,
+) -> None:
+    """stop() begins while an enqueue is writing its job claimed for this processor: the job
+    still starts when the write returns (stop waits for it), and ends before stop() returns."""
+    ran = asyncio.Event()
+
+    async def quick(ctx: JobContext, payload: Item) -> None:
+        ran.set()
+
+    writer_held = Gate()
+
+    async def hold_the_writer(tx: Tx) -> None:
+        await writer_held.hold()
+
+    h = await harnesses.make(task_type("quick", quick), shutdown_grace=timedelta(seconds=5))
+    blocker = asyncio.create_task(h.store.transaction(hold_the_writer))
+    await wait_for(writer_held.entered)
+    enqueue = asyncio.create_task(h.enqueue("quick"))
+    await _until(lambda: h.store.writer.queued >= 1)  # the claimed insert waits for the writer
+    stopping = asyncio.create_task(h.processor.stop())
+    await asyncio.sleep(0)
+
+    assert not stopping.done()  # it waits for the handoff in flight
+    writer_held.release.set()
+    job = await enqueue
+    await stopping
+    await blocker
+    h.started = False
+
+    assert ran.is_set()
+    assert (await h.get(job.id)).status == S.completed
+    assert h.processor.running_ids == []
+
+
 async def test_higher_priority_runs_first_and_fifo_within_a_priority(harnesses: Harnesses) -> None:
     ran: list[str] = []
 
