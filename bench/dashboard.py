@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import asyncpg
 
-from bench.support import fresh_database, percentile, pg_dsn, scratch_dir
+from bench.support import RECOUNT_FINISHED, fresh_database, percentile, pg_dsn, scratch_dir
 
 if TYPE_CHECKING:
     from bench.support import Report
@@ -63,11 +63,6 @@ FROM (SELECT g, now() - make_interval(secs => g::double precision * $2 / $1) AS 
 """
 #: the fill's one tag, indexed as the store indexes a job's tags
 _TAGS = "INSERT INTO job_tags (tag, job_id) SELECT 'bench', id FROM worker_queue"
-_RECOUNT = """
-INSERT INTO job_counts (task_type, status, shard, n)
-SELECT task_type, status, 0, COUNT(*) FROM worker_queue
-WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY task_type, status
-"""
 
 
 async def fill(url: str, backend: str, n: int) -> None:
@@ -81,7 +76,7 @@ async def fill(url: str, backend: str, n: int) -> None:
             await conn.execute(_PG_FILL, n, SPREAD_SECONDS)
             await conn.execute(_TAGS)
             await conn.execute("DELETE FROM job_counts")
-            await conn.execute(_RECOUNT)
+            await conn.execute(RECOUNT_FINISHED)
         await conn.execute("VACUUM ANALYZE worker_queue")
         await conn.execute("VACUUM ANALYZE job_tags")
     finally:
@@ -95,7 +90,7 @@ def _fill_sqlite(path: str, n: int) -> None:
         conn.execute(_SQLITE_FILL, {"n": n, "spread": SPREAD_SECONDS})
         conn.execute(_TAGS)
         conn.execute("DELETE FROM job_counts")
-        conn.execute(_RECOUNT)
+        conn.execute(RECOUNT_FINISHED)
         conn.execute("COMMIT")
     finally:
         conn.close()

@@ -26,7 +26,7 @@ SECONDS = 15.0
 TOKEN = "bench-token"
 
 
-def _no_schedules(url: str) -> Path:
+def _no_schedules() -> Path:
     """An empty schedules file: the shipped schedules name task types this server lacks."""
     path = Path(tempfile.gettempdir()) / f"carwash-bench-schedules-{os.getpid()}.toml"
     path.write_text("schedules = []\n")
@@ -45,7 +45,7 @@ async def run(report: Report, backend: str, pg_url: str) -> None:
         env = {
             **os.environ, "CARWASH_DATABASE_URL": url, "CARWASH_API_TOKEN": TOKEN,
             "CARWASH_TASK_TYPES": '["bench.noop_task"]',
-            "CARWASH_SCHEDULES_FILE": str(_no_schedules(url)),
+            "CARWASH_SCHEDULES_FILE": str(_no_schedules()),
             "CARWASH_LOG_LEVEL": "WARNING", "CARWASH_CONCURRENCY": "50",
         }
         server = subprocess.Popen(  # noqa: ASYNC220 - a spawn, not a wait

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from bench.support import (
+    RECOUNT_FINISHED,
     STARTED,
     STARTS,
     current_rss_mb,
@@ -251,11 +252,7 @@ async def _fill(url: str, backend: str, n: int, status: str) -> None:
                 "'{\"n\":1}', '[]', 1, 5, now(), now(), 0, '[]', '[]' "
                 "FROM generate_series(1, $1) g", n,
             )
-            await conn2.execute(
-                "INSERT INTO job_counts (task_type, status, shard, n) SELECT task_type, status, "
-                "0, COUNT(*) FROM worker_queue WHERE status IN ('completed', 'failed', "
-                "'cancelled') GROUP BY task_type, status"
-            )
+            await conn2.execute(RECOUNT_FINISHED)
         await conn2.execute("VACUUM ANALYZE worker_queue")
     finally:
         await conn2.close()

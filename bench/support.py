@@ -45,6 +45,13 @@ class NoopPayload(BaseModel):
 #: handler start times of jobs with a negative n, for the pickup-latency scenario
 STARTS: dict[int, float] = {}
 STARTED = asyncio.Event()
+#: job_counts recounted from the table, as migration 0005 does: after a bulk fill that bypassed
+#: the counting triggers
+RECOUNT_FINISHED = """
+INSERT INTO job_counts (task_type, status, shard, n)
+SELECT task_type, status, 0, COUNT(*) FROM worker_queue
+WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY task_type, status
+"""
 
 
 async def noop(ctx: JobContext, payload: NoopPayload) -> None:

@@ -245,10 +245,10 @@ class QueueProcessor:
         """The limits the claim of `batch` must enforce across the fleet: only those of the
         task types in it, so a batch without limited types keeps the plain, fastest claim."""
         limits: dict[str, int] = {}
-        for due in batch:
-            limit = self._limit_of(due.task_type)
+        for task_type in dict.fromkeys(due.task_type for due in batch):
+            limit = self._limit_of(task_type)
             if limit is not None:
-                limits[due.task_type] = limit
+                limits[task_type] = limit
         return limits
 
     def _note_fleet_full(
@@ -285,8 +285,7 @@ class QueueProcessor:
             return None  # not started, or stopping, or its leases may be running out
         if self._free_slots() <= 0 or self._limit_of(task_type) is not None:
             return None
-        if not self._reserve_slot(task_type):
-            return None
+        self._reserve_slot(task_type)  # always room: the type has no limit
         self._claiming += 1
         self._handoffs += 1
         self._handoffs_settled.clear()

@@ -187,13 +187,11 @@ class JobQueue:
     async def _insert_claimed(self, job: NewJob) -> Inserted:
         assert self._handoff is not None
         try:
-            (inserted,) = await self.store.insert([job])
+            (inserted,) = await self.insert([job])  # counts it; offers nothing (it runs)
         except BaseException:
             self._handoff.release_handoff(job.task_type)
             raise
         if inserted.created and inserted.job.status == JobStatus.running:
-            if self._metrics is not None:
-                self._metrics.enqueued.labels(job.task_type).inc()
             self._handoff.start_handoff(inserted.job)
         else:  # its idempotency key found an existing job: that one is not ours to run
             self._handoff.release_handoff(job.task_type)
@@ -211,7 +209,7 @@ class JobQueue:
         return await self.insert([self.build(task_type, p, options) for p in payloads])
 
     async def insert(self, jobs: Sequence[NewJob], *, tx: Tx | None = None) -> list[Inserted]:
-        if tx is None and len(jobs) == 1 and _is_plain(jobs[0]):
+        if tx is None and len(jobs) == 1 and jobs[0].plain:
             # concurrent single enqueues share one set-based write (see batcher.py)
             results = [await self._plain_inserts.submit(jobs[0])]
         else:
@@ -381,12 +379,6 @@ class _QueueTx:
 
     async def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         return await self._tx.fetch(sql, params)
-
-
-def _is_plain(job: NewJob) -> bool:
-    """Nothing about it can fail alone (no key to collide, no dependency to miss), so it may
-    share a write with other callers' jobs."""
-    return job.idempotency_key is None and not job.depends_on and job.claimed_by is None
 
 
 def _due(job: JobRow) -> DueJob:

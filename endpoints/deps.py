@@ -12,8 +12,6 @@ from litestar.params import SkipValidation
 
 from carwash_jobs.metrics import Metrics
 from carwash_jobs.queue import JobQueue
-from carwash_jobs.registry import TaskRegistry
-from carwash_jobs.settings import Settings
 from carwash_jobs.store.base import JobStore
 
 #: the key of the Runtime on app.state
@@ -36,12 +34,6 @@ class RuntimeParts(Protocol):
     def store(self) -> JobStore: ...
 
     @property
-    def registry(self) -> TaskRegistry: ...
-
-    @property
-    def settings(self) -> Settings: ...
-
-    @property
     def metrics(self) -> Metrics: ...
 
 
@@ -57,14 +49,6 @@ def provide_store(state: State) -> JobStore:
     return runtime_of(state).store
 
 
-def provide_registry(state: State) -> TaskRegistry:
-    return runtime_of(state).registry
-
-
-def provide_settings(state: State) -> Settings:
-    return runtime_of(state).settings
-
-
 def provide_metrics(state: State) -> Metrics:
     return runtime_of(state).metrics
 
@@ -75,7 +59,5 @@ def dependencies() -> dict[str, Provide]:
     return {
         "job_queue": Provide(provide_queue, sync_to_thread=False),
         "job_store": Provide(provide_store, sync_to_thread=False),
-        "registry": Provide(provide_registry, sync_to_thread=False),
-        "settings": Provide(provide_settings, sync_to_thread=False),
         "metrics": Provide(provide_metrics, sync_to_thread=False),
     }

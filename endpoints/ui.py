@@ -28,7 +28,7 @@ from litestar.status_codes import HTTP_303_SEE_OTHER, HTTP_400_BAD_REQUEST, HTTP
 from litestar.template.config import TemplateConfig
 from litestar.types import ControllerRouterHandler
 
-from carwash_jobs.errors import CarwashError, IllegalTransition, JobNotFound
+from carwash_jobs.errors import CarwashError, JobNotFound
 from carwash_jobs.lifecycle import TERMINAL, JobStatus
 from carwash_jobs.registry import TaskRegistry
 from carwash_jobs.store.base import FailedFilter, JobFilter, JobRow, MinuteCount
@@ -46,6 +46,8 @@ SESSION_STATE = "ui_session"
 PUBLIC = "ui_public"
 CHART_MINUTES = 60
 PAGE_SIZES = (25, 50, 100, 200)
+#: the job list's form fields (its filters and page size)
+LIST_FIELDS = ("status", "task_type", "tag", "queue", "created_after", "created_before", "limit")
 #: the follow-ups a job names in its result that the detail page looks up, at most
 FOLLOW_UPS_MAX = 50
 #: what a finished action says on the page it returns to; only these keys are shown, so a link
@@ -312,8 +314,7 @@ class BadFilter(ValueError):
 
 
 def _list_query(params: Mapping[str, str]) -> ListQuery:
-    form = {k: params.get(k, "").strip() for k in
-            ("status", "task_type", "tag", "queue", "created_after", "created_before", "limit")}
+    form = {k: params.get(k, "").strip() for k in LIST_FIELDS}
     status = None
     if form["status"]:
         try:
@@ -359,8 +360,7 @@ async def _jobs_context(
     context: dict[str, Any] = {
         "statuses": [s.value for s in JobStatus], "task_types": sorted(registry.names()),
         "page_sizes": PAGE_SIZES, "jobs": [], "next_url": None, "error": None,
-        "form": {k: params.get(k, "") for k in
-                 ("status", "task_type", "tag", "queue", "created_after", "created_before", "limit")},
+        "form": {k: params.get(k, "") for k in LIST_FIELDS},
         "first_page": not params.get("cursor"), "query": "", "retried": None,
     }
     try:
@@ -466,8 +466,6 @@ async def _act(
     target = job_id
     try:
         result = await action()
-    except IllegalTransition:
-        notice = "conflict"
     except JobNotFound:
         raise
     except CarwashError:

@@ -111,6 +111,12 @@ class NewJob:
     claimed_by: str | None = None
     lease_until: datetime | None = None
 
+    @property
+    def plain(self) -> bool:
+        """Needs no per-row decision (no idempotency key, no dependencies, not claimed): it
+        may be inserted set-based, together with other plain jobs."""
+        return self.idempotency_key is None and not self.depends_on and self.claimed_by is None
+
 
 @dataclass(frozen=True, slots=True)
 class Inserted:

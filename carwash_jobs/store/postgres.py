@@ -543,8 +543,9 @@ class PostgresJobStore:
             ])
             woken: list[JobRow] = []
             for (job_id,) in await conn.fetch(WITH_DEPENDENTS, [r[0] for r in done]):
-                job = row_to_job(await conn.fetchrow(GET_JOB, job_id))
-                woken += await _resolve_dependents(conn, job, self._owner, now)
+                woken += await _resolve_dependents(
+                    conn, job_id, JobStatus.completed, self._owner, now
+                )
             return Completed(frozenset(JobId(r[0]) for r in done), woken)
 
     async def save_progress(
@@ -806,15 +807,10 @@ async def _claimed(
     return jobs
 
 
-def _is_plain(job: NewJob) -> bool:
-    """A job that needs no per-row decision: no idempotency key, no dependencies, not claimed."""
-    return job.idempotency_key is None and not job.depends_on and job.claimed_by is None
-
-
 async def _insert(
     conn: asyncpg.Connection, jobs: Sequence[NewJob], owner: str, now: datetime
 ) -> list[Inserted]:
-    if len(jobs) > 1 and all(_is_plain(job) for job in jobs):
+    if len(jobs) > 1 and all(job.plain for job in jobs):
         return await _insert_plain(conn, jobs, owner, now)
     return await _insert_each(conn, jobs, owner, now)
 
@@ -825,15 +821,16 @@ async def _insert_plain(
     """Many plain jobs in two set-based statements (rows, then their events), not a round trip
     per job: what a bulk enqueue through an API process costs."""
     statuses = [lifecycle.initial_status(job.run_at, now, {})[0] for job in jobs]
+    status_values = [s.value for s in statuses]
     ids = [job.id for job in jobs]
     await conn.execute(
         INSERT_PLAIN_JOBS, ids, [j.task_type for j in jobs], [j.queue for j in jobs],
-        [s.value for s in statuses], [j.priority for j in jobs], [_dumps(j.payload) for j in jobs],
+        status_values, [j.priority for j in jobs], [_dumps(j.payload) for j in jobs],
         [None if j.context is None else _dumps(j.context) for j in jobs],
         [_dumps(list(j.tags)) for j in jobs], [j.max_attempts for j in jobs],
         [j.run_at for j in jobs], [j.created_at for j in jobs], [j.rerun_of for j in jobs],
     )
-    await conn.execute(INSERT_PLAIN_EVENTS, ids, [s.value for s in statuses], now, owner)
+    await conn.execute(INSERT_PLAIN_EVENTS, ids, status_values, now, owner)
     await _insert_tags(conn, jobs)
     results = [Inserted(_stored(job, status, None, now), created=True)
                for job, status in zip(jobs, statuses, strict=True)]
@@ -967,7 +964,7 @@ async def _apply(
                        owner, t.message)
     if job.status == JobStatus.cancelled:
         await conn.execute(NOTIFY, CHANNEL, _dumps({"e": "cancel", "id": job.id, "from": owner}))
-    return Applied(job, await _resolve_dependents(conn, job, owner, now))
+    return Applied(job, await _resolve_dependents(conn, job.id, job.status, owner, now))
 
 
 async def _explain_refusal(conn: asyncpg.Connection, t: Transition) -> None:
@@ -980,20 +977,21 @@ async def _explain_refusal(conn: asyncpg.Connection, t: Transition) -> None:
 
 
 async def _resolve_dependents(
-    conn: asyncpg.Connection, job: JobRow, owner: str, now: datetime
+    conn: asyncpg.Connection, job_id: str, status: JobStatus, owner: str, now: datetime
 ) -> list[JobRow]:
-    """A finished job frees or cancels the jobs waiting on it, in the same transaction."""
-    if job.status not in lifecycle.TERMINAL:
+    """A job that reached `status` frees or cancels the jobs waiting on it, in the same
+    transaction."""
+    if status not in lifecycle.TERMINAL:
         return []
     woken: list[JobRow] = []
-    for (dependent_id,) in await conn.fetch(WAITING_DEPENDENTS, job.id):
-        if job.status == JobStatus.completed:
+    for (dependent_id,) in await conn.fetch(WAITING_DEPENDENTS, job_id):
+        if status == JobStatus.completed:
             if await conn.fetchval(UNFINISHED_DEPENDENCIES, dependent_id):
                 continue
             applied = await _apply(conn, lifecycle.dependencies_met(JobId(dependent_id)), owner, now)
             woken.append(applied.job)
         else:
-            transition = lifecycle.dependency_failed(JobId(dependent_id), job.id, job.status, now)
+            transition = lifecycle.dependency_failed(JobId(dependent_id), JobId(job_id), status, now)
             try:
                 async with conn.transaction():  # a savepoint: a refusal here spoils nothing
                     await _apply(conn, transition, owner, now)  # cascades to its dependents

@@ -577,8 +577,7 @@ class SqliteJobStore:
             woken: list[JobRow] = []
             waited_on = conn.execute(WITH_DEPENDENTS, {"ids": _dump([r[0] for r in done])})
             for (job_id,) in waited_on.fetchall():
-                job = row_to_job(conn.execute(GET_JOB, (job_id,)).fetchone())
-                woken += _resolve_dependents(conn, job, self._owner, now)
+                woken += _resolve_dependents(conn, job_id, JobStatus.completed, self._owner, now)
             return Completed(frozenset(JobId(r[0]) for r in done), woken)
 
         return await self.writer.run_sync(run)
@@ -861,6 +860,8 @@ def _claimed(
     conn: sqlite3.Connection, rows: list[Any], owner: str, now: datetime
 ) -> list[JobRow]:
     jobs = [row_to_job(r) for r in rows]
+    if not jobs:
+        return jobs
     conn.execute(INSERT_EVENTS_FOR, {
         "ids": _dump([[j.id, j.attempts] for j in jobs]), "now": ts(now), "event": "claimed",
         "status": "running", "owner": owner,
@@ -868,15 +869,10 @@ def _claimed(
     return jobs
 
 
-def _is_plain(job: NewJob) -> bool:
-    """A job that needs no per-row decision: no idempotency key, no dependencies, not claimed."""
-    return job.idempotency_key is None and not job.depends_on and job.claimed_by is None
-
-
 def _insert(
     conn: sqlite3.Connection, jobs: Sequence[NewJob], owner: str, now: datetime
 ) -> list[Inserted]:
-    if all(_is_plain(job) for job in jobs):
+    if all(job.plain for job in jobs):
         return _insert_plain(conn, jobs, owner, now)
     return _insert_each(conn, jobs, owner, now)
 
@@ -934,13 +930,13 @@ def _insert_each(
         events.append((job.id, ts(now), "enqueued", enqueued_as.value, 0, owner, error))
         if job.claimed_by:
             events.append((job.id, ts(now), "claimed", "running", 1, job.claimed_by, None))
-        _insert_tags(conn, [job])
         results.append(Inserted(_stored(job, status, error, now), created=True))
     conn.executemany(INSERT_EVENT, events)
+    _insert_tags(conn, [r.job for r in results if r.created])
     return results
 
 
-def _insert_tags(conn: sqlite3.Connection, jobs: Sequence[NewJob]) -> None:
+def _insert_tags(conn: sqlite3.Connection, jobs: Sequence[NewJob | JobRow]) -> None:
     pairs = [(tag, job.id) for job in jobs for tag in job.tags]
     if pairs:
         conn.executemany(INSERT_TAGS, pairs)
@@ -1022,7 +1018,7 @@ def _apply(
         INSERT_EVENT,
         (job.id, ts(now), t.event, job.status.value, job.attempts, owner, t.message),
     )
-    return Applied(job, _resolve_dependents(conn, job, owner, now))
+    return Applied(job, _resolve_dependents(conn, job.id, job.status, owner, now))
 
 
 def _explain_refusal(conn: sqlite3.Connection, t: Transition) -> None:
@@ -1035,20 +1031,21 @@ def _explain_refusal(conn: sqlite3.Connection, t: Transition) -> None:
 
 
 def _resolve_dependents(
-    conn: sqlite3.Connection, job: JobRow, owner: str, now: datetime
+    conn: sqlite3.Connection, job_id: str, status: JobStatus, owner: str, now: datetime
 ) -> list[JobRow]:
-    """A finished job frees or cancels the jobs waiting on it, in the same transaction."""
-    if job.status not in lifecycle.TERMINAL:
+    """A job that reached `status` frees or cancels the jobs waiting on it, in the same
+    transaction."""
+    if status not in lifecycle.TERMINAL:
         return []
     woken: list[JobRow] = []
-    for (dependent_id,) in conn.execute(WAITING_DEPENDENTS, (job.id,)).fetchall():
-        if job.status == JobStatus.completed:
+    for (dependent_id,) in conn.execute(WAITING_DEPENDENTS, (job_id,)).fetchall():
+        if status == JobStatus.completed:
             if conn.execute(UNFINISHED_DEPENDENCIES, (dependent_id,)).fetchone()[0]:
                 continue
             applied = _apply(conn, lifecycle.dependencies_met(JobId(dependent_id)), owner, now)
             woken.append(applied.job)
         else:
-            transition = lifecycle.dependency_failed(JobId(dependent_id), job.id, job.status, now)
+            transition = lifecycle.dependency_failed(JobId(dependent_id), JobId(job_id), status, now)
             try:
                 _apply(conn, transition, owner, now)  # cascades to its own dependents
             except IllegalTransition:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import os
 import signal
@@ -19,14 +18,14 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections import Counter
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from carwash_jobs.store.migrations import upgrade
+from tests.acceptance.cron_checks import assert_each_fire_ran_once
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -148,21 +147,11 @@ def test_three_processes_sharing_one_database_fire_a_schedule_once_per_fire_time
                       "ORDER BY fire_at")
     jobs = query(db, "SELECT id, idempotency_key, context, status, attempts, result FROM worker_queue")
     times = [parse(at) for at, _, _ in fires]
-    print(f"ready after {ready_after:.1f}s, {FIRES} fires after {fired_after:.1f}s; {len(fires)} fires, "
-          f"{len(jobs)} jobs, {lost} lost races; fired by {dict(Counter(by for _, _, by in fires))}; "
-          f"run by pids {dict(Counter(json.loads(j[5])['pid'] for j in jobs))}")
-
-    assert len(fires) >= FIRES
-    assert [b - a for a, b in itertools.pairwise(times)] == [timedelta(seconds=EVERY_SECONDS)] * (
-        len(times) - 1), "no fire time is missing between the first and the last"
-    assert len(jobs) == len(fires), "one job per fire time"
-    assert sorted(job_id for _, job_id, _ in fires) == sorted(j[0] for j in jobs)
-    by_key = Counter(j[1] for j in jobs)
-    assert all(n == 1 for n in by_key.values())
-    assert sorted(by_key) == sorted(f"cron:tick:{t:%Y-%m-%dT%H:%M}" + (f":{t:%S}" if t.second else "")
-                                    for t in times)
-    assert sorted(json.loads(j[2])["fire_at"] for j in jobs) == [t.isoformat() for t in times]
-    assert {(j[3], j[4]) for j in jobs} == {("completed", 1)}, "each job ran once"
-    assert {by.split("/")[1] for _, _, by in fires} <= {str(p.pid) for p, _ in workers}
-    contested_fires = sum(1 for t in times if t.timestamp() > contested_from)
-    assert lost >= contested_fires * (WORKERS - 1), "the other workers tried each fire and lost it"
+    print(f"ready after {ready_after:.1f}s, {FIRES} fires after {fired_after:.1f}s")
+    assert_each_fire_ran_once(
+        [(t, job_id, by) for t, (_, job_id, by) in zip(times, fires, strict=True)], jobs,
+        min_fires=FIRES, every_seconds=EVERY_SECONDS, worker_pids={p.pid for p, _ in workers},
+        lost=lost, contested_from=contested_from,
+    )
+    assert sorted(j[1] for j in jobs) == sorted(
+        f"cron:tick:{t:%Y-%m-%dT%H:%M}" + (f":{t:%S}" if t.second else "") for t in times)

@@ -18,16 +18,15 @@ seconds; the figures each test prints are what this machine measured.
 
 from __future__ import annotations
 
-import itertools
 import json
 import signal
 import time
 from collections import Counter
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.acceptance.cron_checks import assert_each_fire_ran_once
 from tests.acceptance.tasks_limited import LIMIT
 from tests.acceptance.test_cron_fires_once import EVERY_SECONDS, FIRES, SCHEDULES
 
@@ -304,20 +303,8 @@ def test_three_workers_on_postgres_fire_a_schedule_once_per_fire_time(
         "SELECT fire_at, job_id, fired_by FROM cron_fires WHERE schedule = 'tick' ORDER BY fire_at")
     jobs = cluster.query(
         "SELECT id, idempotency_key, context, status, attempts, result FROM worker_queue")
-    times = [at for at, _, _ in fires]
-    print(f"{len(fires)} fires in {time.monotonic() - started:.1f}s, {len(jobs)} jobs, "
-          f"{lost} lost races; fired by {dict(Counter(by for _, _, by in fires))}; "
-          f"run by pids {dict(Counter(json.loads(j[5])['pid'] for j in jobs))}")
-
-    assert len(fires) >= FIRES
-    assert [b - a for a, b in itertools.pairwise(times)] == [timedelta(seconds=EVERY_SECONDS)] * (
-        len(times) - 1), "no fire time is missing between the first and the last"
-    assert len(jobs) == len(fires), "one job per fire time"
-    assert sorted(job_id for _, job_id, _ in fires) == sorted(j[0] for j in jobs)
-    by_key = Counter(j[1] for j in jobs)
-    assert all(n == 1 for n in by_key.values())
-    assert sorted(json.loads(j[2])["fire_at"] for j in jobs) == [t.isoformat() for t in times]
-    assert {(j[3], j[4]) for j in jobs} == {("completed", 1)}, "each job ran once"
-    assert {by.split("/")[1] for _, _, by in fires} <= {str(w.pid) for w in workers}
-    contested_fires = sum(1 for t in times if t.timestamp() > contested_from)
-    assert lost >= contested_fires * (WORKERS - 1), "the other workers tried each fire and lost it"
+    print(f"{len(fires)} fires in {time.monotonic() - started:.1f}s")
+    assert_each_fire_ran_once(
+        fires, jobs, min_fires=FIRES, every_seconds=EVERY_SECONDS,
+        worker_pids={w.pid for w in workers}, lost=lost, contested_from=contested_from,
+    )

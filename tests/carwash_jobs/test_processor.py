@@ -20,7 +20,16 @@ from carwash_jobs.registry import TaskHooks
 from carwash_jobs.retry import RetryPolicy
 from carwash_jobs.store.base import DueJob, FailedFilter
 from carwash_jobs.store.sqlite import SqliteJobStore
-from tests.carwash_jobs.support import OWNER, Gate, Item, ManualClock, open_sqlite, outcomes, task_type
+from tests.carwash_jobs.support import (
+    OWNER,
+    Gate,
+    Item,
+    ManualClock,
+    noop,
+    open_sqlite,
+    outcomes,
+    task_type,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -185,23 +194,25 @@ async def test_with_no_free_slot_an_enqueue_is_queued_and_claimed_later(
 async def test_jobs_ready_in_memory_go_first_so_an_enqueue_does_not_jump_them(
     harnesses: Harnesses,
 ) -> None:
-    h = await harnesses.make(start=False)
-    waiting = await h.enqueue()
-    await h.start()
-    h.processor._tasks[0].cancel()  # the dispatcher is away: `waiting` stays ready in memory
-    await asyncio.sleep(0)
+    ran: list[str] = []
 
-    late = await h.enqueue()
+    async def record(ctx: JobContext, payload: Item) -> None:
+        ran.append(payload.label)
 
-    assert (waiting.status, late.status) == (S.queued, S.queued)
+    h = await harnesses.make(task_type("rec", record), concurrency=1, start=False)
+    await h.enqueue("rec", {"label": "waiting"})
+    await h.start()  # the dispatcher has not run yet: "waiting" is still ready in memory
+
+    late = await h.enqueue("rec", {"label": "late"})
+
+    assert late.status == S.queued  # not written claimed ahead of the ready job
+    await h.run_until_idle()
+    assert ran == ["waiting", "late"]
 
 
 async def test_a_task_type_with_a_concurrency_limit_is_never_handed_off(
     harnesses: Harnesses,
 ) -> None:
-    async def noop(ctx: JobContext, payload: Item) -> None:
-        return None
-
     h = await harnesses.make(task_type("limited", noop, concurrency=1))
 
     job = await h.enqueue("limited")

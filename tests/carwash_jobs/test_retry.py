@@ -87,5 +87,7 @@ def test_jitter_never_takes_a_delay_past_the_cap(attempt: int) -> None:
 def test_next_attempt_at_is_never_later_than_the_cap() -> None:
     policy = RetryPolicy(base_seconds=10.0, factor=10.0, max_seconds=60.0, jitter=0.1)
     rng = random.Random(5)
-    latest = max(next_attempt_at(3, 10, NOW, policy, rng) or NOW for _ in range(200))
+    ats = [next_attempt_at(3, 10, NOW, policy, rng) for _ in range(200)]
+    assert None not in ats  # attempts are left: a retry time each, not `no retry`
+    latest = max(at for at in ats if at is not None)
     assert latest <= NOW + timedelta(seconds=60)

@@ -17,8 +17,8 @@ from carwash_jobs.settings import load_settings
 from carwash_jobs.store.base import NewJob
 from carwash_jobs.types import JobId, new_job_id
 from tests.carwash_jobs.support import (
-    Item,
     ManualClock,
+    noop,
     open_sqlite,
     outcomes,
     registry_with,
@@ -29,7 +29,6 @@ from tests.carwash_jobs.support import (
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from carwash_jobs.context import JobContext
     from carwash_jobs.settings import Settings
     from carwash_jobs.store.base import JobRow, JobStore
 
@@ -147,10 +146,7 @@ async def test_a_leftover_on_its_last_attempt_ends_failed_and_gets_its_on_failed
     async def on_failed(job: JobRow) -> None:
         failed.append((job.id, job.status))
 
-    async def handle(ctx: JobContext, payload: Item) -> None:
-        return None
-
-    hooked = task_type("hooked", handle, hooks=TaskHooks(on_failed=on_failed))
+    hooked = task_type("hooked", noop, hooks=TaskHooks(on_failed=on_failed))
     store = await open_sqlite(db_url, clock=clock)
     dead = f"{socket.gethostname()}/{dead_local_pid()}/0/x"
     last_try = await running_row(store, clock, dead, max_attempts=1, task_type="hooked")

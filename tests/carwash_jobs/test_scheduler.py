@@ -15,13 +15,12 @@ from carwash_jobs.registry import TaskHooks
 from carwash_jobs.scheduler import Scheduler
 from carwash_jobs.store.base import NewJob
 from carwash_jobs.types import JobId, new_job_id
-from tests.carwash_jobs.support import OWNER, Item, open_sqlite, outcomes, task_type
+from tests.carwash_jobs.support import OWNER, noop, open_sqlite, outcomes, task_type
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from datetime import datetime
 
-    from carwash_jobs.context import JobContext
     from carwash_jobs.store.base import JobRow
     from carwash_jobs.store.sqlite import SqliteJobStore
     from tests.carwash_jobs.support import Harnesses, ManualClock
@@ -136,10 +135,7 @@ async def test_a_job_failed_for_good_by_a_lost_lease_gets_its_on_failed_hook_onc
     async def on_failed(job: JobRow) -> None:
         failed.append((job.id, job.status, job.error))
 
-    async def handle(ctx: JobContext, payload: Item) -> None:
-        return None
-
-    hooked = task_type("hooked", handle, hooks=TaskHooks(on_failed=on_failed))
+    hooked = task_type("hooked", noop, hooks=TaskHooks(on_failed=on_failed))
     h = await harnesses.make(hooked, clock=clock, start=False)
     last = await insert(other_process, new_job(clock, task_type="hooked", max_attempts=1))
     retried = await insert(other_process, new_job(clock, task_type="hooked", max_attempts=2))

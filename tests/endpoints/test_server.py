@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import httpx
 import pytest
 
 from tests.endpoints.sample_tasks import MODULES
+from tests.task_types.support import free_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -26,13 +26,6 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).parent / "carwash-jobs"
 START_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

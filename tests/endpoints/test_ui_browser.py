@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.endpoints.sample_tasks import MODULES
-from tests.endpoints.test_server import free_port
+from tests.task_types.support import free_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
