@@ -266,6 +266,8 @@ def initial_status(
     run_at: datetime, now: datetime, dependency_statuses: Mapping[JobId, JobStatus]
 ) -> tuple[JobStatus, str | None]:
     """The status a new job starts in, and the reason when it starts cancelled."""
+    if not dependency_statuses:  # the bulk-enqueue case, once per job
+        return (JobStatus.scheduled if run_at > now else JobStatus.queued), None
     for dep_id, status in dependency_statuses.items():
         if status in (JobStatus.failed, JobStatus.cancelled):
             return JobStatus.cancelled, f"dependency {dep_id} ended {status.value}"

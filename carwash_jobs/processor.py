@@ -32,7 +32,7 @@ from carwash_jobs.errors import IllegalTransition, JobNotFound, LeaseLost, Perma
 from carwash_jobs.lifecycle import AttemptOutcome, JobStatus, Transition
 from carwash_jobs.middleware import Middleware, chain
 from carwash_jobs.queue import EnqueueOptions
-from carwash_jobs.store.base import Completion
+from carwash_jobs.store.base import Completion, json_text
 from carwash_jobs.types import Clock, JobId, utc_now
 
 if TYPE_CHECKING:
@@ -441,7 +441,7 @@ class QueueProcessor:
             return Permanent(_describe(exc), traceback.format_exc())
         except Exception as exc:
             return Retryable(_describe(exc), traceback.format_exc(), AttemptOutcome.error)
-        return Completed(_jsonable(result))
+        return _completed(result)
 
     async def _record(self, job: JobRow, state: AttemptState, outcome: Outcome) -> None:
         """Write the outcome as the lifecycle transition it calls for."""
@@ -608,8 +608,16 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _jsonable(result: Any) -> Any:
+def _completed(result: Any) -> Outcome:
+    """The result as it will be stored, checked here, per job: completions are written many at
+    a time, and one value with no JSON form would fail them all. Such a result is a bug in the
+    handler, and another attempt would return the same: the job fails for good."""
     if isinstance(result, BaseModel):
-        return result.model_dump(mode="json")
-    return result
+        return Completed(result.model_dump(mode="json"))
+    try:
+        if result is not None:
+            json_text(result)
+    except TypeError as exc:
+        return Permanent(f"the result is not JSON: {exc}", None)
+    return Completed(result)
 

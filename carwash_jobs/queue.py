@@ -30,7 +30,7 @@ from carwash_jobs.store.base import (
     Tx,
     TxFn,
 )
-from carwash_jobs.types import Clock, JobId, new_job_id, utc_now
+from carwash_jobs.types import Clock, JobId, new_job_ids, utc_now
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -130,24 +130,47 @@ class JobQueue:
     ) -> NewJob:
         """Validate and fill in defaults: the row this enqueue would write."""
         task_type = self.registry.get(task_type_name)
-        model = task_type.validate_payload(payload)
+        payload_json = task_type.validate_payload(payload).model_dump(mode="json")
+        (job,) = self._new_jobs(task_type, [payload_json], options, rerun_of)
+        return job
+
+    def build_many(
+        self,
+        task_type_name: str,
+        payloads: Iterable[Mapping[str, Any] | BaseModel],
+        options: EnqueueOptions = EnqueueOptions(),
+    ) -> list[NewJob]:
+        """build() for many payloads that share their options: the options are checked once
+        and the payloads parsed in one pydantic call, not once per job."""
+        task_type = self.registry.get(task_type_name)
+        return self._new_jobs(task_type, task_type.dump_payloads(payloads), options, None)
+
+    def _new_jobs(
+        self,
+        task_type: AnyTaskType,
+        payloads: list[dict[str, Any]],
+        options: EnqueueOptions,
+        rerun_of: JobId | None,
+    ) -> list[NewJob]:
         now = self._clock()
-        return NewJob(
-            id=new_job_id(),
-            task_type=task_type.name,
-            payload=model.model_dump(mode="json"),
-            status=JobStatus.queued,  # the store decides with the dependencies and run_at
-            run_at=_run_at(options, now),
-            created_at=now,
-            queue=options.queue or task_type.options.queue,
-            priority=task_type.options.priority if options.priority is None else options.priority,
-            max_attempts=_max_attempts(options, task_type),
-            tags=_tags(options.tags),
-            context=_context(options.context),
-            idempotency_key=options.idempotency_key,
-            rerun_of=rerun_of,
-            depends_on=list(dict.fromkeys(options.depends_on)),
-        )
+        run_at = _run_at(options, now)
+        queue = options.queue or task_type.options.queue
+        priority = task_type.options.priority if options.priority is None else options.priority
+        max_attempts = _max_attempts(options, task_type)
+        tags = tuple(_tags(options.tags))
+        context = _context(options.context)
+        depends_on = tuple(dict.fromkeys(options.depends_on))
+        return [
+            NewJob(
+                id=job_id, task_type=task_type.name, payload=payload,
+                status=JobStatus.queued,  # the store decides with the dependencies and run_at
+                run_at=run_at, created_at=now, queue=queue, priority=priority,
+                max_attempts=max_attempts, tags=tags,
+                context=None if context is None else dict(context),  # one per job: a dict is mutable
+                idempotency_key=options.idempotency_key, rerun_of=rerun_of, depends_on=depends_on,
+            )
+            for job_id, payload in zip(new_job_ids(len(payloads)), payloads, strict=True)
+        ]
 
     async def enqueue(
         self,
@@ -206,7 +229,7 @@ class JobQueue:
         """Bulk enqueue: every row in one commit."""
         if options.idempotency_key is not None:
             raise InvalidPayload("idempotency_key", "cannot be shared by a bulk enqueue")
-        return await self.insert([self.build(task_type, p, options) for p in payloads])
+        return await self.insert(self.build_many(task_type, payloads, options))
 
     async def insert(self, jobs: Sequence[NewJob], *, tx: Tx | None = None) -> list[Inserted]:
         if tx is None and len(jobs) == 1 and jobs[0].plain:

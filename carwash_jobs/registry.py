@@ -7,14 +7,15 @@ validation and the dashboard entry are all derived from this one object.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from carwash_jobs.errors import ConfigurationError, InvalidPayload, UnknownTaskType
 from carwash_jobs.lifecycle import JobStatus
@@ -107,6 +108,26 @@ class TaskType(Generic[PayloadT, ResultT]):
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "payload"
             raise InvalidPayload(where, first["msg"]) from exc
+
+
+    def dump_payloads(self, payloads: Iterable[Mapping[str, Any] | BaseModel]) -> list[dict[str, Any]]:
+        """Parse many payloads in one pydantic call and give them back as JSON-ready dicts, or
+        raise InvalidPayload naming the first wrong field as `payloads.<index>.<field>`."""
+        adapter = _list_adapter(self.payload_model)
+        try:
+            dumped: list[dict[str, Any]] = adapter.dump_python(
+                adapter.validate_python(list(payloads)), mode="json"
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise InvalidPayload(".".join(["payloads", *map(str, first["loc"])]),
+                                 first["msg"]) from exc
+        return dumped
+
+
+@functools.cache
+def _list_adapter(model: type[BaseModel]) -> TypeAdapter[list[Any]]:
+    return TypeAdapter(list[model])  # type: ignore[valid-type]
 
 
 AnyTaskType = TaskType[Any, Any]

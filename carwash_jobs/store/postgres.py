@@ -57,6 +57,7 @@ from carwash_jobs.store.base import (
     Tx,
     TxFn,
     id_time,
+    json_text,
 )
 from carwash_jobs.types import Clock, JobId, utc_now
 
@@ -375,12 +376,8 @@ def row_to_job(row: Mapping[str, Any]) -> JobRow:
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typename in ("json", "jsonb"):
         await conn.set_type_codec(
-            typename, encoder=_dumps, decoder=json.loads, schema="pg_catalog"
+            typename, encoder=json_text, decoder=json.loads, schema="pg_catalog"
         )
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
 
 
 class PostgresTx:
@@ -825,9 +822,9 @@ async def _insert_plain(
     ids = [job.id for job in jobs]
     await conn.execute(
         INSERT_PLAIN_JOBS, ids, [j.task_type for j in jobs], [j.queue for j in jobs],
-        status_values, [j.priority for j in jobs], [_dumps(j.payload) for j in jobs],
-        [None if j.context is None else _dumps(j.context) for j in jobs],
-        [_dumps(list(j.tags)) for j in jobs], [j.max_attempts for j in jobs],
+        status_values, [j.priority for j in jobs], [json_text(j.payload) for j in jobs],
+        [None if j.context is None else json_text(j.context) for j in jobs],
+        [json_text(list(j.tags)) for j in jobs], [j.max_attempts for j in jobs],
         [j.run_at for j in jobs], [j.created_at for j in jobs], [j.rerun_of for j in jobs],
     )
     await conn.execute(INSERT_PLAIN_EVENTS, ids, status_values, now, owner)
@@ -890,7 +887,7 @@ async def _notify_new(conn: asyncpg.Connection, jobs: list[JobRow], owner: str) 
         message = {"e": "new", "from": owner, "jobs": [
             [j.id, j.task_type, j.queue, j.priority, j.run_at.timestamp()] for j in due
         ]}
-    await conn.execute(NOTIFY, CHANNEL, _dumps(message))
+    await conn.execute(NOTIFY, CHANNEL, json_text(message))
 
 
 async def _start_status(
@@ -963,7 +960,7 @@ async def _apply(
     await conn.execute(INSERT_EVENT, job.id, now, t.event, job.status.value, job.attempts,
                        owner, t.message)
     if job.status == JobStatus.cancelled:
-        await conn.execute(NOTIFY, CHANNEL, _dumps({"e": "cancel", "id": job.id, "from": owner}))
+        await conn.execute(NOTIFY, CHANNEL, json_text({"e": "cancel", "id": job.id, "from": owner}))
     return Applied(job, await _resolve_dependents(conn, job.id, job.status, owner, now))
 
 

@@ -53,6 +53,7 @@ from carwash_jobs.store.base import (
     Tx,
     TxFn,
     id_time,
+    json_text,
 )
 from carwash_jobs.store.sqlite_writer import SqliteTx, SqliteWriter
 from carwash_jobs.types import Clock, JobId, utc_now
@@ -351,7 +352,7 @@ def parse_ts(value: str | None) -> datetime | None:
 
 
 def _dump(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    return None if value is None else json_text(value)
 
 
 #: positions of the decoded columns in a JOB_COLUMNS row (JobRow's fields are in that order)
@@ -883,13 +884,15 @@ def _insert_plain(
     """Many plain jobs in two set-based statements (rows and their events), not 2N."""
     rows: list[dict[str, Any]] = []
     results: list[Inserted] = []
+    stamps = _Stamps()
     for job in jobs:
         status, _ = lifecycle.initial_status(job.run_at, now, {})
         rows.append({
             "id": job.id, "task_type": job.task_type, "queue": job.queue, "status": status.value,
             "priority": job.priority, "payload": job.payload, "context": job.context,
-            "tags": list(job.tags), "max_attempts": job.max_attempts, "run_at": ts(job.run_at),
-            "created_at": ts(job.created_at), "rerun_of": job.rerun_of,
+            "tags": list(job.tags), "max_attempts": job.max_attempts,
+            "run_at": stamps[job.run_at], "created_at": stamps[job.created_at],
+            "rerun_of": job.rerun_of,
         })
         results.append(Inserted(_stored(job, status, None, now), created=True))
     batch = _dump(rows)
@@ -897,6 +900,14 @@ def _insert_plain(
     _insert_tags(conn, jobs)
     conn.execute(INSERT_PLAIN_EVENTS, {"jobs": batch, "now": ts(now), "owner": owner})
     return results
+
+
+class _Stamps(dict[datetime, str | None]):
+    """ts() of the few times a batch of jobs shares, each formatted once."""
+
+    def __missing__(self, value: datetime) -> str | None:
+        text = self[value] = ts(value)
+        return text
 
 
 def _insert_each(
@@ -978,7 +989,7 @@ def _stored(job: NewJob, status: JobStatus, error: str | None, now: datetime) ->
 
 def _second_precision(value: datetime) -> datetime:
     """What a stored timestamp reads back as: UTC, to the microsecond."""
-    return value.astimezone(UTC)
+    return value if value.tzinfo is UTC else value.astimezone(UTC)
 
 
 def _apply(

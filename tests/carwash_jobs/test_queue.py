@@ -177,6 +177,27 @@ async def test_enqueue_many_refuses_a_shared_idempotency_key(idle: Harness) -> N
     assert caught.value.field == "idempotency_key"
 
 
+async def test_enqueue_many_names_the_first_wrong_payload_and_writes_none(idle: Harness) -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        await idle.queue.enqueue_many("noop", [{"n": 1}, {"n": 2}, {"n": "three"}, {"n": []}])
+    assert caught.value.field == "payloads.2.n"
+    assert idle.rows() == 0
+    assert len(idle.queue.ready or ()) == 0
+
+
+async def test_enqueue_many_gives_each_job_its_own_id_in_creation_order_and_its_own_context(
+    idle: Harness,
+) -> None:
+    results = await idle.queue.enqueue_many(
+        "noop", [{"n": i} for i in range(300)], EnqueueOptions(context={"who": "admin"})
+    )
+    ids = [r.job.id for r in results]
+    assert len(set(ids)) == 300
+    assert ids == sorted(ids)
+    results[0].job.context["who"] = "changed"  # type: ignore[index]
+    assert results[1].job.context == {"who": "admin"}
+
+
 async def test_enqueue_with_an_unknown_dependency_writes_no_row(idle: Harness) -> None:
     with pytest.raises(UnknownDependency):
         await idle.enqueue(depends_on=[JobId("0" * 32)])
