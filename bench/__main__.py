@@ -9,14 +9,15 @@ import os
 from bench import scenarios
 from bench.support import Report, versions
 
-SCENARIOS = ("throughput", "pickup", "ceiling", "http", "scale", "dashboard", "soak")
+SCENARIOS = ("throughput", "pickup", "ceiling", "http", "scale", "workers", "dashboard", "soak")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--scenario", choices=SCENARIOS, action="append",
-                        help="run only these (repeatable); default: all but dashboard and soak")
+                        help="run only these (repeatable); default: all but dashboard and soak;"
+                             " workers (one vs two worker processes) runs on PostgreSQL only")
     parser.add_argument("--backend", choices=("sqlite", "postgres"), action="append")
     parser.add_argument("--jobs", type=int, default=50_000)
     parser.add_argument("--history", type=int, default=1_000_000,
@@ -59,7 +60,7 @@ async def _engine_scenarios(report: Report, args: argparse.Namespace, pg_url: st
 
 async def _system_scenarios(report: Report, args: argparse.Namespace, pg_url: str, backend: str,
                             chosen: list[str], e2e: float | None) -> None:
-    """The service over HTTP, big tables, and time."""
+    """The service over HTTP, big tables, worker processes, and time."""
     if "http" in chosen:
         from bench import http
 
@@ -69,6 +70,8 @@ async def _system_scenarios(report: Report, args: argparse.Namespace, pg_url: st
         if e2e:
             report.add("scale", backend, "end_to_end_slowdown_with_history",
                        1 - with_history / e2e, "x")
+    if "workers" in chosen and backend == "postgres":
+        await scenarios.workers(report, pg_url, args.jobs)
     if "dashboard" in chosen:
         from bench import dashboard
 

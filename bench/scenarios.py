@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 
 BULK_CHUNK = 1000
 CONCURRENT_CALLERS = 64
+WORKERS_TIMEOUT_SECONDS = 600.0
+WORKERS_POLL_SECONDS = 0.02
+#: from the counters the triggers keep: polling a count of the table would take a share of the
+#: two cores the workers run on
+COUNT_COMPLETED = "SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE status = 'completed'"
 
 
 async def throughput(report: Report, backend: str, pg_url: str, jobs: int) -> float:
@@ -118,6 +123,62 @@ async def pickup_cross_process(report: Report, pg_url: str, samples: int = 500) 
         report.add("pickup_xproc", "postgres", f"pickup_p{p}_ms", percentile(latencies, p), "ms")
 
 
+async def workers(report: Report, pg_url: str, jobs: int) -> None:
+    """PostgreSQL: the same backlog drained by one worker process, then by two. The claim's
+    SKIP LOCKED lets processes share a table; this says whether that buys any throughput."""
+    rates: dict[int, float] = {}
+    for k in (1, 2):
+        rates[k] = await _drain_with_workers(pg_url, jobs, k)
+        report.add("workers", "postgres", f"drain_{k}_workers_jobs_per_s", rates[k], "jobs/s")
+    report.add("workers", "postgres", "two_workers_speedup", rates[2] / rates[1], "x")
+
+
+async def _drain_with_workers(pg_url: str, jobs: int, k: int) -> float:
+    """`jobs` no-op jobs drained by `k` `bench.worker --drain` processes: timed from "go" to
+    the poll that finds every job completed (so to within WORKERS_POLL_SECONDS)."""
+    async with fresh_database("postgres", pg_url) as url:
+        async with engine(url, start=False) as e:
+            await _enqueue_bulk(e.queue, jobs)
+        conn = await asyncpg.connect(pg_dsn(url))
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            for _ in range(k):  # spawned one by one inside the try: whatever started is stopped
+                procs.append(subprocess.Popen(  # noqa: ASYNC220 - a spawn, not a wait
+                    [sys.executable, "-m", "bench.worker", url, "--drain", str(jobs)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                ))
+            async with asyncio.timeout(WORKERS_TIMEOUT_SECONDS):  # a hang fails, loudly
+                for proc in procs:
+                    assert proc.stdout is not None
+                    line = await asyncio.to_thread(proc.stdout.readline)
+                    assert line.strip() == "ready", f"worker {proc.pid} said {line!r}"
+                for proc in procs:
+                    assert proc.stdin is not None
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+                started = time.perf_counter()
+                while await conn.fetchval(COUNT_COMPLETED) < jobs:
+                    if any(proc.poll() is not None for proc in procs):
+                        raise RuntimeError("a drain worker exited before the backlog was done")
+                    await asyncio.sleep(WORKERS_POLL_SECONDS)
+                seconds = time.perf_counter() - started
+        finally:
+            await conn.close()
+            _stop(procs)
+    return jobs / seconds
+
+
+def _stop(procs: list[subprocess.Popen[str]]) -> None:
+    """Terminate all first, then wait: they stop side by side, not one after another."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
 async def ceiling(report: Report, backend: str, pg_url: str, jobs: int) -> float:
     """The same batched insert, claim and complete straight against the driver."""
     async with fresh_database(backend, pg_url) as url:
@@ -184,14 +245,15 @@ async def _pg_ceiling(dsn: str, jobs: int) -> float:
                     $2::json, '[]', 0, 5, now(), now(), 0, '[]', '[]')""",
                     [(f"{start + i:032x}", payload) for i in range(100)],
                 )
-        while True:
+        # by id, as the engine claims what its memory holds: a claim that searched the ready
+        # index instead would walk the index entries of every job claimed before it (dead
+        # until vacuum), and the "ceiling" would fall below the engine (3,800 jobs/s, measured)
+        for start in range(0, jobs, 100):
             ids = [r[0] for r in await conn.fetch(
                 """UPDATE worker_queue SET status = 'running', attempts = attempts + 1
-                WHERE id IN (SELECT id FROM worker_queue WHERE status = 'queued'
-                ORDER BY priority DESC, run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)
-                RETURNING id""")]
-            if not ids:
-                break
+                WHERE id IN (SELECT id FROM worker_queue WHERE id = ANY($1::text[])
+                AND status = 'queued' FOR UPDATE SKIP LOCKED)
+                RETURNING id""", [f"{start + i:032x}" for i in range(100)])]
             await conn.execute(
                 "UPDATE worker_queue SET status = 'completed', result = 'null' WHERE id = ANY($1)",
                 ids,

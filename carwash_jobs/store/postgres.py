@@ -62,7 +62,7 @@ from carwash_jobs.store.base import (
 from carwash_jobs.types import Clock, JobId, utc_now
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
     from carwash_jobs.lifecycle import Fence
 
@@ -176,6 +176,23 @@ candidates AS (
                           WHERE n.n >= l.max_running)
   ORDER BY priority DESC, run_at, id LIMIT $4
   FOR UPDATE SKIP LOCKED),{_FLEET_GUARDED_UPDATE}"""
+
+
+def _logging_claim(claim: str) -> str:
+    """`claim` (an UPDATE ... RETURNING the job columns) that also writes each job's "claimed"
+    event: one statement, one round trip, and atomic without a transaction of its own."""
+    return f"""
+WITH claimed AS ({claim}),
+logged AS (
+  INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
+  SELECT id, started_at, 'claimed', 'running', attempts, lease_owner, NULL FROM claimed)
+SELECT * FROM claimed
+"""
+
+
+CLAIM_IDS, CLAIM_DUE, CLAIM_IDS_LIMITED, CLAIM_DUE_LIMITED = map(
+    _logging_claim, (CLAIM_IDS, CLAIM_DUE, CLAIM_IDS_LIMITED, CLAIM_DUE_LIMITED)
+)
 #: one lock per limited task type, held until the claim commits (see CLAIM_IDS_LIMITED)
 LOCK_TASK_TYPE = "SELECT pg_advisory_xact_lock($1::bigint)"
 SELECT_STATUS = "SELECT status FROM worker_queue WHERE id = $1"
@@ -284,8 +301,13 @@ WHERE w.id = c.id AND w.id = locked.id AND w.status = 'running' AND w.attempts =
   AND w.lease_owner = c.owner
 RETURNING w.id, w.attempts
 """
-WITH_DEPENDENTS = """
-SELECT DISTINCT depends_on_id FROM job_dependencies WHERE depends_on_id = ANY($1::text[])
+#: the completion, its events, and which completed jobs have dependents, in one statement
+COMPLETE_MANY = f"""
+WITH done AS ({COMPLETE_MANY}),
+logged AS (
+  INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
+  SELECT id, $5, 'completed', 'completed', attempts, $7, NULL FROM done)
+SELECT d.id, EXISTS (SELECT 1 FROM job_dependencies j WHERE j.depends_on_id = d.id) FROM done d
 """
 #: the unique (schedule, fire_at) key lets exactly one process record a cron fire; a second
 #: process waits for the first one's commit, then inserts nothing
@@ -367,10 +389,14 @@ def dsn_of(url: str) -> str:
     return "postgresql://" + url.split("://", 1)[1]
 
 
-def row_to_job(row: Mapping[str, Any]) -> JobRow:
-    values = dict(row)
-    values["status"] = JobStatus(values["status"])
-    return JobRow(**values)
+_STATUS_AT = JOB_COLUMNS.index("status")
+
+
+def row_to_job(row: Sequence[Any]) -> JobRow:
+    """A row of the job columns, in JOB_COLUMNS order (JobRow's fields are in that order)."""
+    values = list(row)
+    values[_STATUS_AT] = JobStatus(values[_STATUS_AT])
+    return JobRow(*values)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -378,6 +404,27 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(
             typename, encoder=json_text, decoder=json.loads, schema="pg_catalog"
         )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: none. asyncpg's default (RESET ALL, UNLISTEN *, CLOSE ALL,
+    advisory unlocks) is one more round trip on every write, for session state the store's own
+    statements never leave (their locks are transaction locks; LISTEN has a connection of its
+    own). An open transaction is still rolled back by the pool itself; a caller's transaction,
+    which runs its own SQL, gets the full reset (see transaction)."""
+
+
+@contextlib.asynccontextmanager
+async def _transaction(pool: asyncpg.Pool, *, callers_sql: bool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection in a transaction. When a caller's own SQL runs in it, the session
+    gets asyncpg's full reset afterwards: that SQL may have changed it (see _keep_session)."""
+    async with pool.acquire() as conn:
+        try:
+            async with conn.transaction():
+                yield conn
+        finally:
+            if callers_sql:
+                await conn.reset()
 
 
 class PostgresTx:
@@ -431,7 +478,8 @@ class PostgresJobStore:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self._pool_size, init=_init_connection
+                self._dsn, min_size=1, max_size=self._pool_size, init=_init_connection,
+                reset=_keep_session,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
@@ -469,14 +517,14 @@ class PostgresJobStore:
         if not ids:
             return []
         now = self._clock()
+        if not limits:
+            rows = await self.pool.fetch(CLAIM_IDS, owner, lease_until, now, list(ids))
+            return [row_to_job(r) for r in rows]
         async with self.pool.acquire() as conn, conn.transaction():
-            if limits:
-                types = await _lock_task_types(conn, limits)
-                rows = await conn.fetch(CLAIM_IDS_LIMITED, owner, lease_until, now, list(ids),
-                                        types, [limits[t] for t in types])
-            else:
-                rows = await conn.fetch(CLAIM_IDS, owner, lease_until, now, list(ids))
-            return await _claimed(conn, rows, owner, now)
+            types = await _lock_task_types(conn, limits)
+            rows = await conn.fetch(CLAIM_IDS_LIMITED, owner, lease_until, now, list(ids),
+                                    types, [limits[t] for t in types])
+        return [row_to_job(r) for r in rows]
 
     async def claim_due(
         self, limit: int, owner: str, lease_until: datetime, queues: Sequence[str] | None = None,
@@ -484,14 +532,14 @@ class PostgresJobStore:
     ) -> list[JobRow]:
         now = self._clock()
         named = list(queues) if queues else None
+        if not limits:
+            rows = await self.pool.fetch(CLAIM_DUE, owner, lease_until, now, limit, named)
+            return [row_to_job(r) for r in rows]
         async with self.pool.acquire() as conn, conn.transaction():
-            if limits:
-                types = await _lock_task_types(conn, limits)
-                rows = await conn.fetch(CLAIM_DUE_LIMITED, owner, lease_until, now, limit, types,
-                                        [limits[t] for t in types], named)
-            else:
-                rows = await conn.fetch(CLAIM_DUE, owner, lease_until, now, limit, named)
-            return await _claimed(conn, rows, owner, now)
+            types = await _lock_task_types(conn, limits)
+            rows = await conn.fetch(CLAIM_DUE_LIMITED, owner, lease_until, now, limit, types,
+                                    [limits[t] for t in types], named)
+        return [row_to_job(r) for r in rows]
 
     async def apply(
         self,
@@ -501,7 +549,7 @@ class PostgresJobStore:
         before: TxFn[None] | None = None,
     ) -> Applied:
         now = self._clock()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with _transaction(self.pool, callers_sql=before is not None) as conn:
             if before is not None:
                 await before(PostgresTx(conn))
             applied = await _apply(conn, transition, self._owner, now)
@@ -533,16 +581,14 @@ class PostgresJobStore:
             done = await conn.fetch(
                 COMPLETE_MANY, [c.job_id for c in completions],
                 [c.fence.attempt for c in completions], [c.fence.owner for c in completions],
-                [c.result for c in completions], now, now.isoformat(),
+                [c.result for c in completions], now, now.isoformat(), self._owner,
             )
-            await conn.executemany(INSERT_EVENT, [
-                (r[0], now, "completed", "completed", r[1], self._owner, None) for r in done
-            ])
             woken: list[JobRow] = []
-            for (job_id,) in await conn.fetch(WITH_DEPENDENTS, [r[0] for r in done]):
-                woken += await _resolve_dependents(
-                    conn, job_id, JobStatus.completed, self._owner, now
-                )
+            for job_id, has_dependents in done:
+                if has_dependents:
+                    woken += await _resolve_dependents(
+                        conn, job_id, JobStatus.completed, self._owner, now
+                    )
             return Completed(frozenset(JobId(r[0]) for r in done), woken)
 
     async def save_progress(
@@ -607,7 +653,7 @@ class PostgresJobStore:
         return [ProcessInfo(*r) for r in rows]
 
     async def transaction(self, fn: TxFn[T]) -> T:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with _transaction(self.pool, callers_sql=True) as conn:
             return await fn(PostgresTx(conn))
 
     # -- reads -------------------------------------------------------------------------
@@ -792,16 +838,6 @@ async def _lock_task_types(conn: asyncpg.Connection, limits: Mapping[str, int]) 
     for task_type in types:
         await conn.execute(LOCK_TASK_TYPE, task_type_lock_key(task_type))
     return types
-
-
-async def _claimed(
-    conn: asyncpg.Connection, rows: list[Any], owner: str, now: datetime
-) -> list[JobRow]:
-    jobs = [row_to_job(r) for r in rows]
-    await conn.executemany(
-        INSERT_EVENT, [(j.id, now, "claimed", "running", j.attempts, owner, None) for j in jobs]
-    )
-    return jobs
 
 
 async def _insert(

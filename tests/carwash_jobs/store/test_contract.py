@@ -1205,3 +1205,26 @@ async def test_postgres_claims_by_id_through_the_primary_key_once_queued_jobs_ar
 
     assert "worker_queue_pkey" in plan, plan
     assert "ix_worker_queue_status" not in plan, plan
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_postgres_a_callers_session_change_does_not_outlive_its_transaction(
+    database_url: str, clock: ManualClock
+) -> None:
+    """The pool does not reset a connection after the store's own statements (they change no
+    session state, and the reset is a round trip); after a caller's SQL it must."""
+    store = open_store(database_url, owner=OWNER, clock=clock, pool_size=1)
+    await store.open()
+    try:
+        async def change_session(tx: Tx) -> None:
+            await tx.execute("SET statement_timeout = 1234")
+
+        await store.transaction(change_session)
+
+        async def read_session(tx: Tx) -> list[dict[str, Any]]:
+            return await tx.fetch("SHOW statement_timeout")
+
+        await store.insert([new_job(clock)])  # the store's own work in between, same connection
+        assert await store.transaction(read_session) == [{"statement_timeout": "0"}]
+    finally:
+        await store.close()
