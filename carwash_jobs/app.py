@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
+from carwash_jobs import gc_tuning
 from carwash_jobs.errors import CarwashError, ConfigurationError
 from carwash_jobs.registry import TaskRegistry
 from carwash_jobs.runtime import Role, Runtime
@@ -218,9 +219,11 @@ async def serve_http(settings: Settings, *, role: Role, host: str, port: int) ->
             f"Send it as 'Authorization: Bearer <token>':\n{generated}",
             flush=True,
         )
+    served = create_app(settings, role=role)
+    served.on_startup.append(lambda _app: gc_tuning.settle_after_startup())  # after the runtime's
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings, role=role), host=host, port=port, lifespan="on", log_config=None,
+            served, host=host, port=port, lifespan="on", log_config=None,
             server_header=False, timeout_graceful_shutdown=HTTP_DRAIN_SECONDS,
         )
     )

@@ -15,7 +15,7 @@ import sys
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from carwash_jobs import app
+from carwash_jobs import app, gc_tuning
 from carwash_jobs.errors import CarwashError
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.queue import EnqueueOptions
@@ -132,6 +132,7 @@ async def _run_worker(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with runtime:
+        gc_tuning.settle_after_startup()
         logging.getLogger(__name__).info("worker %s processing", runtime.owner)
         await stop.wait()
         logging.getLogger(__name__).info("stopping: running jobs get %.0fs to finish",

@@ -8,6 +8,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from carwash_jobs import tracing
+
 if TYPE_CHECKING:
     from carwash_jobs.context import JobContext
     from carwash_jobs.metrics import Metrics
@@ -63,6 +65,8 @@ def tracing_middleware() -> Middleware | None:
     tracer = trace.get_tracer("carwash_jobs")
 
     async def traced(ctx: JobContext, call_next: CallNext) -> Any:
+        if not tracing.recording():
+            return await call_next()
         with tracer.start_as_current_span(
             f"job {ctx.task_type}",
             attributes={"job.id": ctx.job_id, "job.attempt": ctx.attempt},

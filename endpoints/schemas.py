@@ -4,6 +4,7 @@ Every job-shaped response is built from `JobRow.public()`, the one place that de
 client sees of a job, so the API and the CLI cannot drift apart.
 """
 
+import functools
 import json
 import types
 from datetime import UTC, datetime
@@ -86,14 +87,21 @@ def json_scalars_only(cls: type[BaseModel], data: Any) -> Any:
     if not isinstance(data, dict):
         return data
     fixed: dict[str, Any] | None = None
-    for name, field in cls.model_fields.items():
-        key = field.alias or name
-        kind = _scalar_kind(field.annotation)
+    for key, kind in _scalar_fields(cls):
         value = data.get(key)
-        if kind is not None and value is not None and not _json_type_matches(kind, value):
+        if value is not None and not _json_type_matches(kind, value):
             fixed = fixed if fixed is not None else dict(data)
             fixed[key] = _WRONG
     return data if fixed is None else fixed
+
+
+@functools.cache
+def _scalar_fields(cls: type[BaseModel]) -> tuple[tuple[str, Any], ...]:
+    """(JSON key, kind) of each scalar field of a model: read from its annotations once, not on
+    every request."""
+    kinds = ((field.alias or name, _scalar_kind(field.annotation))
+             for name, field in cls.model_fields.items())
+    return tuple((key, kind) for key, kind in kinds if kind is not None)
 
 
 # -- the job ----------------------------------------------------------------------------------

@@ -1,0 +1,32 @@
+"""Tests for carwash_jobs/types.py: job ids."""
+
+from __future__ import annotations
+
+import os
+
+from carwash_jobs.types import new_job_id, new_job_ids
+
+
+def test_ids_are_32_hex_digits_unique_and_in_creation_order() -> None:
+    ids = [new_job_id(), *new_job_ids(5_000), new_job_id()]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    """A forked child starts with a copy of its parent's sequence and generator: without a new
+    seed, both would make the same ids within the same millisecond."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, then out without running the parent's cleanup
+        os.write(write_end, "".join(new_job_ids(100)).encode())
+        os._exit(0)
+    os.close(write_end)
+    ours = new_job_ids(100)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end) as pipe:
+        text = pipe.read()
+    theirs = [text[i:i + 32] for i in range(0, len(text), 32)]
+    assert len(theirs) == 100
+    assert not {i[16:] for i in ours} & {i[16:] for i in theirs}
