@@ -195,9 +195,11 @@ INSERT INTO worker_queue (id, task_type, queue, status, priority, payload, tags,
   max_attempts, run_at, created_at, progress_done, attempt_history, depends_on)
 VALUES (?, 'noop', 'default', 'queued', 0, ?, '[]', 0, 5, ?, ?, 0, '[]', '[]')
 """
+#: through the ready index, as the engine's claim is: without INDEXED BY, SQLite (which has no
+#: statistics) reads the (status, id) index and sorts every queued job on each claim
 _RAW_CLAIM = """
 UPDATE worker_queue SET status = 'running', attempts = attempts + 1, lease_owner = 'raw'
-WHERE id IN (SELECT id FROM worker_queue WHERE status = 'queued'
+WHERE id IN (SELECT id FROM worker_queue INDEXED BY ix_worker_queue_ready WHERE status = 'queued'
              ORDER BY priority DESC, run_at, id LIMIT 100)
 RETURNING id
 """
