@@ -612,12 +612,12 @@ def _completed(result: Any) -> Outcome:
     """The result as it will be stored, checked here, per job: completions are written many at
     a time, and one value with no JSON form would fail them all. Such a result is a bug in the
     handler, and another attempt would return the same: the job fails for good."""
-    if isinstance(result, BaseModel):
-        return Completed(result.model_dump(mode="json"))
     try:
+        if isinstance(result, BaseModel):
+            return Completed(result.model_dump(mode="json"))
         if result is not None:
             json_text(result)
-    except TypeError as exc:
-        return Permanent(f"the result is not JSON: {exc}", None)
+    except (TypeError, ValueError, RecursionError) as exc:  # ValueError: a circular value, or
+        return Permanent(f"the result is not JSON: {exc}", None)  # pydantic's own refusal
     return Completed(result)
 

@@ -115,9 +115,9 @@ class TaskType(Generic[PayloadT, ResultT]):
         raise InvalidPayload naming the first wrong field as `payloads.<index>.<field>`."""
         adapter = _list_adapter(self.payload_model)
         try:
-            dumped: list[dict[str, Any]] = adapter.dump_python(
-                adapter.validate_python(list(payloads)), mode="json"
-            )
+            dumped: list[dict[str, Any]] = adapter.dump_python(  # each instance as its own
+                adapter.validate_python(list(payloads)), mode="json", serialize_as_any=True
+            )  # class dumps it, subclass fields too, as build() does one by one
         except ValidationError as exc:
             first = exc.errors()[0]
             raise InvalidPayload(".".join(["payloads", *map(str, first["loc"])]),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import secrets
@@ -28,8 +27,10 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+#: the millisecond and the sequence within it of the last id made (see new_job_ids)
 _last_ms = 0
-_counter = itertools.count()
+_seq = 0
+_SEQ_MAX = 0xFFFF
 
 
 def new_job_id() -> JobId:
@@ -39,13 +40,21 @@ def new_job_id() -> JobId:
 
 
 def new_job_ids(n: int) -> list[JobId]:
-    """`n` ids as new_job_id() makes them."""
-    global _last_ms  # noqa: PLW0603 - process-wide monotonic sequence, by design
-    ms = max(time.time_ns() // 1_000_000, _last_ms)
-    _last_ms = ms
-    prefix = f"{ms:012x}"
+    """`n` ids as new_job_id() makes them. The sequence restarts with each millisecond; a
+    process that makes more than 65,536 ids in one borrows the next millisecond, so the order
+    holds whatever the rate."""
+    global _last_ms, _seq  # noqa: PLW0603 - process-wide monotonic sequence, by design
+    now_ms = time.time_ns() // 1_000_000
     bits = _noise.getrandbits
-    return [JobId(f"{prefix}{next(_counter) & 0xFFFF:04x}{bits(64):016x}") for _ in range(n)]
+    ids: list[JobId] = []
+    for _ in range(n):
+        if now_ms > _last_ms:
+            _last_ms, _seq = now_ms, 0
+        elif _seq > _SEQ_MAX:
+            _last_ms, _seq = _last_ms + 1, 0
+        ids.append(JobId(f"{_last_ms:012x}{_seq:04x}{bits(64):016x}"))
+        _seq += 1
+    return ids
 
 
 #: The random part of an id keeps ids of different processes apart; it needs to be

@@ -6,12 +6,11 @@ suite runs against each. Value types live here so that callers never import an a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
-
-import msgspec
 
 from carwash_jobs.errors import InvalidPayload
 from carwash_jobs.lifecycle import Fence, JobStatus, Transition
@@ -35,14 +34,12 @@ JSON_COLUMNS = frozenset(
 
 
 
-_encode_json = msgspec.json.Encoder().encode
-
-
 def json_text(value: Any) -> str:
-    """A JSON column's text. msgspec, because the store encodes every payload, result and
-    batch on the hot path, and the standard library's encoder is ten times slower. Raises
-    TypeError for a value that has no JSON form."""
-    return _encode_json(value).decode()
+    """A JSON column's text, as both stores write it. The standard library's encoder, not a
+    faster one: msgspec and orjson store NaN as null (a retry then reads another payload),
+    refuse bool keys and lone surrogates, and accept datetimes and sets that would read back as
+    text and lists. Raises TypeError or ValueError for a value with no JSON form."""
+    return json.dumps(value, separators=(",", ":"))
 
 @dataclass(frozen=True, slots=True)
 class JobRow:

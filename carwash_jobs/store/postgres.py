@@ -301,13 +301,19 @@ WHERE w.id = c.id AND w.id = locked.id AND w.status = 'running' AND w.attempts =
   AND w.lease_owner = c.owner
 RETURNING w.id, w.attempts
 """
-#: the completion, its events, and which completed jobs have dependents, in one statement
+#: the completion and its events in one statement
 COMPLETE_MANY = f"""
 WITH done AS ({COMPLETE_MANY}),
 logged AS (
   INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
   SELECT id, $5, 'completed', 'completed', attempts, $7, NULL FROM done)
-SELECT d.id, EXISTS (SELECT 1 FROM job_dependencies j WHERE j.depends_on_id = d.id) FROM done d
+SELECT id FROM done
+"""
+#: A statement of its own, after the completion: its snapshot then includes a dependency
+#: committed while the completion waited for a row lock (a heartbeat's), which a subquery of
+#: the completion itself, reading the snapshot taken before that wait, would miss for good.
+WITH_DEPENDENTS = """
+SELECT DISTINCT depends_on_id FROM job_dependencies WHERE depends_on_id = ANY($1::text[])
 """
 #: the unique (schedule, fire_at) key lets exactly one process record a cron fire; a second
 #: process waits for the first one's commit, then inserts nothing
@@ -424,7 +430,19 @@ async def _transaction(pool: asyncpg.Pool, *, callers_sql: bool) -> AsyncIterato
                 yield conn
         finally:
             if callers_sql:
-                await conn.reset()
+                await _reset_or_drop(conn)
+
+
+async def _reset_or_drop(conn: asyncpg.Connection) -> None:
+    """asyncpg's full session reset. A connection that cannot take it is closed, and the
+    pool opens another: a broken one raises nothing over the caller's own outcome."""
+    try:
+        await conn.reset()
+    except Exception:
+        conn.terminate()
+    except asyncio.CancelledError:  # half reset: not fit to be handed out again
+        conn.terminate()
+        raise
 
 
 class PostgresTx:
@@ -584,11 +602,10 @@ class PostgresJobStore:
                 [c.result for c in completions], now, now.isoformat(), self._owner,
             )
             woken: list[JobRow] = []
-            for job_id, has_dependents in done:
-                if has_dependents:
-                    woken += await _resolve_dependents(
-                        conn, job_id, JobStatus.completed, self._owner, now
-                    )
+            for (job_id,) in await conn.fetch(WITH_DEPENDENTS, [r[0] for r in done]):
+                woken += await _resolve_dependents(
+                    conn, job_id, JobStatus.completed, self._owner, now
+                )
             return Completed(frozenset(JobId(r[0]) for r in done), woken)
 
     async def save_progress(

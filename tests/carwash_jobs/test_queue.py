@@ -185,6 +185,17 @@ async def test_enqueue_many_names_the_first_wrong_payload_and_writes_none(idle: 
     assert len(idle.queue.ready or ()) == 0
 
 
+class _DetailedItem(Item):
+    note: str = "kept"
+
+
+async def test_enqueue_many_stores_each_payload_as_a_single_enqueue_would(idle: Harness) -> None:
+    """A payload given as an instance of a subclass keeps the subclass's fields either way."""
+    (many,) = await idle.queue.enqueue_many("noop", [_DetailedItem(n=1)])
+    one = await idle.queue.enqueue("noop", _DetailedItem(n=1))
+    assert many.job.payload == one.job.payload == {"label": "", "n": 1, "note": "kept"}
+
+
 async def test_enqueue_many_gives_each_job_its_own_id_in_creation_order_and_its_own_context(
     idle: Harness,
 ) -> None:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
+from typing import TYPE_CHECKING
 
 from carwash_jobs.types import new_job_id, new_job_ids
+
+if TYPE_CHECKING:
+    import pytest
 
 
 def test_ids_are_32_hex_digits_unique_and_in_creation_order() -> None:
@@ -12,6 +17,19 @@ def test_ids_are_32_hex_digits_unique_and_in_creation_order() -> None:
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
+
+
+def test_more_ids_than_the_sequence_holds_in_one_millisecond_stay_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The clock stands still: 200,000 ids cross the 16-bit sequence three times."""
+    frozen = time.time_ns()
+    monkeypatch.setattr("carwash_jobs.types._last_ms", 0)  # restored afterwards, with _seq
+    monkeypatch.setattr("carwash_jobs.types._seq", 0)
+    monkeypatch.setattr("time.time_ns", lambda: frozen)
+    ids = new_job_ids(100_000) + new_job_ids(100_000)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
 
 
 def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:

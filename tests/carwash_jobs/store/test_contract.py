@@ -1150,6 +1150,71 @@ async def test_a_heartbeat_and_a_completion_batch_over_the_same_jobs_never_deadl
         assert held <= set(ids(jobs))
 
 
+async def test_complete_many_records_each_completion_and_frees_the_dependents(
+    store: JobStore, clock: ManualClock
+) -> None:
+    from carwash_jobs.store.base import Completion
+
+    a, b = await claimed(store, clock), await claimed(store, clock)
+    after_a = await add(store, clock, depends_on=[a.id])
+    after_both = await add(store, clock, depends_on=[a.id, b.id])
+
+    done = await store.complete_many([Completion(a.id, a.fence, {"ok": 1})])
+    assert done.completed == {a.id}
+    assert ids(done.woken) == [after_a.id]
+    assert (await store.get(after_both.id)).status == S.waiting
+
+    done = await store.complete_many([Completion(b.id, b.fence, None)])
+    assert ids(done.woken) == [after_both.id]
+    assert [j.status for j in await store.get_many([after_a.id, after_both.id])] == [S.queued] * 2
+    assert await event_names(store, a.id) == ["enqueued", "claimed", "completed"]
+    assert (await store.get(a.id)).result == {"ok": 1}
+
+
+async def test_a_claim_under_a_limit_records_its_claimed_event(
+    store: JobStore, clock: ManualClock
+) -> None:
+    by_id, due = await add(store, clock), await add(store, clock, task_type="order")
+    assert ids(await store.claim([by_id.id], OWNER, clock() + LEASE, limits={"noop": 5}))
+    assert ids(await store.claim_due(5, OWNER, clock() + LEASE, limits={"order": 5}))
+    assert await event_names(store, by_id.id) == ["enqueued", "claimed"]
+    assert await event_names(store, due.id) == ["enqueued", "claimed"]
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_postgres_a_dependency_added_while_a_completion_waits_for_a_lock_is_freed(
+    database_url: str, store: JobStore, clock: ManualClock
+) -> None:
+    """A heartbeat holds the row lock; meanwhile another process adds a job that waits on the
+    job being completed. The completion must see that dependency once it gets the lock."""
+    from carwash_jobs.store.base import Completion
+
+    job = await claimed(store, clock)
+    conn = await asyncpg.connect(_database_url(database_url, make_url(database_url).database or "",
+                                               driver="postgresql"))
+    try:
+        lock = conn.transaction()
+        await lock.start()
+        await conn.execute("SELECT 1 FROM worker_queue WHERE id = $1 FOR UPDATE", job.id)
+        completing = asyncio.ensure_future(
+            store.complete_many([Completion(job.id, job.fence, None)])
+        )
+        async with asyncio.timeout(10):  # until the completion waits for the lock
+            while not await conn.fetchval(  # noqa: ASYNC110 - the server has no event to await
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            ):
+                await asyncio.sleep(0.01)
+        dependent = await add(store, clock, depends_on=[job.id])
+        await lock.rollback()
+        done = await completing
+    finally:
+        await conn.close()
+    assert done.completed == {job.id}
+    assert ids(done.woken) == [dependent.id]
+    assert (await store.get(dependent.id)).status == S.queued
+
+
 async def test_a_bulk_insert_of_plain_jobs_reads_back_as_returned(
     store: JobStore, clock: ManualClock
 ) -> None:
@@ -1219,12 +1284,17 @@ async def test_postgres_a_callers_session_change_does_not_outlive_its_transactio
         async def change_session(tx: Tx) -> None:
             await tx.execute("SET statement_timeout = 1234")
 
-        await store.transaction(change_session)
-
         async def read_session(tx: Tx) -> list[dict[str, Any]]:
             return await tx.fetch("SHOW statement_timeout")
 
+        unchanged = [{"statement_timeout": "0"}]
+        await store.transaction(change_session)
         await store.insert([new_job(clock)])  # the store's own work in between, same connection
-        assert await store.transaction(read_session) == [{"statement_timeout": "0"}]
+        assert await store.transaction(read_session) == unchanged
+
+        running = await claimed(store, clock)  # a completion's finalizer runs caller SQL too
+        await store.apply(lifecycle.complete(running.id, running.fence, None, clock()),
+                          before=change_session)
+        assert await store.transaction(read_session) == unchanged
     finally:
         await store.close()
