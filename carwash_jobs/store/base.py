@@ -39,7 +39,12 @@ def json_text(value: Any) -> str:
     faster one: msgspec and orjson store NaN as null (a retry then reads another payload),
     refuse bool keys and lone surrogates, and accept datetimes and sets that would read back as
     text and lists. Raises TypeError or ValueError for a value with no JSON form."""
-    return json.dumps(value, separators=(",", ":"))
+    return _encode_json(value)
+
+
+#: json.dumps builds a new encoder on every call once an argument is not the default: 1 us of a
+#: bulk enqueue's ~40 per job, three times per job on PostgreSQL
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
 
 @dataclass(frozen=True, slots=True)
 class JobRow:
