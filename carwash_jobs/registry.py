@@ -109,7 +109,6 @@ class TaskType(Generic[PayloadT, ResultT]):
             where = ".".join(str(part) for part in first["loc"]) or "payload"
             raise InvalidPayload(where, first["msg"]) from exc
 
-
     def dump_payloads(self, payloads: Iterable[Mapping[str, Any] | BaseModel]) -> list[dict[str, Any]]:
         """Parse many payloads in one pydantic call and give them back as JSON-ready dicts, or
         raise InvalidPayload naming the first wrong field as `payloads.<index>.<field>`."""

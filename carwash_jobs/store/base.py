@@ -33,7 +33,6 @@ JSON_COLUMNS = frozenset(
 )
 
 
-
 def json_text(value: Any) -> str:
     """A JSON column's text, as both stores write it. The standard library's encoder, not a
     faster one: msgspec and orjson store NaN as null (a retry then reads another payload),
@@ -45,6 +44,7 @@ def json_text(value: Any) -> str:
 #: json.dumps builds a new encoder on every call once an argument is not the default: 1 us of a
 #: bulk enqueue's ~40 per job, three times per job on PostgreSQL
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
 
 @dataclass(frozen=True, slots=True)
 class JobRow:

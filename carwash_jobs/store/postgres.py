@@ -190,9 +190,10 @@ SELECT * FROM claimed
 """
 
 
-CLAIM_IDS, CLAIM_DUE, CLAIM_IDS_LIMITED, CLAIM_DUE_LIMITED = map(
-    _logging_claim, (CLAIM_IDS, CLAIM_DUE, CLAIM_IDS_LIMITED, CLAIM_DUE_LIMITED)
-)
+CLAIM_IDS = _logging_claim(CLAIM_IDS)
+CLAIM_DUE = _logging_claim(CLAIM_DUE)
+CLAIM_IDS_LIMITED = _logging_claim(CLAIM_IDS_LIMITED)
+CLAIM_DUE_LIMITED = _logging_claim(CLAIM_DUE_LIMITED)
 #: one lock per limited task type, held until the claim commits (see CLAIM_IDS_LIMITED)
 LOCK_TASK_TYPE = "SELECT pg_advisory_xact_lock($1::bigint)"
 SELECT_STATUS = "SELECT status FROM worker_queue WHERE id = $1"

@@ -107,6 +107,7 @@ class JobLifecycle(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
+            self.queue.close()  # its batcher's task ends while the store closes, on this loop
             self.run(self.store.close())
         finally:
             self.loop.close()
