@@ -1,4 +1,5 @@
-"""`python -m bench [--scenario NAME] [--backend sqlite|postgres] [--jobs N] [--json]`."""
+"""`python -m bench [--scenario NAME] [--backend sqlite|postgres] [--jobs N] [--repeat N]
+[--json]`."""
 
 from __future__ import annotations
 
@@ -23,15 +24,28 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=1_000_000,
                         help="finished (and due) jobs for the scale and dashboard scenarios")
     parser.add_argument("--soak-seconds", type=float, default=1200.0)
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run it all N times; then each figure's median (and --json gives it)")
     parser.add_argument("--json", action="store_true", help="end with one JSON object per figure")
     args = parser.parse_args()
     pg_url = os.environ.get("CARWASH_TEST_POSTGRES_URL", DEFAULT_PG)
-    report = Report()
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     print(f"cpus: {os.cpu_count()}; jobs per run: {args.jobs:,}")
-    asyncio.run(run(report, args, pg_url))
+    runs = asyncio.run(repeat(args, pg_url))
+    summary = runs[0] if args.repeat == 1 else Report.median_of(runs)
     if args.json:
-        report.dump_json()
+        summary.dump_json()
+
+
+async def repeat(args: argparse.Namespace, pg_url: str) -> list[Report]:
+    """All the runs on one event loop: the pickup scenario's module-level Event is bound to it."""
+    runs: list[Report] = []
+    for n in range(1, args.repeat + 1):
+        if args.repeat > 1:
+            print(f"run {n} of {args.repeat}:", flush=True)
+        runs.append(Report())
+        await run(runs[-1], args, pg_url)
+    return runs
 
 
 async def run(report: Report, args: argparse.Namespace, pg_url: str) -> None:

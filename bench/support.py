@@ -73,12 +73,32 @@ class Report:
 
     figures: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, scenario: str, backend: str, metric: str, value: float, unit: str) -> None:
+    def add(self, scenario: str, backend: str, metric: str, value: float, unit: str,
+            spread: tuple[float, float] | None = None) -> None:
         self.figures.append(
             {"scenario": scenario, "backend": backend, "metric": metric,
              "value": round(value, 3), "unit": unit}
         )
-        print(f"  {scenario:<12} {backend:<9} {metric:<34} {value:>14,.2f} {unit}", flush=True)
+        line = f"  {scenario:<12} {backend:<9} {metric:<34} {value:>14,.2f} {unit}"
+        if spread is not None:
+            line += f"  ({spread[0]:,.2f}-{spread[1]:,.2f})"
+        print(line, flush=True)
+
+    @classmethod
+    def median_of(cls, runs: list[Report]) -> Report:
+        """One figure per metric: its median over `runs`, printed with its range. This
+        machine's speed wanders from run to run; a median of several says more than one."""
+        values: dict[tuple[str, str, str, str], list[float]] = {}
+        for run in runs:
+            for f in run.figures:
+                key = (f["scenario"], f["backend"], f["metric"], f["unit"])
+                values.setdefault(key, []).append(f["value"])
+        print(f"median of {len(runs)} runs (min-max):", flush=True)
+        summary = cls()
+        for (scenario, backend, metric, unit), found in values.items():
+            summary.add(scenario, backend, metric, statistics.median(found), unit,
+                        spread=(min(found), max(found)))
+        return summary
 
     def dump_json(self) -> None:
         for figure in self.figures:
