@@ -94,6 +94,8 @@ class _Running:
     #: then only because that record committed (or was refused): it is not lost, and
     #: cancelling its task could only cut off the hooks and metrics of a committed end
     finished: bool = False
+    #: its slot was given back when the handler returned (see QueueProcessor._run)
+    slot_released: bool = False
 
 
 @dataclass(slots=True)
@@ -134,6 +136,9 @@ class QueueProcessor:
         #: limited task types that a claim found at their fleet-wide limit, parked for a moment
         self._fleet_full: set[str] = set()
         self._claiming = 0
+        #: jobs whose handler returned and whose slot was given back while their outcome is
+        #: being recorded: still in _running (leased, heartbeated) but not holding a slot
+        self._recording = 0
         self._handoffs = 0  #: enqueues writing a job claimed for this processor, in flight
         self._handoffs_settled = asyncio.Event()
         self._handoffs_settled.set()
@@ -225,7 +230,7 @@ class QueueProcessor:
 
     # -- dispatch ----------------------------------------------------------------------
     def _free_slots(self) -> int:
-        return self._config.concurrency - len(self._running) - self._claiming
+        return self._config.concurrency - (len(self._running) - self._recording) - self._claiming
 
     def _limit_of(self, task_type: str) -> int | None:
         """The task type's fleet-wide concurrency limit (None: unlimited, or unknown here: then
@@ -386,6 +391,7 @@ class QueueProcessor:
         try:
             outcome = await self._execute(running)
             running.finished = True  # before the first await of the record: see heartbeat()
+            self._release_slot_early(running)
             await self._record(job, running.state, outcome)
         except Exception:
             log.exception("recording job %s failed; its lease will expire and it will run again",
@@ -393,12 +399,33 @@ class QueueProcessor:
         finally:
             if self._running.get(job.id) is running:  # not a newer attempt of the same job
                 del self._running[job.id]
+            if running.slot_released:
+                self._recording -= 1
+            else:
+                self._release_type_slot(job.task_type)
             self._fleet_full.discard(job.task_type)  # one of its fleet's slots just came free
-            self._release_type_slot(job.task_type)
             if self._metrics is not None:
                 self._metrics.running.set(len(self._running))
             self._slot_free.set()
             self._set_idle_if_idle()
+
+    def _release_slot_early(self, running: _Running) -> None:
+        """Give the slot back as the handler returns, not once its outcome is committed: the
+        next claim then goes to the writer while this record is in flight, and the two share
+        a commit instead of taking turns (on SQLite, 2 commits per job become about 1). The
+        job stays in _running, its lease extended, until the record is done.
+
+        Not for a task type with a fleet-wide limit: the claim counts the rows the database
+        still has as running, so a slot freed before the record commits would only make the
+        next claim of that type come back short and park it."""
+        if self._limit_of(running.job.task_type) is not None:
+            return
+        if self._recording >= self._config.concurrency:
+            return  # the records lag behind: claim no faster than they are written
+        running.slot_released = True
+        self._recording += 1
+        self._release_type_slot(running.job.task_type)
+        self._slot_free.set()
 
     def _release_type_slot(self, task_type: str) -> None:
         self._per_type[task_type] = max(self._per_type.get(task_type, 1) - 1, 0)

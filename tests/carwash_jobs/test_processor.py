@@ -1196,6 +1196,100 @@ async def test_a_task_type_concurrency_limit_is_respected(harnesses: Harnesses) 
         assert (await h.get(job.id)).status == S.completed
 
 
+class HeldCompletions:
+    """Holds the store's completion writes until released: a slow disk, seen from the processor.
+    Leaving the `with` block releases them, so a failed assertion does not hang the teardown."""
+
+    def __init__(self, h: Harness) -> None:
+        self.release = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self._complete_many = h.store.complete_many
+        h.store.complete_many = self._held  # type: ignore[method-assign]
+
+    async def _held(self, completions: Sequence[Any]) -> Any:
+        self.waiting.set()
+        await self.release.wait()
+        return await self._complete_many(completions)
+
+    def __enter__(self) -> HeldCompletions:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+
+
+class Starts:
+    """A handler that notes the n of each job it starts; `second` is set when job 2 starts."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.second = asyncio.Event()
+
+    async def handle(self, ctx: JobContext, payload: Item) -> None:
+        self.seen.append(payload.n)
+        if payload.n == 2:
+            self.second.set()
+
+
+async def settle(h: Harness) -> None:
+    """Give the dispatcher its turns, then let any claim it sent commit (the writer is FIFO)
+    and the handlers it started run: what has not started by then was not claimed."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+    await h.store.writer.run_sync(lambda conn: None)
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_a_slot_comes_free_when_the_handler_returns_not_when_its_completion_commits(
+    harnesses: Harnesses,
+) -> None:
+    starts = Starts()
+    h = await harnesses.make(task_type("wash", starts.handle), concurrency=1, start=False)
+    with HeldCompletions(h):
+        first = await h.enqueue("wash", {"n": 1})
+        then = await h.enqueue("wash", {"n": 2})
+        await h.start()
+        await wait_for(starts.second)  # the first job's completion is still held back
+        assert starts.seen == [1, 2]
+        assert (await h.get(first.id)).status == S.running
+    await h.run_until_idle()
+    assert [(await h.get(j.id)).status for j in (first, then)] == [S.completed, S.completed]
+
+
+async def test_records_that_lag_behind_hold_the_slots_so_claims_do_not_outrun_them(
+    harnesses: Harnesses,
+) -> None:
+    starts = Starts()
+    h = await harnesses.make(task_type("wash", starts.handle), concurrency=1, start=False)
+    with HeldCompletions(h):
+        jobs = [await h.enqueue("wash", {"n": n}) for n in (1, 2, 3)]
+        await h.start()
+        await wait_for(starts.second)
+        await settle(h)
+        assert starts.seen == [1, 2]  # one record in flight per slot: the second keeps its slot
+    await h.run_until_idle()
+    assert starts.seen == [1, 2, 3]
+    assert [(await h.get(j.id)).status for j in jobs] == [S.completed] * 3
+
+
+async def test_a_fleet_limited_task_type_keeps_its_slot_until_the_completion_commits(
+    harnesses: Harnesses,
+) -> None:
+    starts = Starts()
+    h = await harnesses.make(task_type("smtp", starts.handle, concurrency=1), concurrency=4,
+                             start=False)
+    with HeldCompletions(h) as held:
+        jobs = [await h.enqueue("smtp", {"n": n}) for n in (1, 2)]
+        await h.start()
+        await wait_for(held.waiting)
+        await settle(h)
+        assert starts.seen == [1]  # the database still counts the first as running
+    await h.run_until_idle()
+    assert starts.seen == [1, 2]
+    assert [(await h.get(j.id)).status for j in jobs] == [S.completed] * 2
+
+
 async def test_a_woken_job_of_a_task_type_unknown_here_is_left_to_a_process_that_knows_it(
     harnesses: Harnesses,
 ) -> None:
