@@ -338,6 +338,14 @@ GROUP BY substr(finished_at, 1, 16), status
 """
 
 
+#: Each write of a group commit runs under a savepoint, so a statement that touches more than
+#: a few pages keeps a statement journal; on disk, that is a temporary file created, written
+#: and unlinked for about every commit (strace of a drain: 220 files and 38 % of its pwrites
+#: for 20,000 jobs; drain +10 %, median of 5 interleaved runs). It holds at most the pages one
+#: statement changes. The reader's sorts keep the default.
+WRITER_TEMP_STORE = "PRAGMA temp_store=MEMORY"
+
+
 def ts(value: datetime | None) -> str | None:
     """Timestamps are stored as UTC text in one fixed format, so they sort as strings."""
     if value is None:
@@ -424,7 +432,7 @@ class SqliteJobStore:
 
     def _connect_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        for pragma in self._pragmas:
+        for pragma in (*self._pragmas, WRITER_TEMP_STORE):
             conn.execute(pragma)
         return conn
 

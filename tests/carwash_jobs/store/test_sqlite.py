@@ -125,10 +125,14 @@ async def test_a_failed_commit_fails_every_waiting_caller_and_keeps_none_of_thei
     assert (await store.get(inserted.job.id)).status == JobStatus.queued
 
 
-async def test_the_writer_runs_in_wal_mode_with_synchronous_full(store: SqliteJobStore) -> None:
+async def test_the_writer_runs_in_wal_mode_with_synchronous_full_and_temp_store_memory(
+    store: SqliteJobStore,
+) -> None:
     assert await _rows(store, "PRAGMA journal_mode") == [("wal",)]
     assert await _rows(store, "PRAGMA synchronous") == [(2,)]  # 2 = FULL
     assert (await _rows(store, "PRAGMA busy_timeout"))[0][0] == 5000
+    # statement journals in memory: no temporary file per commit
+    assert await _rows(store, "PRAGMA temp_store") == [(2,)]  # 2 = MEMORY
     plain = sqlite3.connect(store.path)  # WAL is a property of the file: others see it too
     try:
         assert plain.execute("PRAGMA journal_mode").fetchone() == ("wal",)
