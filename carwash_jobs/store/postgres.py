@@ -109,7 +109,14 @@ INSERT_EVENT = """
 INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
-SELECT_STATUSES = "SELECT id, status FROM worker_queue WHERE id = ANY($1::text[])"
+#: the dependencies of a job being enqueued, share-locked until it commits: a dependency that
+#: ends meanwhile waits for the new job and its job_dependencies rows, and then finds and frees
+#: it. Unlocked, a dependency that completed between this read and the commit looked for
+#: dependents before the new one existed, and left it waiting for ever. In id order, as every
+#: statement here locks many rows.
+SELECT_STATUSES = """
+SELECT id, status FROM worker_queue WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE
+"""
 NOTIFY = "SELECT pg_notify($1, $2)"
 #: by id. `status || ''` keeps the planner on the primary key: given the bare column, once the
 #: statistics say almost nothing is queued (a million finished jobs), it scans the status index

@@ -1286,6 +1286,8 @@ async def test_a_fleet_limited_task_type_keeps_its_slot_until_the_completion_com
         await settle(h)
         assert starts.seen == [1]  # the database still counts the first as running
     await h.run_until_idle()
+    # a slot freed early would have sent a claim of the second job that the database refuses
+    # (its fleet limit), dropping it from memory until the next reload: it would not run here
     assert starts.seen == [1, 2]
     assert [(await h.get(j.id)).status for j in jobs] == [S.completed] * 2
 
