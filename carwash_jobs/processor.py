@@ -136,8 +136,11 @@ class QueueProcessor:
         #: limited task types that a claim found at their fleet-wide limit, parked for a moment
         self._fleet_full: set[str] = set()
         self._claiming = 0
-        #: jobs whose handler returned and whose slot was given back while their outcome is
-        #: being recorded: still in _running (leased, heartbeated) but not holding a slot
+        #: slots held by attempts started here; counted apart from _running, which holds one
+        #: attempt per job while an older attempt of the same job may still be ending
+        self._held = 0
+        #: attempts whose handler returned and whose slot was given back while their outcome
+        #: is being recorded (leased, heartbeated, but holding no slot)
         self._recording = 0
         self._handoffs = 0  #: enqueues writing a job claimed for this processor, in flight
         self._handoffs_settled = asyncio.Event()
@@ -230,7 +233,7 @@ class QueueProcessor:
 
     # -- dispatch ----------------------------------------------------------------------
     def _free_slots(self) -> int:
-        return self._config.concurrency - (len(self._running) - self._recording) - self._claiming
+        return self._config.concurrency - self._held - self._claiming
 
     def _limit_of(self, task_type: str) -> int | None:
         """The task type's fleet-wide concurrency limit (None: unlimited, or unknown here: then
@@ -378,6 +381,7 @@ class QueueProcessor:
         state = AttemptState(self._store, job.fence, self._build_follow_up)
         running = _Running(job, state)
         self._running[job.id] = running
+        self._held += 1
         running.task = asyncio.get_running_loop().create_task(
             self._run(running), name=f"job-{job.id}"
         )
@@ -402,6 +406,7 @@ class QueueProcessor:
             if running.slot_released:
                 self._recording -= 1
             else:
+                self._held -= 1
                 self._release_type_slot(job.task_type)
             self._fleet_full.discard(job.task_type)  # one of its fleet's slots just came free
             if self._metrics is not None:
@@ -423,6 +428,7 @@ class QueueProcessor:
         if self._recording >= self._config.concurrency:
             return  # the records lag behind: claim no faster than they are written
         running.slot_released = True
+        self._held -= 1
         self._recording += 1
         self._release_type_slot(running.job.task_type)
         self._slot_free.set()

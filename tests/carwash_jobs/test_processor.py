@@ -1273,6 +1273,37 @@ async def test_records_that_lag_behind_hold_the_slots_so_claims_do_not_outrun_th
     assert [(await h.get(j.id)).status for j in jobs] == [S.completed] * 3
 
 
+async def test_an_old_attempt_still_recording_does_not_free_the_slot_of_its_successor(
+    harnesses: Harnesses, clock: ManualClock,
+) -> None:
+    """Attempt 1 returned and its record is slow; its lease runs out and this process claims
+    the job again. Attempt 2 holds the one slot: a new job must wait for it."""
+    second_attempt = Gate()
+    starts = Starts()
+
+    async def handle(ctx: JobContext, payload: Item) -> None:
+        if payload.n == 0 and ctx.attempt == 2:
+            await second_attempt.hold()
+        else:
+            await starts.handle(ctx, payload)
+
+    h = await harnesses.make(task_type("wash", handle), concurrency=1, clock=clock)
+    with HeldCompletions(h) as held:
+        job = await h.enqueue("wash", {"n": 0})
+        await wait_for(held.waiting)  # attempt 1 returned; its completion is held back
+        clock.advance(61)
+        assert await h.scheduler.release_expired_leases() == 1
+        await wait_for(second_attempt.entered)
+        other = await h.enqueue("wash", {"n": 2})
+        await settle(h)
+        assert starts.seen == [0]  # attempt 1 only: the other job waits for the slot
+        second_attempt.release.set()
+    await h.run_until_idle()
+    assert starts.seen == [0, 2]
+    assert (await h.get(job.id)).status == S.completed
+    assert (await h.get(other.id)).status == S.completed
+
+
 async def test_a_fleet_limited_task_type_keeps_its_slot_until_the_completion_commits(
     harnesses: Harnesses,
 ) -> None:
