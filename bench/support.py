@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from pydantic import BaseModel
 
+from carwash_jobs import gc_tuning
 from carwash_jobs.processor import ProcessorConfig, QueueProcessor
 from carwash_jobs.queue import JobQueue
 from carwash_jobs.ready import ReadyQueue
@@ -186,12 +188,17 @@ async def engine(
     await store.listen(queue.on_notice)  # other processes' enqueues wake this one (PostgreSQL)
     if start:
         await processor.start()
+    thresholds = gc.get_threshold()
+    gc_tuning.settle_after_startup()  # as `serve` does once it has started
     try:
         yield Engine(store, queue, processor)
     finally:
         await processor.stop()
         queue.close()
         await store.close()
+        # the next scenario in this process starts from CPython's defaults again
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 async def timed(coro: Any) -> float:

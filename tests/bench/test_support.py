@@ -1,10 +1,12 @@
-"""Tests for bench/support.py: the report's median over repeated runs."""
+"""Tests for bench/support.py: the report's median over repeated runs; the engine's settling."""
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING
 
-from bench.support import Report
+from bench.support import Report, engine, fresh_database
+from carwash_jobs import gc_tuning
 
 if TYPE_CHECKING:
     import pytest
@@ -30,3 +32,12 @@ def test_repeated_runs_give_each_figure_its_median_and_print_its_range(
     assert "median of 3 runs" in printed
     assert "(7,000.00-9,000.00)" in printed
     assert "(1.50-2.50)" in printed
+
+
+async def test_the_engine_settles_the_collector_as_serve_does_and_gives_it_back() -> None:
+    before = gc.get_threshold()
+    async with fresh_database("sqlite", "") as url, engine(url, start=False):
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == gc_tuning.YOUNG_THRESHOLD
+    assert gc.get_freeze_count() == 0  # the next scenario's objects can be collected
+    assert gc.get_threshold() == before
