@@ -353,6 +353,12 @@ def ts(value: datetime | None) -> str | None:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
+def _file_id(path: Path) -> tuple[int, int]:
+    """What names a file whatever its path: its device and inode."""
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
 def parse_ts(value: str | None) -> datetime | None:
     if value is None:
         return None
@@ -429,6 +435,7 @@ class SqliteJobStore:
         )
         self.writer = SqliteWriter(self._connect_writer, batch_max=write_batch_max)
         self._reader: aiosqlite.Connection | None = None
+        self._file_id: tuple[int, int] | None = None
 
     def _connect_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -440,6 +447,7 @@ class SqliteJobStore:
         if not self.path.exists():
             raise StoreUnavailable(f"no database at {self.path}: run `carwash-jobs db upgrade`")
         await self.writer.start()
+        self._file_id = _file_id(self.path)
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         for pragma in self._pragmas[1:]:
             await self._reader.execute(pragma)
@@ -451,10 +459,20 @@ class SqliteJobStore:
             self._reader = None
 
     async def ping(self) -> None:
+        """The connections answer, and the file they have open is still the one at the path.
+        A deleted or replaced file goes on answering through the open connections: its writes
+        land in a file nobody will open again, so health must say so."""
         try:
             await self._fetch("SELECT 1")
         except (sqlite3.Error, ValueError, AttributeError) as exc:
             raise StoreUnavailable(f"the database does not answer: {exc}") from exc
+        try:
+            current = _file_id(self.path)
+        except OSError as exc:
+            raise StoreUnavailable(f"the database file {self.path} is gone: {exc}") from exc
+        if current != self._file_id:
+            raise StoreUnavailable(f"the database file {self.path} was replaced since it was "
+                                   "opened: restart to use the new one")
 
     async def listen(self, on_notice: Callable[[Notice], None]) -> None:
         """SQLite has no notifications: other processes' jobs arrive by the periodic reload."""

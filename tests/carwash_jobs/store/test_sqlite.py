@@ -177,6 +177,33 @@ async def test_a_closed_store_refuses_reads_and_writes(db_url: str, clock: Manua
         await store.insert([new_job(clock)])
 
 
+async def test_ping_fails_once_the_database_file_is_deleted(
+    db_url: str, clock: ManualClock
+) -> None:
+    store = await open_sqlite(db_url, clock=clock)
+    try:
+        await store.ping()
+        store.path.unlink()  # the open connections still answer, from a file nobody will open
+        with pytest.raises(StoreUnavailable, match="is gone"):
+            await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_ping_fails_once_the_database_file_is_replaced(
+    db_url: str, clock: ManualClock, tmp_path: Path
+) -> None:
+    store = await open_sqlite(db_url, clock=clock)
+    try:
+        copy = tmp_path / "copy.db"
+        copy.write_bytes(store.path.read_bytes())
+        copy.replace(store.path)  # a restore over the live file
+        with pytest.raises(StoreUnavailable, match="was replaced"):
+            await store.ping()
+    finally:
+        await store.close()
+
+
 # -- query plans ---------------------------------------------------------------------------
 LIST_FILTERS = [
     JobFilter(),
