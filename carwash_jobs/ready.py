@@ -40,6 +40,9 @@ class ReadyQueue:
         self._parked: dict[str, list[_Entry]] = {}
         self._ids: set[JobId] = set()
         self._changed = asyncio.Event()
+        #: the last run_at put and its timestamp: the jobs of one enqueue share their run_at,
+        #: and so share one float instead of a new one each (24 MB a million waiting jobs)
+        self._last_run_at: tuple[datetime, float] | None = None
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -52,10 +55,16 @@ class ReadyQueue:
         if job.id in self._ids:
             return False
         self._ids.add(job.id)
-        entry = (-job.priority, job.run_at.timestamp(), job.id, job.task_type, job.queue)
+        entry = (-job.priority, self._timestamp(job.run_at), job.id, job.task_type, job.queue)
         heapq.heappush(self._heaps.setdefault(job.queue, []), entry)
         self._changed.set()
         return True
+
+    def _timestamp(self, run_at: datetime) -> float:
+        last = self._last_run_at
+        if last is None or last[0] is not run_at:
+            last = self._last_run_at = (run_at, run_at.timestamp())
+        return last[1]
 
     def discard(self, job_id: JobId) -> None:
         """Forget a job (cancelled); its entry is skipped when it comes up."""

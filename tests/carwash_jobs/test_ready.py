@@ -146,3 +146,17 @@ def test_within_one_queue_both_modes_keep_priority_then_fifo(mode: str) -> None:
     ready.put(due("b", priority=3))
     ready.put(due("c", priority=1))
     assert names(ready.take(3, always)) == ["b", "a", "c"]
+
+
+def test_jobs_sharing_a_run_at_share_its_timestamp_and_keep_their_order() -> None:
+    ready = ReadyQueue()
+    batch_at, later = T0 + timedelta(seconds=5), T0 + timedelta(seconds=9)
+    ready.put(DueJob(JobId("b1"), "noop", "default", 0, batch_at))
+    ready.put(DueJob(JobId("late"), "noop", "default", 0, later))
+    ready.put(DueJob(JobId("b2"), "noop", "default", 0, batch_at))
+    ready.put(DueJob(JobId("b3"), "noop", "default", 0, batch_at))
+    ready.put(due("early", age=1))  # another datetime object: its own timestamp
+    stamps = {str(entry[2]): entry[1] for entry in ready._heaps["default"]}
+    assert stamps["b2"] is stamps["b3"]  # one float for a batch, not one per job
+    assert stamps["early"] == (T0 + timedelta(seconds=1)).timestamp()
+    assert names(ready.take(10, always)) == ["early", "b1", "b2", "b3", "late"]
