@@ -191,12 +191,13 @@ async def engine(
     thresholds = gc.get_threshold()
     gc_tuning.settle_after_startup()  # as `serve` does once it has started
     try:
-        yield Engine(store, queue, processor)
-    finally:
-        await processor.stop()
-        queue.close()
-        await store.close()
-        # the next scenario in this process starts from CPython's defaults again
+        try:
+            yield Engine(store, queue, processor)
+        finally:
+            await processor.stop()
+            queue.close()
+            await store.close()
+    finally:  # however the scenario ended, the next one starts with the collector as it was
         gc.unfreeze()
         gc.set_threshold(*thresholds)
 

@@ -16,8 +16,10 @@ drain with everything frozen; above about 5,000 it does not run at all in a drai
 bulk enqueue collects a tenth as often. Cyclic garbage waits a little longer to be freed, at
 most that many objects.
 
-Only the CLI calls this: tests build many runtimes in one process, and frozen objects are
-never collected. The benchmarks call it too, so that they measure the engine as served.
+A served process calls this once it has started (the HTTP server's startup, the worker's
+loop); the benchmarks do too, so that they measure the engine as served. Tests and code that
+embeds a runtime do not: they build many runtimes in one process, and frozen objects are never
+collected.
 """
 
 from __future__ import annotations

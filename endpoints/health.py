@@ -26,7 +26,8 @@ PING_TIMEOUT_SECONDS = 5.0
 
 @get("/health", operation_id="health", tags=["operations"], raises=[ServiceUnavailableException])
 async def health(job_store: StoreDep) -> HealthOut:
-    """200 while the database answers, 503 when it does not."""
+    """200 while the database answers, 503 when it does not (or, on SQLite, when the file the
+    store has open is no longer the one at its path: deleted or replaced)."""
     try:
         async with asyncio.timeout(PING_TIMEOUT_SECONDS):
             await job_store.ping()

@@ -376,7 +376,8 @@ class JobStore(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable when the database does not answer."""
+        """Raise StoreUnavailable when the database does not answer, or when what answers is
+        no longer the database at the configured place (an SQLite file deleted or replaced)."""
         ...
 
     async def listen(self, on_notice: Callable[[Notice], None]) -> None:

@@ -425,7 +425,9 @@ class SqliteJobStore:
         busy_timeout_ms: int = 5000,
         write_batch_max: int = 500,
     ) -> None:
-        self.path = Path(url.removeprefix("sqlite+aiosqlite:///"))
+        # absolute now: SQLite resolves a relative path once, at open, and ping() must check
+        # the same file whatever the working directory is by then
+        self.path = Path(url.removeprefix("sqlite+aiosqlite:///")).absolute()
         self._owner = owner
         self._clock = clock
         self._pragmas = (
@@ -444,10 +446,13 @@ class SqliteJobStore:
         return conn
 
     async def open(self) -> None:
-        if not self.path.exists():
-            raise StoreUnavailable(f"no database at {self.path}: run `carwash-jobs db upgrade`")
+        try:
+            self._file_id = _file_id(self.path)
+        except FileNotFoundError:
+            raise StoreUnavailable(
+                f"no database at {self.path}: run `carwash-jobs db upgrade`"
+            ) from None
         await self.writer.start()
-        self._file_id = _file_id(self.path)
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         for pragma in self._pragmas[1:]:
             await self._reader.execute(pragma)

@@ -204,6 +204,21 @@ async def test_ping_fails_once_the_database_file_is_replaced(
         await store.close()
 
 
+async def test_ping_checks_the_opened_file_whatever_the_working_directory_is_later(
+    db_url: str, clock: ManualClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, _, name = db_url.removeprefix("sqlite+aiosqlite:///").rpartition("/")
+    monkeypatch.chdir(folder)
+    store = await open_sqlite(f"sqlite+aiosqlite:///{name}", clock=clock)  # a relative path
+    try:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)  # a handler changed directory: the store is still fine
+        await store.ping()
+    finally:
+        await store.close()
+
+
 # -- query plans ---------------------------------------------------------------------------
 LIST_FILTERS = [
     JobFilter(),
