@@ -74,6 +74,8 @@ class ReadyQueue:
     def take(self, n: int, has_room: Callable[[str], bool]) -> list[DueJob]:
         """Up to `n` jobs in dispatch order; entries whose task type has no room are parked."""
         taken: list[DueJob] = []
+        stamp: float | None = None  # entries put together share their float: and so a datetime
+        due_at = datetime.min
         while len(taken) < n:
             name = self._next_queue()
             if name is None:
@@ -88,8 +90,9 @@ class ReadyQueue:
                 self._parked.setdefault(task_type, []).append(entry)
                 continue
             self._ids.discard(job_id)
-            taken.append(DueJob(job_id, task_type, queue, -neg_priority,
-                                datetime.fromtimestamp(run_at, UTC)))
+            if run_at is not stamp:
+                stamp, due_at = run_at, datetime.fromtimestamp(run_at, UTC)
+            taken.append(DueJob(job_id, task_type, queue, -neg_priority, due_at))
         if not self._heaps:
             self._changed.clear()
         return taken
@@ -111,6 +114,8 @@ class ReadyQueue:
             await self._changed.wait()
 
     def _next_queue(self) -> str | None:
+        if len(self._heaps) == 1:  # the usual case; an emptied heap is deleted at once
+            return next(iter(self._heaps))
         names = [name for name, heap in self._heaps.items() if heap]
         if not names:
             return None

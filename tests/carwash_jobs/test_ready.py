@@ -159,4 +159,8 @@ def test_jobs_sharing_a_run_at_share_its_timestamp_and_keep_their_order() -> Non
     stamps = {str(entry[2]): entry[1] for entry in ready._heaps["default"]}
     assert stamps["b2"] is stamps["b3"]  # one float for a batch, not one per job
     assert stamps["early"] == (T0 + timedelta(seconds=1)).timestamp()
-    assert names(ready.take(10, always)) == ["early", "b1", "b2", "b3", "late"]
+    taken = ready.take(10, always)
+    assert names(taken) == ["early", "b1", "b2", "b3", "late"]
+    assert [job.run_at for job in taken] == [
+        T0 + timedelta(seconds=1), batch_at, batch_at, batch_at, later,
+    ]
