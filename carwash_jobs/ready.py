@@ -74,7 +74,7 @@ class ReadyQueue:
     def take(self, n: int, has_room: Callable[[str], bool]) -> list[DueJob]:
         """Up to `n` jobs in dispatch order; entries whose task type has no room are parked."""
         taken: list[DueJob] = []
-        stamp: float | None = None  # entries put together share their float: and so a datetime
+        stamp: float | None = None  # entries put together share one float: one datetime for them
         due_at = datetime.min
         while len(taken) < n:
             name = self._next_queue()
