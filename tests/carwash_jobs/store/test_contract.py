@@ -1184,11 +1184,11 @@ async def test_a_claim_under_a_limit_records_its_claimed_event(
 async def _lock_waiters(conn: asyncpg.Connection, n: int) -> None:
     """Until `n` sessions of this database wait for a lock (the server has no event to await)."""
     async with asyncio.timeout(10):
-        while await _waiting_for_locks(conn) < n:  # noqa: ASYNC110 - see the docstring
+        while await waiting_for_locks(conn) < n:  # noqa: ASYNC110 - see the docstring
             await asyncio.sleep(0.01)
 
 
-async def _waiting_for_locks(conn: asyncpg.Connection) -> int:
+async def waiting_for_locks(conn: asyncpg.Connection) -> int:
     # inside a transaction pg_stat_activity answers from a snapshot taken once: clear it
     await conn.execute("SELECT pg_stat_clear_snapshot()")
     return int(await conn.fetchval(

@@ -13,7 +13,7 @@ from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.store.base import Completion
 from carwash_jobs.store.postgres import dsn_of
 from tests.carwash_jobs.store import test_contract as contract
-from tests.carwash_jobs.store.test_contract import claimed, new_job
+from tests.carwash_jobs.store.test_contract import claimed, new_job, waiting_for_locks
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -27,10 +27,6 @@ postgres_template = contract.postgres_template
 store = contract.store
 other_store = contract.other_store
 
-LOCK_WAITERS = """
-SELECT COUNT(*) FROM pg_locks WHERE NOT granted
-  AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database())
-"""
 #: a row that holds `the-key` in an open transaction: an INSERT of the same idempotency key
 #: (ON CONFLICT) waits for that transaction to end
 KEY_HOLDER = """
@@ -64,7 +60,7 @@ async def test_a_dependency_that_completes_while_its_dependent_is_enqueued_frees
         await holder.execute(KEY_HOLDER)
 
         async def waiters() -> int:
-            return int(await watcher.fetchval(LOCK_WAITERS))
+            return await waiting_for_locks(watcher)
 
         dependent = new_job(clock, depends_on=[dependency.id], idempotency_key="the-key")
         enqueue = asyncio.ensure_future(store.insert([dependent]))
