@@ -214,6 +214,56 @@ async def test_upgrade_to_0006_indexes_the_tags_of_existing_jobs(database_url: s
     assert rows == {("vip", "tagged"), ("b", "tagged")}
 
 
+def _move(job_id: str, status: str) -> Callable[[Connection], None]:
+    """A status change as the store writes one: finished_at set on a finish, cleared on leaving."""
+    finished_at = datetime.now(UTC) if status in ("completed", "failed", "cancelled") else None
+
+    def move(conn: Connection) -> None:
+        conn.execute(sa.text("UPDATE worker_queue SET status = :s, finished_at = :f WHERE id = :id"),
+                     {"s": status, "f": finished_at, "id": job_id})
+
+    return move
+
+
+async def _finished_counts(database_url: str) -> dict[str, int]:
+    rows = await _on(database_url, lambda conn: conn.exec_driver_sql(
+        "SELECT status, SUM(n) FROM job_counts GROUP BY status").all())
+    return {status: int(n) for status, n in rows if n}
+
+
+async def _downgrade(database_url: str, revision: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+
+    def downgrade(conn: Connection) -> None:
+        config.attributes["connection"] = conn
+        command.downgrade(config, revision)
+
+    await _on(database_url, downgrade)
+
+
+async def test_0007_counts_a_job_into_and_out_of_finished_statuses_as_before(
+    database_url: str,
+) -> None:
+    await upgrade(database_url, "0006")
+    await _on(database_url, _insert_job(_job_row("done", "running")))
+    await _on(database_url, _move("done", "completed"))  # counted by 0005's trigger
+    await _on(database_url, _insert_job(_job_row("job", "running")))
+
+    await upgrade(database_url)
+    await _on(database_url, _move("job", "completed"))
+    assert await _finished_counts(database_url) == {"completed": 2}
+    await _on(database_url, _move("job", "failed"))  # finished to finished: both triggers
+    assert await _finished_counts(database_url) == {"completed": 1, "failed": 1}
+    await _on(database_url, _move("job", "queued"))  # a retry leaves the finished statuses
+    assert await _finished_counts(database_url) == {"completed": 1}
+
+    await _downgrade(database_url, "0006")
+    await _on(database_url, _move("job", "cancelled"))
+    await _on(database_url, _move("done", "queued"))
+    assert await _finished_counts(database_url) == {"cancelled": 1}
+
+
 async def test_concurrent_upgrades_migrate_once(database_url: str) -> None:
     """Start-ups racing on a fresh database: one migrates, the others wait and find it done.
 
@@ -226,14 +276,7 @@ async def test_concurrent_upgrades_migrate_once(database_url: str) -> None:
 
 async def test_downgrade_to_base_drops_every_table(database_url: str) -> None:
     await upgrade(database_url)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-
-    def downgrade(conn: Connection) -> None:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "base")
-
-    await _on(database_url, downgrade)
+    await _downgrade(database_url, "base")
 
     tables = await _on(database_url, lambda conn: set(sa.inspect(conn).get_table_names()))
     assert tables == {"alembic_version"}
