@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.sqltext import NOT_RUNNING
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -50,12 +51,19 @@ class WorkerQueue(SQLModel, table=True):
             postgresql_where=sa.text("status = 'running'"),
         ),
         sa.Index("ix_worker_queue_created", "created_at", "id"),
-        # the job list's filters, newest first (migration 0006); (task_type, status, id) also
-        # counts the running jobs of a task type for the fleet-wide concurrency limit
-        sa.Index("ix_worker_queue_status", "status", "id"),
+        # the job list's filters, newest first (migration 0006). The two with status leave
+        # running rows out (migration 0008): a claim and a completion then touch them once
+        # between them, not twice each; the few running rows are listed through the lease index
+        sa.Index(
+            "ix_worker_queue_status", "status", "id",
+            sqlite_where=sa.text(NOT_RUNNING), postgresql_where=sa.text(NOT_RUNNING),
+        ),
         sa.Index("ix_worker_queue_type", "task_type", "id"),
         sa.Index("ix_worker_queue_queue", "queue", "id"),
-        sa.Index("ix_worker_queue_type_status", "task_type", "status", "id"),
+        sa.Index(
+            "ix_worker_queue_type_status", "task_type", "status", "id",
+            sqlite_where=sa.text(NOT_RUNNING), postgresql_where=sa.text(NOT_RUNNING),
+        ),
         # bulk retry by failed-time range, and pruning of old finished rows
         sa.Index(
             "ix_worker_queue_finished", "status", "finished_at",

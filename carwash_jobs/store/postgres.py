@@ -28,7 +28,7 @@ from carwash_jobs.errors import (
     UnknownDependency,
 )
 from carwash_jobs.lifecycle import JobStatus, Transition
-from carwash_jobs.sqltext import numbered
+from carwash_jobs.sqltext import NOT_RUNNING, numbered
 from carwash_jobs.store.base import (
     JOB_COLUMNS,
     JSON_COLUMNS,
@@ -760,7 +760,7 @@ class PostgresJobStore:
             ("finished_at >= :after", "after", flt.failed_after),
             ("finished_at < :before", "before", flt.failed_before),
         ]
-        clauses = ["status = 'failed'"] + [c for c, _, v in pairs if v is not None]
+        clauses = ["status = 'failed'", NOT_RUNNING] + [c for c, _, v in pairs if v is not None]
         params = {name: v for _, name, v in pairs if v is not None}
         text, args = numbered(
             f"SELECT id FROM worker_queue WHERE {' AND '.join(clauses)} ORDER BY id LIMIT :limit",
@@ -838,7 +838,6 @@ def _list_where(flt: JobFilter, cursor: str | None, key: str) -> tuple[str, dict
     """The list's filters (all but the tag, which picks the statement) and the keyset cursor
     on `key`, the column whose order the statement reads."""
     pairs: list[tuple[str, str, Any]] = [
-        ("status = :status", "status", flt.status.value if flt.status else None),
         ("task_type = :task_type", "task_type", flt.task_type),
         ("queue = :queue", "queue", flt.queue),
         ("created_at >= :after", "after", flt.created_after),
@@ -846,7 +845,15 @@ def _list_where(flt: JobFilter, cursor: str | None, key: str) -> tuple[str, dict
         (f"{key} < :cursor", "cursor", cursor),
     ]
     clauses = [c for c, _, v in pairs if v is not None]
-    return (" AND ".join(clauses) or "TRUE"), {n: v for _, n, v in pairs if v is not None}
+    params = {n: v for _, n, v in pairs if v is not None}
+    # literal conditions, which a prepared statement's generic plan can match to the partial
+    # indexes: running jobs are in the lease index only, the rest in the list indexes
+    if flt.status == JobStatus.running:
+        clauses.insert(0, "status = 'running'")
+    elif flt.status is not None:
+        clauses.insert(0, f"status = :status AND {NOT_RUNNING}")
+        params["status"] = flt.status.value
+    return (" AND ".join(clauses) or "TRUE"), params
 
 
 def task_type_lock_key(task_type: str) -> int:

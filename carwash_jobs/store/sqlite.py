@@ -25,6 +25,7 @@ from carwash_jobs.errors import (
     UnknownDependency,
 )
 from carwash_jobs.lifecycle import JobStatus, Transition
+from carwash_jobs.sqltext import NOT_RUNNING
 from carwash_jobs.store.base import (
     JOB_COLUMNS,
     JSON_COLUMNS,
@@ -120,7 +121,8 @@ RETURNING {_COLS}
 _FLEET_GUARD = """
   LEFT JOIN json_each(:limits) AS l ON l.key = c.task_type
   WHERE l.key IS NULL OR c.nth + (
-    SELECT COUNT(*) FROM worker_queue AS r WHERE r.task_type = c.task_type AND r.status = 'running'
+    SELECT COUNT(*) FROM worker_queue AS r INDEXED BY ix_worker_queue_lease
+    WHERE r.task_type = c.task_type AND r.status = 'running'
   ) <= l.value"""
 _CLAIM_SET = """
 UPDATE worker_queue
@@ -148,7 +150,7 @@ WHERE id IN (
         AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
         AND task_type NOT IN (
           SELECT f.key FROM json_each(:limits) AS f WHERE f.value <= (
-            SELECT COUNT(*) FROM worker_queue AS r
+            SELECT COUNT(*) FROM worker_queue AS r INDEXED BY ix_worker_queue_lease
             WHERE r.task_type = f.key AND r.status = 'running'))
       ORDER BY priority DESC, run_at, id LIMIT :limit)) AS c{_FLEET_GUARD})
 RETURNING {_COLS}
@@ -198,6 +200,12 @@ SELECT lease_owner, COUNT(*) FROM worker_queue WHERE status = 'running' GROUP BY
 GET_JOB = f"SELECT {_COLS} FROM worker_queue WHERE id = ?"
 GET_JOBS = f"SELECT {_COLS} FROM worker_queue WHERE id IN ({{ids}})"
 LIST_JOBS = f"SELECT {_COLS} FROM worker_queue WHERE {{where}} ORDER BY id DESC LIMIT ?"
+#: running jobs are in no list index (migration 0008) but all in the lease index: the few there
+#: are read from it and sorted, where the primary key would walk every job for them
+LIST_RUNNING_JOBS = f"""
+SELECT {_COLS} FROM worker_queue INDEXED BY ix_worker_queue_lease WHERE {{where}}
+ORDER BY id DESC LIMIT ?
+"""
 #: with a tag: the range of job_tags in id order drives, each job is looked up by its key (the
 #: two tables share no column name, so the job columns need no prefix). CROSS JOIN is SQLite's
 #: way to fix the join order: with a status filter too, it would otherwise start from the status
@@ -735,7 +743,8 @@ class SqliteJobStore:
             return await self._list_by_created(flt, limit, cursor)
         if flt.tag is None:
             where, params = _list_where(flt, cursor, "id")
-            rows = await self._fetch(LIST_JOBS.format(where=where), (*params, limit + 1))
+            sql = LIST_RUNNING_JOBS if flt.status == JobStatus.running else LIST_JOBS
+            rows = await self._fetch(sql.format(where=where), (*params, limit + 1))
         else:
             where, params = _list_where(flt, cursor, "job_tags.job_id")
             rows = await self._fetch(LIST_TAGGED_JOBS.format(where=where),
@@ -773,23 +782,10 @@ class SqliteJobStore:
         return [DueJob(JobId(r[0]), r[1], r[2], r[3], parse_ts(r[4]) or now) for r in rows]
 
     async def failed_ids(self, flt: FailedFilter, limit: int) -> list[JobId]:
-        clauses: list[str] = ["status = 'failed'"]
-        params: list[Any] = []
-        if flt.ids is not None:
-            if not flt.ids:
-                return []
-            clauses.append(f"id IN ({_placeholders(len(flt.ids))})")
-            params += list(flt.ids)
-        if flt.task_type is not None:
-            clauses.append("task_type = ?")
-            params.append(flt.task_type)
-        if flt.failed_after is not None:
-            clauses.append("finished_at >= ?")
-            params.append(ts(flt.failed_after))
-        if flt.failed_before is not None:
-            clauses.append("finished_at < ?")
-            params.append(ts(flt.failed_before))
-        rows = await self._fetch(FAILED_IDS.format(where=" AND ".join(clauses)), (*params, limit))
+        if flt.ids is not None and not flt.ids:
+            return []
+        where, params = _failed_where(flt)
+        rows = await self._fetch(FAILED_IDS.format(where=where), (*params, limit))
         return [JobId(r[0]) for r in rows]
 
     async def events(self, job_id: JobId) -> list[EventRow]:
@@ -868,13 +864,37 @@ class SqliteJobStore:
         return await self.writer.run_sync(run)
 
 
+def _failed_where(flt: FailedFilter) -> tuple[str, list[Any]]:
+    """The bulk retry's filters; `status = 'failed'` reads (status, id), so it states that
+    index's condition too (see NOT_RUNNING)."""
+    clauses: list[str] = ["status = 'failed'", NOT_RUNNING]
+    params: list[Any] = []
+    if flt.ids is not None:
+        clauses.append(f"id IN ({_placeholders(len(flt.ids))})")
+        params += list(flt.ids)
+    if flt.task_type is not None:
+        clauses.append("task_type = ?")
+        params.append(flt.task_type)
+    if flt.failed_after is not None:
+        clauses.append("finished_at >= ?")
+        params.append(ts(flt.failed_after))
+    if flt.failed_before is not None:
+        clauses.append("finished_at < ?")
+        params.append(ts(flt.failed_before))
+    return " AND ".join(clauses), params
+
+
 def _list_where(flt: JobFilter, cursor: str | None, key: str) -> tuple[str, list[Any]]:
     """The list's filters (all but the tag, which picks the statement) and the keyset cursor
     on `key`, the column whose order the statement reads."""
     clauses: list[str] = []
     params: list[Any] = []
+    if flt.status == JobStatus.running:  # the lease index's condition (LIST_RUNNING_JOBS)
+        clauses.append("status = 'running'")
+    elif flt.status is not None:  # and the list indexes' condition, word for word
+        clauses.append(f"status = ? AND {NOT_RUNNING}")
+        params.append(flt.status.value)
     pairs: list[tuple[str, Any]] = [
-        ("status = ?", flt.status.value if flt.status else None),
         ("task_type = ?", flt.task_type),
         ("queue = ?", flt.queue),
         ("created_at >= ?", ts(flt.created_after)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -12,13 +13,18 @@ import pytest
 from carwash_jobs.errors import StoreUnavailable
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.store import open_store
-from carwash_jobs.store.base import JobFilter, NewJob
+from carwash_jobs.store.base import FailedFilter, JobFilter, NewJob
 from carwash_jobs.store.sqlite import (
     CLAIM_DUE,
+    CLAIM_DUE_LIMITED,
+    CLAIM_IDS_LIMITED,
+    FAILED_IDS,
     LIST_JOBS,
     LIST_JOBS_BY_CREATED,
+    LIST_RUNNING_JOBS,
     LIST_TAGGED_JOBS,
     SqliteJobStore,
+    _failed_where,
     _list_where,
 )
 from carwash_jobs.types import new_job_id
@@ -222,12 +228,14 @@ async def test_ping_checks_the_opened_file_whatever_the_working_directory_is_lat
 # -- query plans ---------------------------------------------------------------------------
 LIST_FILTERS = [
     JobFilter(),
-    JobFilter(status=JobStatus.running),
+    JobFilter(status=JobStatus.failed),
+    JobFilter(status=JobStatus.queued),
     JobFilter(task_type="email"),
     JobFilter(queue="bulk"),
     JobFilter(status=JobStatus.failed, task_type="email"),
     JobFilter(tag="vip"),
     JobFilter(tag="vip", status=JobStatus.failed),
+    JobFilter(tag="vip", status=JobStatus.running),
 ]
 
 
@@ -251,6 +259,52 @@ async def test_every_list_filter_reads_an_index_range_in_id_order(
         assert first.startswith("SEARCH"), plan
         assert "autoindex_worker_queue" not in first, plan
         assert "SCAN" not in plan, plan
+
+
+@pytest.mark.parametrize("flt", [JobFilter(status=JobStatus.running),
+                                 JobFilter(status=JobStatus.running, task_type="email")], ids=repr)
+@pytest.mark.parametrize("cursor", [None, "0" * 32])
+async def test_a_list_of_running_jobs_reads_the_lease_index(
+    store: SqliteJobStore, flt: JobFilter, cursor: str | None
+) -> None:
+    """Running jobs are in no list index (migration 0008). The lease index holds just them: the
+    list reads it and sorts those few, where the primary key would walk every job for them."""
+    where, params = _list_where(flt, cursor, "id")
+
+    plan = await _plan(store, LIST_RUNNING_JOBS.format(where=where), (*params, 51))
+
+    assert plan == "SCAN worker_queue USING INDEX ix_worker_queue_lease | USE TEMP B-TREE FOR ORDER BY"
+
+
+@pytest.mark.parametrize("flt", [
+    FailedFilter(), FailedFilter(task_type="email"),
+    FailedFilter(failed_after=datetime(2026, 1, 1, tzinfo=UTC)),
+], ids=repr)
+async def test_a_bulk_retry_finds_failed_jobs_through_an_index_on_status(
+    store: SqliteJobStore, flt: FailedFilter
+) -> None:
+    where, params = _failed_where(flt)
+
+    plan = await _plan(store, FAILED_IDS.format(where=where), (*params, 100))
+
+    assert "SCAN" not in plan, plan  # not the whole table, as with no index on status
+    assert plan.split(" | ")[0].startswith("SEARCH worker_queue USING"), plan
+    assert "status=?" in plan.split(" | ")[0], plan
+
+
+@pytest.mark.parametrize("sql", [CLAIM_IDS_LIMITED, CLAIM_DUE_LIMITED], ids=["ids", "due"])
+async def test_the_fleet_limit_counts_running_jobs_through_the_lease_index(
+    store: SqliteJobStore, sql: str
+) -> None:
+    """Not through (task_type, id), which would read every finished job of the type too."""
+    args = {"owner": OWNER, "lease_until": "2030", "now": "2030", "ids": "[]", "queues": None,
+            "limit": 10, "limits": "{}"}
+
+    plan = await _plan(store, sql, args)
+
+    counts = [step for step in plan.split(" | ") if step.startswith(("SCAN r", "SEARCH r"))]
+    assert counts, plan
+    assert all(step == "SCAN r USING INDEX ix_worker_queue_lease" for step in counts), plan
 
 
 @pytest.mark.parametrize("where", [
@@ -280,7 +334,7 @@ async def test_the_claim_reads_the_ready_index_whatever_else_is_indexed(
     assert "TEMP B-TREE" not in plan
 
 
-async def _plan(store: SqliteJobStore, sql: str, args: tuple[Any, ...]) -> str:
+async def _plan(store: SqliteJobStore, sql: str, args: tuple[Any, ...] | dict[str, Any]) -> str:
     def explain(conn: sqlite3.Connection) -> str:
         return " | ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args))
 
