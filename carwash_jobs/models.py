@@ -52,8 +52,9 @@ class WorkerQueue(SQLModel, table=True):
         ),
         sa.Index("ix_worker_queue_created", "created_at", "id"),
         # the job list's filters, newest first (migration 0006). The two with status leave
-        # running rows out (migration 0008): a claim and a completion then touch them once
-        # between them, not twice each; the few running rows are listed through the lease index
+        # running rows out (migration 0008): a claim only deletes a job's entries and its
+        # completion only inserts them, where each moved them; the few running rows are listed
+        # through the lease index
         sa.Index(
             "ix_worker_queue_status", "status", "id",
             sqlite_where=sa.text(NOT_RUNNING), postgresql_where=sa.text(NOT_RUNNING),

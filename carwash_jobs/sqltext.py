@@ -12,8 +12,8 @@ if TYPE_CHECKING:
 
 #: The condition of the list indexes on status (migration 0008: running jobs are left out).
 #: SQLite uses a partial index only for a query whose WHERE contains the index's condition word
-#: for word, and PostgreSQL's generic plan of a prepared `status = $1` cannot prove it, so every
-#: query that should read those indexes states it beside its status filter.
+#: for word, and PostgreSQL's generic plan of a prepared `status = $1` cannot prove it, so the
+#: stores' queries that read those indexes state it beside their status filter.
 NOT_RUNNING = "status <> 'running'"
 
 # a :name not preceded by another colon (so PostgreSQL casts like `x::jsonb` stay as they are),

@@ -332,11 +332,17 @@ RETURNING schedule
 """
 SET_CRON_FIRE_JOB = "UPDATE cron_fires SET job_id = $1 WHERE schedule = $2 AND fire_at = $3"
 #: an unfinished job of a schedule (overlap = skip): found by its task type and tag
-ACTIVE_TAGGED_JOB = """
-SELECT w.id FROM job_tags t JOIN worker_queue w ON w.id = t.job_id
-WHERE w.task_type = $1 AND w.status IN ('waiting', 'queued', 'scheduled', 'running')
-  AND t.tag = $2
-ORDER BY t.job_id LIMIT 1
+#: the unfinished jobs of the task type, in two parts that each match a partial index (migration
+#: 0008: running jobs are in the lease index only), each checked for the tag; one IN list with
+#: 'running' in it matched neither and walked the primary key
+ACTIVE_TAGGED_JOB = f"""
+SELECT id FROM (
+  SELECT w.id FROM worker_queue w JOIN job_tags t ON t.tag = $2 AND t.job_id = w.id
+  WHERE w.task_type = $1 AND w.status IN ('waiting', 'queued', 'scheduled') AND w.{NOT_RUNNING}
+  UNION ALL
+  SELECT w.id FROM worker_queue w JOIN job_tags t ON t.tag = $2 AND t.job_id = w.id
+  WHERE w.task_type = $1 AND w.status = 'running') AS active
+ORDER BY id LIMIT 1
 """
 CRON_FIRES = """
 SELECT schedule, fire_at, job_id, fired_by FROM cron_fires
@@ -760,7 +766,7 @@ class PostgresJobStore:
             ("finished_at >= :after", "after", flt.failed_after),
             ("finished_at < :before", "before", flt.failed_before),
         ]
-        clauses = ["status = 'failed'", NOT_RUNNING] + [c for c, _, v in pairs if v is not None]
+        clauses = ["status = 'failed'"] + [c for c, _, v in pairs if v is not None]
         params = {name: v for _, name, v in pairs if v is not None}
         text, args = numbered(
             f"SELECT id FROM worker_queue WHERE {' AND '.join(clauses)} ORDER BY id LIMIT :limit",

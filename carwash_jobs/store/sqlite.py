@@ -114,10 +114,10 @@ RETURNING {_COLS}
 #: changes, and SQLite serialises writers: no other claim can move the count meanwhile.
 _FLEET_GUARD = """
   LEFT JOIN json_each(:limits) AS l ON l.key = c.task_type
-  WHERE l.key IS NULL OR c.nth + (
-    SELECT COUNT(*) FROM worker_queue AS r INDEXED BY ix_worker_queue_lease
-    WHERE r.task_type = c.task_type AND r.status = 'running'
-  ) <= l.value"""
+  LEFT JOIN (
+    SELECT task_type, COUNT(*) AS n FROM worker_queue INDEXED BY ix_worker_queue_lease
+    WHERE status = 'running' GROUP BY task_type) AS r ON r.task_type = c.task_type
+  WHERE l.key IS NULL OR c.nth + COALESCE(r.n, 0) <= l.value"""
 _CLAIM_SET = """
 UPDATE worker_queue
 SET status = 'running', attempts = attempts + 1, lease_owner = :owner, lease_until = :lease_until,
@@ -213,6 +213,12 @@ INSERT_TAGS = "INSERT OR IGNORE INTO job_tags (tag, job_id) VALUES (?, ?)"
 LIST_JOBS_BY_CREATED = f"""
 SELECT {_COLS} FROM worker_queue WHERE {{where}} ORDER BY created_at DESC, id DESC LIMIT ?
 """
+#: running jobs in a creation-time range: the few there are, as LIST_RUNNING_JOBS reads them,
+#: where the created index would walk the whole range for them
+LIST_RUNNING_JOBS_BY_CREATED = f"""
+SELECT {_COLS} FROM worker_queue INDEXED BY ix_worker_queue_lease WHERE {{where}}
+ORDER BY created_at DESC, id DESC LIMIT ?
+"""
 CREATED_AT_OF = "SELECT created_at FROM worker_queue WHERE id = ?"
 DUE_JOBS = """
 SELECT id, task_type, queue, priority, run_at FROM worker_queue INDEXED BY ix_worker_queue_ready
@@ -225,10 +231,11 @@ WHERE job_id = ? ORDER BY id
 """
 #: Counts by task type and status without counting a big table (migration 0005): finished jobs
 #: from job_counts, which triggers keep; unfinished ones through the partial index of their
-#: status, named, because without ANALYZE statistics SQLite prefers a full scan of the covering
-#: ix_worker_queue_type_status (200 ms at a million rows, measured); waiting jobs, which have no
-#: index of their own, through their dependency edges (a waiting job always has some)
-COUNTS = """
+#: status, named, because without ANALYZE statistics SQLite prefers a full scan of a covering
+#: list index (200 ms at a million rows, measured); waiting jobs, which have no index of their
+#: own, from their dependency edges (a waiting job always has some), each probed in
+#: (status, id), which the NOT_RUNNING term lets SQLite use
+COUNTS = f"""
 SELECT task_type, 'queued', COUNT(*) FROM worker_queue INDEXED BY ix_worker_queue_ready
 WHERE status = 'queued' GROUP BY task_type
 UNION ALL
@@ -239,7 +246,8 @@ SELECT task_type, 'running', COUNT(*) FROM worker_queue INDEXED BY ix_worker_que
 WHERE status = 'running' GROUP BY task_type
 UNION ALL
 SELECT task_type, 'waiting', COUNT(*) FROM worker_queue
-WHERE status = 'waiting' AND id IN (SELECT job_id FROM job_dependencies) GROUP BY task_type
+WHERE status = 'waiting' AND {NOT_RUNNING} AND id IN (SELECT job_id FROM job_dependencies)
+GROUP BY task_type
 UNION ALL
 SELECT task_type, status, SUM(n) FROM job_counts GROUP BY task_type, status HAVING SUM(n) <> 0
 """
@@ -275,11 +283,21 @@ ON CONFLICT (schedule, fire_at) DO NOTHING
 """
 SET_CRON_FIRE_JOB = "UPDATE cron_fires SET job_id = ? WHERE schedule = ? AND fire_at = ?"
 #: an unfinished job of a schedule (overlap = skip): found by its task type and tag
-ACTIVE_TAGGED_JOB = """
-SELECT w.id FROM job_tags t JOIN worker_queue w ON w.id = t.job_id
-WHERE t.tag = :tag AND w.task_type = :task_type
-  AND w.status IN ('waiting', 'queued', 'scheduled', 'running')
-ORDER BY t.job_id LIMIT 1
+#: the unfinished jobs of the task type through the two indexes that hold them (migration 0008:
+#: the list index on (task_type, status, id) has no running jobs, the lease index has only
+#: those), each checked for the tag; not through job_tags, where a schedule's tag names every
+#: job it ever fired
+ACTIVE_TAGGED_JOB = f"""
+SELECT id FROM (
+  SELECT w.id FROM worker_queue w INDEXED BY ix_worker_queue_type_status
+  JOIN job_tags t ON t.tag = :tag AND t.job_id = w.id
+  WHERE w.task_type = :task_type AND w.status IN ('waiting', 'queued', 'scheduled')
+    AND w.{NOT_RUNNING}
+  UNION ALL
+  SELECT w.id FROM worker_queue w INDEXED BY ix_worker_queue_lease
+  JOIN job_tags t ON t.tag = :tag AND t.job_id = w.id
+  WHERE w.task_type = :task_type AND w.status = 'running')
+ORDER BY id LIMIT 1
 """
 CRON_FIRES = """
 SELECT schedule, fire_at, job_id, fired_by FROM cron_fires
@@ -737,8 +755,8 @@ class SqliteJobStore:
             return await self._list_by_created(flt, limit, cursor)
         if flt.tag is None:
             where, params = _list_where(flt, cursor, "id")
-            sql = LIST_RUNNING_JOBS if flt.status == JobStatus.running else LIST_JOBS
-            rows = await self._fetch(sql.format(where=where), (*params, limit + 1))
+            rows = await self._fetch(_list_sql(flt, by_created=False).format(where=where),
+                                     (*params, limit + 1))
         else:
             where, params = _list_where(flt, cursor, "job_tags.job_id")
             rows = await self._fetch(LIST_TAGGED_JOBS.format(where=where),
@@ -766,8 +784,8 @@ class SqliteJobStore:
             clauses.append("created_at <= ? AND (created_at < ? OR id < ?)")
             at_text = ts(keyset.cursor[0])
             args += [at_text, at_text, keyset.cursor[1]]
-        rows = await self._fetch(LIST_JOBS_BY_CREATED.format(where=" AND ".join(clauses)),
-                                 (*args, limit + 1))
+        sql = _list_sql(flt, by_created=True).format(where=" AND ".join(clauses))
+        rows = await self._fetch(sql, (*args, limit + 1))
         items = [row_to_job(r) for r in rows[:limit]]
         return Page(items, items[-1].id if len(rows) > limit else None)
 
@@ -856,6 +874,14 @@ class SqliteJobStore:
         if limit <= 0:
             return []
         return await self.writer.run_sync(run)
+
+
+def _list_sql(flt: JobFilter, *, by_created: bool) -> str:
+    """The list statement for `flt` without a tag: a list of running jobs reads the lease index
+    (see LIST_RUNNING_JOBS), any other the list indexes, in id or creation-time order."""
+    if flt.status == JobStatus.running:
+        return LIST_RUNNING_JOBS_BY_CREATED if by_created else LIST_RUNNING_JOBS
+    return LIST_JOBS_BY_CREATED if by_created else LIST_JOBS
 
 
 def _failed_where(flt: FailedFilter) -> tuple[str, list[Any]]:

@@ -264,6 +264,55 @@ async def test_0007_counts_a_job_into_and_out_of_finished_statuses_as_before(
     assert await _finished_counts(database_url) == {"cancelled": 1}
 
 
+async def _count_triggers(database_url: str) -> set[str]:
+    return set(await _on(database_url, lambda conn: conn.exec_driver_sql(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'job_counts_on_%'"
+    ).scalars().all()))
+
+
+async def test_0007_splits_the_sqlite_finish_trigger_and_its_downgrade_joins_it(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'carwash.db'}"
+    base = {"job_counts_on_born_finished", "job_counts_on_delete"}
+    await upgrade(url, "0007")
+    assert await _count_triggers(url) == base | {"job_counts_on_finish", "job_counts_on_unfinish"}
+
+    await _on(url, _insert_job(_job_row("job", "running")))
+    await _on(url, _move("job", "failed"))
+    await _on(url, lambda conn: conn.exec_driver_sql(  # finished_at written, status unchanged
+        "UPDATE worker_queue SET finished_at = created_at WHERE id = 'job'"))
+    assert await _finished_counts(url) == {"failed": 1}
+
+    await _downgrade(url, "0006")
+    assert await _count_triggers(url) == base | {"job_counts_on_finish"}
+
+
+async def _index_definitions(database_url: str) -> dict[str, str]:
+    if database_url.startswith("sqlite"):
+        sql = "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+    else:
+        sql = "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'worker_queue'"
+    rows = await _on(database_url, lambda conn: conn.exec_driver_sql(sql).all())
+    return {name: definition or "" for name, definition in rows}
+
+
+async def test_0008_leaves_running_jobs_out_of_the_list_indexes_on_status(
+    database_url: str,
+) -> None:
+    names = ("ix_worker_queue_status", "ix_worker_queue_type_status")
+    await upgrade(database_url, "0008")
+    indexes = await _index_definitions(database_url)
+    for name in names:
+        assert "<>" in indexes[name], indexes[name]
+        assert "running" in indexes[name], indexes[name]
+
+    await _downgrade(database_url, "0007")
+    indexes = await _index_definitions(database_url)
+    for name in names:
+        assert "WHERE" not in indexes[name], indexes[name]
+
+
 async def test_concurrent_upgrades_migrate_once(database_url: str) -> None:
     """Start-ups racing on a fresh database: one migrates, the others wait and find it done.
 

@@ -15,16 +15,17 @@ from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.store import open_store
 from carwash_jobs.store.base import FailedFilter, JobFilter, NewJob
 from carwash_jobs.store.sqlite import (
+    ACTIVE_TAGGED_JOB,
     CLAIM_DUE,
     CLAIM_DUE_LIMITED,
     CLAIM_IDS_LIMITED,
+    COUNTS,
     FAILED_IDS,
-    LIST_JOBS,
     LIST_JOBS_BY_CREATED,
-    LIST_RUNNING_JOBS,
     LIST_TAGGED_JOBS,
     SqliteJobStore,
     _failed_where,
+    _list_sql,
     _list_where,
 )
 from carwash_jobs.types import new_job_id
@@ -246,7 +247,7 @@ async def test_every_list_filter_reads_an_index_range_in_id_order(
     """A filter that matches few of a million rows must not walk the table, and no list may
     sort: the plan reads one index in id order and stops at the page's end."""
     where, params = _list_where(flt, None, "id" if flt.tag is None else "job_tags.job_id")
-    sql = LIST_JOBS if flt.tag is None else LIST_TAGGED_JOBS
+    sql = _list_sql(flt, by_created=False) if flt.tag is None else LIST_TAGGED_JOBS
     args = (*params, 51) if flt.tag is None else (flt.tag, *params, 51)
 
     plan = await _plan(store, sql.format(where=where), args)
@@ -264,16 +265,49 @@ async def test_every_list_filter_reads_an_index_range_in_id_order(
 @pytest.mark.parametrize("flt", [JobFilter(status=JobStatus.running),
                                  JobFilter(status=JobStatus.running, task_type="email")], ids=repr)
 @pytest.mark.parametrize("cursor", [None, "0" * 32])
+@pytest.mark.parametrize("by_created", [False, True])
 async def test_a_list_of_running_jobs_reads_the_lease_index(
-    store: SqliteJobStore, flt: JobFilter, cursor: str | None
+    store: SqliteJobStore, flt: JobFilter, cursor: str | None, by_created: bool
 ) -> None:
     """Running jobs are in no list index (migration 0008). The lease index holds just them: the
-    list reads it and sorts those few, where the primary key would walk every job for them."""
+    list reads it and sorts those few, where the primary key (or, with a creation-time range,
+    the created index) would walk every job for them."""
     where, params = _list_where(flt, cursor, "id")
+    if by_created:
+        where, params = f"{where} AND created_at >= ?", [*params, "2026-11-01 00:00:00.000000"]
 
-    plan = await _plan(store, LIST_RUNNING_JOBS.format(where=where), (*params, 51))
+    plan = await _plan(store, _list_sql(flt, by_created=by_created).format(where=where),
+                       (*params, 51))
 
     assert plan == "SCAN worker_queue USING INDEX ix_worker_queue_lease | USE TEMP B-TREE FOR ORDER BY"
+
+
+async def test_the_overlap_check_of_a_cron_fire_reads_only_unfinished_jobs(
+    store: SqliteJobStore,
+) -> None:
+    """Not every job of the task type (ix_worker_queue_type), nor every job the schedule's tag
+    ever named: the list index without running jobs, and the lease index for those."""
+    plan = await _plan(store, ACTIVE_TAGGED_JOB, {"tag": "cron:nightly", "task_type": "email"})
+
+    reads = [step for step in plan.split(" | ") if " w USING " in step]
+    assert reads == [
+        "SEARCH w USING COVERING INDEX ix_worker_queue_type_status (task_type=? AND status=?)",
+        "SCAN w USING INDEX ix_worker_queue_lease",
+    ], plan
+
+
+async def test_the_counts_find_waiting_jobs_by_their_dependency_edges_and_status_index(
+    store: SqliteJobStore,
+) -> None:
+    plan = await _plan(store, COUNTS, ())
+
+    reads = [step for step in plan.split(" | ") if "worker_queue" in step]
+    assert reads == [
+        "SCAN worker_queue USING INDEX ix_worker_queue_ready",
+        "SCAN worker_queue USING INDEX ix_worker_queue_scheduled",
+        "SCAN worker_queue USING INDEX ix_worker_queue_lease",
+        "SEARCH worker_queue USING INDEX ix_worker_queue_status (status=? AND id=?)",
+    ], plan
 
 
 @pytest.mark.parametrize("flt", [
@@ -304,7 +338,10 @@ async def test_the_fleet_limit_counts_running_jobs_through_the_lease_index(
 
     counts = [step for step in plan.split(" | ") if step.startswith(("SCAN r", "SEARCH r"))]
     assert counts, plan
-    assert all(step == "SCAN r USING INDEX ix_worker_queue_lease" for step in counts), plan
+    assert all(step == "SCAN r USING INDEX ix_worker_queue_lease"
+               or step.startswith("SEARCH r USING AUTOMATIC") for step in counts), plan
+    # the guard counts once per claim, not once per candidate
+    assert "MATERIALIZE r | SCAN worker_queue USING INDEX ix_worker_queue_lease" in plan, plan
 
 
 @pytest.mark.parametrize("where", [
