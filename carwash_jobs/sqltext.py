@@ -12,8 +12,9 @@ if TYPE_CHECKING:
 
 #: The condition of the list indexes on status (migration 0008: running jobs are left out).
 #: SQLite uses a partial index only for a query whose WHERE contains the index's condition word
-#: for word, and PostgreSQL's generic plan of a prepared `status = $1` cannot prove it, so the
-#: stores' queries that read those indexes state it beside their status filter.
+#: for word, so its queries that read those indexes state it beside their status filter.
+#: PostgreSQL proves it from a literal status, but not from the parameter of a prepared
+#: `status = $1` in a generic plan: its lists state it too.
 NOT_RUNNING = "status <> 'running'"
 
 # a :name not preceded by another colon (so PostgreSQL casts like `x::jsonb` stay as they are),

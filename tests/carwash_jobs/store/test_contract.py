@@ -1313,3 +1313,30 @@ async def test_postgres_a_callers_session_change_does_not_outlive_its_transactio
         assert await store.transaction(read_session) == unchanged
     finally:
         await store.close()
+
+
+# -- cron fires with overlap "skip" ------------------------------------------------------------
+@pytest.mark.parametrize("earlier", ["queued", "running"])
+async def test_a_fire_is_skipped_while_the_schedules_last_job_is_unfinished(
+    store: JobStore, clock: ManualClock, earlier: str
+) -> None:
+    """Queued jobs are found through the list index, running ones through the lease index
+    (migration 0008 left them out of the other): both must hold a fire back."""
+    tag = "cron:nightly"
+
+    async def fire() -> Any:
+        job = new_job(clock, tags=[tag])
+        return await store.fire_cron("nightly", clock(), job, skip_if_active_tag=tag)
+
+    first = await fire()
+    assert first.outcome == "fired"
+    if earlier == "running":
+        await store.claim([first.job.id], OWNER, clock() + LEASE)
+    clock.advance(600)
+
+    skipped = await fire()
+
+    assert (skipped.outcome, skipped.active_job_id) == ("skipped", first.job.id)
+    await store.apply(lifecycle.cancel(first.job.id, clock()))
+    clock.advance(600)
+    assert (await fire()).outcome == "fired"

@@ -4,6 +4,7 @@ the pragmas that make an acknowledged write survive a power cut."""
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -280,6 +281,39 @@ async def test_a_list_of_running_jobs_reads_the_lease_index(
                        (*params, 51))
 
     assert plan == "SCAN worker_queue USING INDEX ix_worker_queue_lease | USE TEMP B-TREE FOR ORDER BY"
+
+
+@pytest.mark.parametrize("created_after", [None, datetime(2026, 1, 1, tzinfo=UTC)])
+async def test_the_store_lists_running_jobs_with_the_lease_index_statement(
+    store: SqliteJobStore, created_after: datetime | None
+) -> None:
+    """What list_jobs sends, not only what _list_sql answers."""
+    sent: list[str] = []
+    reader = store._reader  # the statement text is what is under test
+    assert reader is not None
+    await reader.set_trace_callback(sent.append)
+
+    await store.list_jobs(JobFilter(status=JobStatus.running, created_after=created_after), 50)
+
+    listed = [sql for sql in sent if "FROM worker_queue" in sql]
+    assert listed, sent
+    assert all("INDEXED BY ix_worker_queue_lease" in sql for sql in listed), listed
+
+
+async def test_a_bulk_enqueue_keeps_payload_numbers_json_has_no_word_for(
+    store: SqliteJobStore, clock: ManualClock
+) -> None:
+    """NaN and infinities are written as Python's encoder writes them and read back the same;
+    the shared insert no longer hands its rows to SQLite's JSON parser, which refused them and
+    with them every other job of the batch."""
+    jobs = [NewJob(new_job_id(), "noop", {"x": value}, JobStatus.queued, clock(), clock())
+            for value in (float("nan"), float("inf"), 1.5)]
+
+    await store.insert(jobs)
+
+    read = {row.id: row.payload["x"] for row in await store.get_many([j.id for j in jobs])}
+    assert math.isnan(read[jobs[0].id])
+    assert (read[jobs[1].id], read[jobs[2].id]) == (float("inf"), 1.5)
 
 
 async def test_the_overlap_check_of_a_cron_fire_reads_only_unfinished_jobs(
