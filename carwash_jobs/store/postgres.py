@@ -331,10 +331,10 @@ ON CONFLICT (schedule, fire_at) DO NOTHING
 RETURNING schedule
 """
 SET_CRON_FIRE_JOB = "UPDATE cron_fires SET job_id = $1 WHERE schedule = $2 AND fire_at = $3"
-#: an unfinished job of a schedule (overlap = skip): found by its task type and tag
-#: the unfinished jobs of the task type, in two parts that each match a partial index (migration
-#: 0008: running jobs are in the lease index only), each checked for the tag; one IN list with
-#: 'running' in it matched neither and walked the primary key
+#: an unfinished job of a schedule (overlap = skip): the unfinished jobs of its task type, in two
+#: parts that each match a partial index (migration 0008: running jobs are in the lease index
+#: only), each checked for the tag; one IN list with 'running' in it matched neither and walked
+#: the primary key
 ACTIVE_TAGGED_JOB = f"""
 SELECT id FROM (
   SELECT w.id FROM worker_queue w JOIN job_tags t ON t.tag = $2 AND t.job_id = w.id

@@ -282,11 +282,10 @@ INSERT INTO cron_fires (schedule, fire_at, job_id, fired_by) VALUES (?, ?, ?, ?)
 ON CONFLICT (schedule, fire_at) DO NOTHING
 """
 SET_CRON_FIRE_JOB = "UPDATE cron_fires SET job_id = ? WHERE schedule = ? AND fire_at = ?"
-#: an unfinished job of a schedule (overlap = skip): found by its task type and tag
-#: the unfinished jobs of the task type through the two indexes that hold them (migration 0008:
-#: the list index on (task_type, status, id) has no running jobs, the lease index has only
-#: those), each checked for the tag; not through job_tags, where a schedule's tag names every
-#: job it ever fired
+#: an unfinished job of a schedule (overlap = skip): the unfinished jobs of its task type
+#: through the two indexes that hold them (migration 0008: the list index on (task_type, status,
+#: id) has no running jobs, the lease index has only those), each checked for the tag; not
+#: through job_tags, where a schedule's tag names every job it ever fired
 ACTIVE_TAGGED_JOB = f"""
 SELECT id FROM (
   SELECT w.id FROM worker_queue w INDEXED BY ix_worker_queue_type_status
@@ -952,8 +951,8 @@ def _insert(
 def _insert_plain(
     conn: sqlite3.Connection, jobs: Sequence[NewJob], owner: str, now: datetime
 ) -> list[Inserted]:
-    """Many plain jobs with two prepared statements (rows and their events), and no per-row
-    decision: what SQLite must check per row is known before."""
+    """Many plain jobs through two prepared statements, each run once a job (the rows, then
+    their events): a plain job needs no read, so nothing is decided row by row."""
     rows: list[tuple[Any, ...]] = []
     events: list[tuple[Any, ...]] = []
     results: list[Inserted] = []
