@@ -114,13 +114,11 @@ class ReadyQueue:
             await self._changed.wait()
 
     def _next_queue(self) -> str | None:
-        if len(self._heaps) == 1:  # the usual case; an emptied heap is deleted at once
-            return next(iter(self._heaps))
-        names = [name for name, heap in self._heaps.items() if heap]
-        if not names:
-            return None
-        if len(names) == 1:
-            return names[0]
+        # no heap here is ever empty (take() deletes one as it empties it): with none or one
+        # queue there is nothing to choose, the usual case
+        if len(self._heaps) <= 1:
+            return next(iter(self._heaps), None)
+        names = list(self._heaps)
         if self._mode == "priority":
             return max(names, key=lambda name: self._weights.get(name, 0))
         total = 0
