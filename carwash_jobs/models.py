@@ -71,7 +71,12 @@ class WorkerQueue(SQLModel, table=True):
             sqlite_where=sa.text("status IN ('completed', 'failed', 'cancelled')"),
             postgresql_where=sa.text("status IN ('completed', 'failed', 'cancelled')"),
         ),
-        sa.Index("ix_worker_queue_rerun_of", "rerun_of"),
+        # the reruns of a job; the other jobs (nearly all) have no entry (migration 0009)
+        sa.Index(
+            "ix_worker_queue_rerun_of", "rerun_of",
+            sqlite_where=sa.text("rerun_of IS NOT NULL"),
+            postgresql_where=sa.text("rerun_of IS NOT NULL"),
+        ),
     )
 
     id: str = Field(primary_key=True, max_length=32)

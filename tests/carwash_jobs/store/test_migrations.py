@@ -313,6 +313,16 @@ async def test_0008_leaves_running_jobs_out_of_the_list_indexes_on_status(
         assert "WHERE" not in indexes[name], indexes[name]
 
 
+async def test_0009_indexes_only_the_jobs_that_are_reruns(database_url: str) -> None:
+    await upgrade(database_url, "0009")
+    definition = (await _index_definitions(database_url))["ix_worker_queue_rerun_of"]
+    assert "rerun_of IS NOT NULL" in definition, definition
+
+    await _downgrade(database_url, "0008")
+    definition = (await _index_definitions(database_url))["ix_worker_queue_rerun_of"]
+    assert "WHERE" not in definition, definition
+
+
 async def test_concurrent_upgrades_migrate_once(database_url: str) -> None:
     """Start-ups racing on a fresh database: one migrates, the others wait and find it done.
 
