@@ -57,6 +57,7 @@ from carwash_jobs.store.base import (
     Tx,
     TxFn,
     id_time,
+    job_row,
     json_text,
 )
 from carwash_jobs.types import Clock, JobId, utc_now
@@ -416,7 +417,7 @@ def row_to_job(row: Sequence[Any]) -> JobRow:
     """A row of the job columns, in JOB_COLUMNS order (JobRow's fields are in that order)."""
     values = list(row)
     values[_STATUS_AT] = JobStatus(values[_STATUS_AT])
-    return JobRow(*values)
+    return job_row(values)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -983,17 +984,16 @@ async def _start_status(
 
 def _stored(job: NewJob, status: JobStatus, error: str | None, now: datetime) -> JobRow:
     claimed = job.claimed_by is not None
-    return JobRow(
-        id=job.id, task_type=job.task_type, queue=job.queue, status=status,
-        priority=job.priority, payload=job.payload, context=job.context, tags=list(job.tags),
-        attempts=1 if claimed else 0, max_attempts=job.max_attempts, run_at=job.run_at,
-        created_at=job.created_at, started_at=now if claimed else None,
-        finished_at=now if status == JobStatus.cancelled else None,
-        lease_owner=job.claimed_by, lease_until=job.lease_until, progress_done=0,
-        progress_total=None, checkpoint=None, result=None, error=error, error_traceback=None,
-        attempt_history=[], idempotency_key=job.idempotency_key, rerun_of=job.rerun_of,
-        depends_on=list(job.depends_on),
-    )
+    return job_row((  # in JOB_COLUMNS order
+        job.id, job.task_type, job.queue, status, job.priority, job.payload, job.context,
+        list(job.tags), 1 if claimed else 0, job.max_attempts, job.run_at, job.created_at,
+        now if claimed else None,  # started_at
+        now if status == JobStatus.cancelled else None,  # finished_at
+        job.claimed_by, job.lease_until,
+        0, None, None, None,  # progress_done, progress_total, checkpoint, result
+        error, None, [],  # error, error_traceback, attempt_history
+        job.idempotency_key, job.rerun_of, list(job.depends_on),
+    ))
 
 
 async def _apply(

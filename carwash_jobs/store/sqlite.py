@@ -54,6 +54,7 @@ from carwash_jobs.store.base import (
     Tx,
     TxFn,
     id_time,
+    job_row,
     json_text,
 )
 from carwash_jobs.store.sqlite_writer import SqliteTx, SqliteWriter
@@ -414,7 +415,7 @@ def row_to_job(row: Sequence[Any]) -> JobRow:
         if values[i] is not None:
             values[i] = datetime.fromisoformat(values[i] + _UTC_SUFFIX)
     values[_STATUS_AT] = _STATUSES[values[_STATUS_AT]]
-    return JobRow(*values)
+    return job_row(values)
 
 
 def _placeholders(n: int) -> str:
@@ -1044,18 +1045,17 @@ def _start_status(
 def _stored(job: NewJob, status: JobStatus, error: str | None, now: datetime) -> JobRow:
     """The row just inserted, built from what was written (no read back on the hot path)."""
     claimed = job.claimed_by is not None
-    return JobRow(
-        id=job.id, task_type=job.task_type, queue=job.queue, status=status,
-        priority=job.priority, payload=job.payload, context=job.context, tags=list(job.tags),
-        attempts=1 if claimed else 0, max_attempts=job.max_attempts,
-        run_at=_second_precision(job.run_at), created_at=_second_precision(job.created_at),
-        started_at=_second_precision(now) if claimed else None,
-        finished_at=_second_precision(now) if status == JobStatus.cancelled else None,
-        lease_owner=job.claimed_by, lease_until=job.lease_until, progress_done=0,
-        progress_total=None, checkpoint=None, result=None, error=error, error_traceback=None,
-        attempt_history=[], idempotency_key=job.idempotency_key, rerun_of=job.rerun_of,
-        depends_on=list(job.depends_on),
-    )
+    return job_row((  # in JOB_COLUMNS order
+        job.id, job.task_type, job.queue, status, job.priority, job.payload, job.context,
+        list(job.tags), 1 if claimed else 0, job.max_attempts,
+        _second_precision(job.run_at), _second_precision(job.created_at),
+        _second_precision(now) if claimed else None,  # started_at
+        _second_precision(now) if status == JobStatus.cancelled else None,  # finished_at
+        job.claimed_by, job.lease_until,
+        0, None, None, None,  # progress_done, progress_total, checkpoint, result
+        error, None, [],  # error, error_traceback, attempt_history
+        job.idempotency_key, job.rerun_of, list(job.depends_on),
+    ))
 
 
 def _second_precision(value: datetime) -> datetime:

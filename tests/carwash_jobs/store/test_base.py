@@ -1,6 +1,7 @@
 """The per-job records: read-only to the type checker; NewJob and DueJob are plain slots
 dataclasses at run time, compared and hashed by their fields as the frozen dataclasses they
-replaced were, and JobRow, which handlers see, stays frozen."""
+replaced were, and JobRow, which handlers see, stays frozen, also when the stores build it with
+job_row()."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 
 from carwash_jobs.lifecycle import JobStatus
-from carwash_jobs.store.base import DueJob, JobRow, NewJob
+from carwash_jobs.store.base import JOB_COLUMNS, DueJob, JobRow, NewJob, job_row
 from carwash_jobs.types import JobId
 
 AT = datetime(2026, 11, 24, tzinfo=UTC)
@@ -44,8 +45,8 @@ def test_the_type_checker_refuses_a_change_the_run_time_allows() -> None:
     assert due.priority == 1
 
 
-def test_a_job_row_stays_frozen_for_the_handlers_that_see_it() -> None:
-    row = JobRow(
+def _running_row() -> JobRow:
+    return JobRow(
         id=JobId("a"), task_type="email", queue="default", status=JobStatus.running, priority=0,
         payload={}, context=None, tags=[], attempts=1, max_attempts=1, run_at=AT, created_at=AT,
         started_at=AT, finished_at=None, lease_owner="w", lease_until=AT, progress_done=0,
@@ -53,5 +54,31 @@ def test_a_job_row_stays_frozen_for_the_handlers_that_see_it() -> None:
         attempt_history=[], idempotency_key=None, rerun_of=None, depends_on=[],
     )
 
+
+def test_a_job_row_stays_frozen_for_the_handlers_that_see_it() -> None:
+    row = _running_row()
+
     with pytest.raises(dataclasses.FrozenInstanceError):
         row.max_attempts = 99  # type: ignore[misc]
+
+
+def test_job_row_builds_from_values_in_column_order_what_the_constructor_builds() -> None:
+    row = _running_row()
+    values = [getattr(row, column) for column in JOB_COLUMNS]
+
+    built = job_row(values)
+
+    assert type(built) is JobRow
+    assert built == row
+    assert dataclasses.replace(built, attempts=2) == dataclasses.replace(row, attempts=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.task_type = "other"  # type: ignore[misc]
+
+
+def test_job_row_refuses_a_value_too_many_or_too_few() -> None:
+    values = [getattr(_running_row(), column) for column in JOB_COLUMNS]
+
+    with pytest.raises(ValueError, match="zip"):
+        job_row([*values, None])
+    with pytest.raises(ValueError, match="zip"):
+        job_row(values[:-1])
