@@ -10,7 +10,8 @@ finished, nothing stops it any more: only its record is left, and the record's o
 compare-and-set tells whether the job was still held.
 
 The task type's hooks run here, after the end they report is committed: on_completed,
-on_failed, and on_cancelled for a job cancelled while it ran here (once its handler stopped).
+on_failed, and on_cancelled for a job cancelled while it ran here (once its handler stopped) and
+for the dependents its end cancelled.
 """
 
 from __future__ import annotations
@@ -501,7 +502,7 @@ class QueueProcessor:
             return
         self._queue.offer([applied.job, *applied.woken])
         self._count(applied.job)
-        await self._registry.run_hook(applied.job)
+        await self._registry.run_hooks(applied)
 
     async def _record_completion(self, job: JobRow, state: AttemptState, outcome: Completed) -> None:
         """The hot path: completions of many jobs share one set-based write."""

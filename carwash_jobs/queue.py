@@ -244,6 +244,7 @@ class JobQueue:
                 self._metrics.enqueued.labels(job.task_type).inc()
         if tx is None:
             self.offer(created)
+            await self._hooks_of_born_cancelled(created)
         elif isinstance(tx, _QueueTx):
             tx.inserted.extend(created)
         return results
@@ -262,7 +263,15 @@ class JobQueue:
         result = await self.store.transaction(run)
         if queue_tx is not None:
             self.offer(queue_tx.inserted)
+            await self._hooks_of_born_cancelled(queue_tx.inserted)
         return result
+
+    async def _hooks_of_born_cancelled(self, created: Iterable[JobRow]) -> None:
+        """on_cancelled of the jobs written cancelled (a job they depend on had failed or was
+        cancelled already): the enqueue is the only one that sees them end."""
+        for job in created:
+            if job.status == JobStatus.cancelled:
+                await self.registry.run_hook(job)
 
     # -- the in-memory side ------------------------------------------------------------
     def contains(self, job_id: JobId) -> bool:
@@ -330,11 +339,17 @@ class JobQueue:
 
     # -- operations --------------------------------------------------------------------
     async def cancel(self, job_id: JobId) -> JobRow:
-        """Cancel a job that has not ended; a running one is stopped wherever it runs."""
+        """Cancel a job that has not ended; a running one is stopped wherever it runs.
+
+        on_cancelled: a running job's is called where it ran, once its handler stopped; of a
+        job that was not running, and of the dependents the cancel ended with it, here."""
         applied = await self.store.apply(lifecycle.cancel(job_id, self._clock()))
         self._forget(job_id)
         for listener in self._listeners.on_cancel:
             listener(job_id)
+        ended_here = [] if _cancelled_while_running(applied.job) else [applied.job]
+        for job in (*ended_here, *applied.cancelled):
+            await self.registry.run_hook(job)
         return applied.job
 
     def _forget(self, job_id: JobId) -> None:
@@ -406,6 +421,14 @@ class _QueueTx:
 
 def _due(job: JobRow) -> DueJob:
     return DueJob(job.id, job.task_type, job.queue, job.priority, job.run_at)
+
+
+def _cancelled_while_running(job: JobRow) -> bool:
+    """Whether a cancel ended a running attempt: only then does it record the attempt (with its
+    number) in the history."""
+    last = job.attempt_history[-1] if job.attempt_history else {}
+    return (last.get("outcome") == lifecycle.AttemptOutcome.cancelled.value
+            and last.get("attempt") == job.attempts)
 
 
 def _run_at(options: EnqueueOptions, now: datetime) -> datetime:

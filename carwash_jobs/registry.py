@@ -23,7 +23,7 @@ from carwash_jobs.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from carwash_jobs.context import JobContext
-    from carwash_jobs.store.base import JobRow
+    from carwash_jobs.store.base import Applied, JobRow
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,14 @@ class TaskOptions:
 class TaskHooks:
     """Called after a job of this type reaches an end, once, by the process that sees it end:
     the processor that ran it (completed; failed; cancelled while running, after the handler
-    stopped) or the scheduler whose lease recovery failed it on its last attempt. A hook's
-    failure is logged, not raised.
+    stopped); the scheduler whose lease recovery failed it on its last attempt; the process
+    that cancelled it while it was not running (queued, scheduled or waiting); for a dependent
+    cancelled because a job it waited on failed or was cancelled, the process that recorded that
+    end; for a job enqueued on a dependency that had already failed, the enqueuing process. Only
+    a process that knows the task type calls its hooks. A hook's failure is logged, not raised.
 
-    Not covered: a job cancelled while it was not running (queued, scheduled, waiting, or by
-    a failed dependency inside the store) calls no hook, since no processor or scheduler sees
-    that end; and a job cancelled while its worker is dead calls none, since the only process
-    that could tell its handler stopped is gone."""
+    Not covered: a job cancelled while it ran in a worker that has since died calls no hook,
+    since the only process that could tell its handler stopped is gone."""
 
     on_completed: Hook | None = None
     on_failed: Hook | None = None  #: e.g. tell an admin a job used up its attempts
@@ -187,6 +188,12 @@ class TaskRegistry:
         does not know the task type: in a fleet, a scheduler may end another process's job."""
         known = self._by_name.get(task_type)
         return None if known is None else known.hooks.for_status(status)
+
+    async def run_hooks(self, applied: Applied) -> None:
+        """The hooks of the ends a committed change reached: its job's, if it ended, and those
+        of the dependents it cancelled."""
+        for job in (applied.job, *applied.cancelled):
+            await self.run_hook(job)
 
     async def run_hook(self, job: JobRow) -> None:
         """Call the hook for the end `job` reached, if it has one. Its failure is logged, not

@@ -191,9 +191,9 @@ class Runtime:
         results = await self.store.apply_many(transitions)
         recovered = [r.job for r in results if not isinstance(r, Exception)]
         log.warning("recovered %d jobs left running by dead processes %s", len(recovered), dead)
-        for job in recovered:
-            if job.status == lifecycle.JobStatus.failed:
-                await self.queue.registry.run_hook(job)
+        for applied in results:  # on_failed, and on_cancelled of the dependents it cancelled
+            if not isinstance(applied, Exception):
+                await self.queue.registry.run_hooks(applied)
         return len(recovered)
 
 

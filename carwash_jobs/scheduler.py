@@ -19,7 +19,6 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from carwash_jobs import lifecycle
 from carwash_jobs.errors import IllegalTransition
-from carwash_jobs.lifecycle import JobStatus
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -101,9 +100,9 @@ class Scheduler:
             log.warning("job %s: lease of %s expired; now %s", job.id,
                         job.attempt_history[-1].get("owner") if job.attempt_history else "?",
                         job.status.value)
-        for job in released:
-            if job.status == JobStatus.failed:
-                await self._queue.registry.run_hook(job)
+        for applied in results:  # on_failed, and on_cancelled of the dependents it cancelled
+            if not isinstance(applied, Exception):
+                await self._queue.registry.run_hooks(applied)
         return len(released)
 
 

@@ -172,10 +172,25 @@ class Inserted:
 @dataclass(frozen=True, slots=True)
 class Applied:
     """The job after a transition, and the jobs the change set free (dependents now queued,
-    follow-ups inserted with the completion), which the caller hands to its in-memory queue."""
+    follow-ups inserted with the completion), which the caller hands to its in-memory queue.
+    `cancelled`: the jobs the change ended cancelled besides `job` (dependents of a job that
+    failed or was cancelled, and theirs in turn; a follow-up born cancelled), for their
+    on_cancelled hooks: no processor ran them, so the caller is the one that sees them end."""
 
     job: JobRow
     woken: Sequence[JobRow] = ()
+    cancelled: Sequence[JobRow] = ()
+
+    def with_follow_ups(self, inserted: Sequence[Inserted]) -> Applied:
+        """This change with the follow-ups inserted in its transaction: each new one is woken,
+        unless it was born cancelled (a job it depends on had failed already)."""
+        new = [i.job for i in inserted if i.created]
+        born_cancelled = [job for job in new if job.status == JobStatus.cancelled]
+        return Applied(
+            self.job,
+            [*self.woken, *(job for job in new if job.status != JobStatus.cancelled)],
+            [*self.cancelled, *born_cancelled],
+        )
 
 
 @dataclass(frozen=True, slots=True)

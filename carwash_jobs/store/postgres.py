@@ -586,11 +586,9 @@ class PostgresJobStore:
             if before is not None:
                 await before(PostgresTx(conn))
             applied = await _apply(conn, transition, self._owner, now)
-            woken = list(applied.woken)
-            if follow_ups:
-                inserted = await _insert(conn, follow_ups, self._owner, now)
-                woken += [i.job for i in inserted if i.created]
-            return Applied(applied.job, woken)
+            if not follow_ups:
+                return applied
+            return applied.with_follow_ups(await _insert(conn, follow_ups, self._owner, now))
 
     async def apply_many(self, transitions: Sequence[Transition]) -> list[Applied | Exception]:
         now = self._clock()
@@ -618,9 +616,10 @@ class PostgresJobStore:
             )
             woken: list[JobRow] = []
             for (job_id,) in await conn.fetch(WITH_DEPENDENTS, [r[0] for r in done]):
-                woken += await _resolve_dependents(
+                freed, _ = await _resolve_dependents(
                     conn, job_id, JobStatus.completed, self._owner, now
                 )
+                woken += freed
             return Completed(frozenset(JobId(r[0]) for r in done), woken)
 
     async def save_progress(
@@ -1035,7 +1034,8 @@ async def _apply(
                        owner, t.message)
     if job.status == JobStatus.cancelled:
         await conn.execute(NOTIFY, CHANNEL, json_text({"e": "cancel", "id": job.id, "from": owner}))
-    return Applied(job, await _resolve_dependents(conn, job.id, job.status, owner, now))
+    woken, cancelled = await _resolve_dependents(conn, job.id, job.status, owner, now)
+    return Applied(job, woken, cancelled)
 
 
 async def _explain_refusal(conn: asyncpg.Connection, t: Transition) -> None:
@@ -1049,12 +1049,13 @@ async def _explain_refusal(conn: asyncpg.Connection, t: Transition) -> None:
 
 async def _resolve_dependents(
     conn: asyncpg.Connection, job_id: str, status: JobStatus, owner: str, now: datetime
-) -> list[JobRow]:
+) -> tuple[list[JobRow], list[JobRow]]:
     """A job that reached `status` frees or cancels the jobs waiting on it, in the same
-    transaction."""
-    if status not in lifecycle.TERMINAL:
-        return []
+    transaction. Returns the jobs it freed and those it cancelled (with their own dependents)."""
     woken: list[JobRow] = []
+    cancelled: list[JobRow] = []
+    if status not in lifecycle.TERMINAL:
+        return woken, cancelled
     for (dependent_id,) in await conn.fetch(WAITING_DEPENDENTS, job_id):
         if status == JobStatus.completed:
             if await conn.fetchval(UNFINISHED_DEPENDENCIES, dependent_id):
@@ -1065,12 +1066,13 @@ async def _resolve_dependents(
             transition = lifecycle.dependency_failed(JobId(dependent_id), JobId(job_id), status, now)
             try:
                 async with conn.transaction():  # a savepoint: a refusal here spoils nothing
-                    await _apply(conn, transition, owner, now)  # cascades to its dependents
+                    applied = await _apply(conn, transition, owner, now)  # and its dependents
             except IllegalTransition:
                 continue  # that cascade already cancelled it (it also waited on a dependent)
+            cancelled += [applied.job, *applied.cancelled]
     if woken:
         await _notify_new(conn, woken, owner)
-    return woken
+    return woken, cancelled
 
 
 class _Listener:

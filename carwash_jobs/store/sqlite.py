@@ -579,10 +579,9 @@ class SqliteJobStore:
 
         def run(conn: sqlite3.Connection) -> Applied:
             applied = _apply(conn, transition, self._owner, now)
-            woken = list(applied.woken)
-            if follow_ups:
-                woken += [i.job for i in _insert(conn, follow_ups, self._owner, now) if i.created]
-            return Applied(applied.job, woken)
+            if not follow_ups:
+                return applied
+            return applied.with_follow_ups(_insert(conn, follow_ups, self._owner, now))
 
         if before is None:
             return await self.writer.run_sync(run)
@@ -629,7 +628,8 @@ class SqliteJobStore:
             woken: list[JobRow] = []
             waited_on = conn.execute(WITH_DEPENDENTS, {"ids": _dump([r[0] for r in done])})
             for (job_id,) in waited_on.fetchall():
-                woken += _resolve_dependents(conn, job_id, JobStatus.completed, self._owner, now)
+                freed, _ = _resolve_dependents(conn, job_id, JobStatus.completed, self._owner, now)
+                woken += freed
             return Completed(frozenset(JobId(r[0]) for r in done), woken)
 
         return await self.writer.run_sync(run)
@@ -1100,7 +1100,8 @@ def _apply(
         INSERT_EVENT,
         (job.id, ts(now), t.event, job.status.value, job.attempts, owner, t.message),
     )
-    return Applied(job, _resolve_dependents(conn, job.id, job.status, owner, now))
+    woken, cancelled = _resolve_dependents(conn, job.id, job.status, owner, now)
+    return Applied(job, woken, cancelled)
 
 
 def _explain_refusal(conn: sqlite3.Connection, t: Transition) -> None:
@@ -1114,12 +1115,13 @@ def _explain_refusal(conn: sqlite3.Connection, t: Transition) -> None:
 
 def _resolve_dependents(
     conn: sqlite3.Connection, job_id: str, status: JobStatus, owner: str, now: datetime
-) -> list[JobRow]:
+) -> tuple[list[JobRow], list[JobRow]]:
     """A job that reached `status` frees or cancels the jobs waiting on it, in the same
-    transaction."""
-    if status not in lifecycle.TERMINAL:
-        return []
+    transaction. Returns the jobs it freed and those it cancelled (with their own dependents)."""
     woken: list[JobRow] = []
+    cancelled: list[JobRow] = []
+    if status not in lifecycle.TERMINAL:
+        return woken, cancelled
     for (dependent_id,) in conn.execute(WAITING_DEPENDENTS, (job_id,)).fetchall():
         if status == JobStatus.completed:
             if conn.execute(UNFINISHED_DEPENDENCIES, (dependent_id,)).fetchone()[0]:
@@ -1129,10 +1131,11 @@ def _resolve_dependents(
         else:
             transition = lifecycle.dependency_failed(JobId(dependent_id), JobId(job_id), status, now)
             try:
-                _apply(conn, transition, owner, now)  # cascades to its own dependents
+                applied = _apply(conn, transition, owner, now)  # cascades to its dependents
             except IllegalTransition:
                 continue  # that cascade already cancelled it (it also waited on a dependent)
-    return woken
+            cancelled += [applied.job, *applied.cancelled]
+    return woken, cancelled
 
 
 

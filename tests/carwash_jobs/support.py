@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from carwash_jobs.context import JobContext
+    from carwash_jobs.lifecycle import JobStatus
     from carwash_jobs.metrics import Metrics
     from carwash_jobs.middleware import Middleware
     from carwash_jobs.registry import Handler
@@ -80,6 +81,25 @@ NOOP: AnyTaskType = TaskType("noop", Item, noop, options=TaskOptions(retry=FAST_
 ORDER: AnyTaskType = TaskType("order", Order, place_order, slug="orders")
 #: what TaskRegistry.load finds when it imports this module
 TASK_TYPE = NOOP
+
+
+class Calls:
+    """What a task type's hooks were called with, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, JobId, JobStatus]] = []
+
+    def hooks(self) -> TaskHooks:
+        async def completed(job: JobRow) -> None:
+            self.seen.append(("on_completed", job.id, job.status))
+
+        async def failed(job: JobRow) -> None:
+            self.seen.append(("on_failed", job.id, job.status))
+
+        async def cancelled(job: JobRow) -> None:
+            self.seen.append(("on_cancelled", job.id, job.status))
+
+        return TaskHooks(on_completed=completed, on_failed=failed, on_cancelled=cancelled)
 
 
 def task_type(

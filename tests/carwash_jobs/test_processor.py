@@ -22,6 +22,7 @@ from carwash_jobs.store.base import DueJob, FailedFilter
 from carwash_jobs.store.sqlite import SqliteJobStore
 from tests.carwash_jobs.support import (
     OWNER,
+    Calls,
     Gate,
     Item,
     ManualClock,
@@ -453,25 +454,6 @@ async def test_a_handler_that_ignores_its_cancellation_cannot_complete_the_job(
     assert outcomes(row) == ["cancelled"]
 
 
-class Calls:
-    """What a task type's hooks were called with, in order."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, JobId, JobStatus]] = []
-
-    def hooks(self) -> TaskHooks:
-        async def completed(job: JobRow) -> None:
-            self.seen.append(("on_completed", job.id, job.status))
-
-        async def failed(job: JobRow) -> None:
-            self.seen.append(("on_failed", job.id, job.status))
-
-        async def cancelled(job: JobRow) -> None:
-            self.seen.append(("on_cancelled", job.id, job.status))
-
-        return TaskHooks(on_completed=completed, on_failed=failed, on_cancelled=cancelled)
-
-
 async def test_cancelling_a_running_job_calls_on_cancelled_once_its_handler_stopped(
     harnesses: Harnesses,
 ) -> None:
@@ -574,6 +556,25 @@ async def test_a_cancel_from_another_process_met_at_a_checkpoint_calls_on_cancel
     gate.release.set()
     await h.run_until_idle()
     assert calls.seen == [("on_cancelled", job.id, S.cancelled)]
+
+
+async def test_a_job_that_fails_calls_on_cancelled_of_the_dependents_its_end_cancelled(
+    harnesses: Harnesses,
+) -> None:
+    calls = Calls()
+
+    async def broken(ctx: JobContext, payload: Item) -> None:
+        raise PermanentError("the customer file is corrupt")
+
+    h = await harnesses.make(task_type("hooked", broken, hooks=calls.hooks()), start=False)
+    first = await h.enqueue("hooked")
+    second = await h.enqueue("hooked", depends_on=[first.id])
+    third = await h.enqueue("hooked", depends_on=[second.id])
+    await h.start()
+    await h.run_until_idle()
+    assert calls.seen == [("on_failed", first.id, S.failed),
+                          ("on_cancelled", second.id, S.cancelled),
+                          ("on_cancelled", third.id, S.cancelled)]
 
 
 async def test_a_job_that_lost_its_lease_calls_no_hook(

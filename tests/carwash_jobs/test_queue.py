@@ -21,7 +21,7 @@ from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
 from carwash_jobs.queue import MAX_CONTEXT_BYTES, TIMER_HORIZON_SECONDS, EnqueueOptions
 from carwash_jobs.store.base import FailedFilter
 from carwash_jobs.types import JobId
-from tests.carwash_jobs.support import OWNER, Item
+from tests.carwash_jobs.support import OWNER, Calls, Item, noop, task_type
 
 if TYPE_CHECKING:
     from carwash_jobs.queue import JobQueue
@@ -281,6 +281,59 @@ async def test_cancel_of_a_finished_job_is_an_illegal_transition(
     with pytest.raises(IllegalTransition) as caught:
         await idle.queue.cancel(job.id)
     assert (caught.value.from_status, caught.value.action) == ("failed", "cancel")
+
+
+@pytest.fixture
+async def hooked(harnesses: Harnesses, clock: ManualClock) -> tuple[Harness, Calls]:
+    """An idle queue with a task type whose hooks are recorded."""
+    calls = Calls()
+    h = await harnesses.make(task_type("hooked", noop, hooks=calls.hooks()), clock=clock,
+                             start=False)
+    return h, calls
+
+
+async def test_cancelling_a_job_that_is_not_running_calls_on_cancelled_for_it_and_its_dependents(
+    hooked: tuple[Harness, Calls],
+) -> None:
+    h, calls = hooked
+    first = await h.enqueue("hooked", delay_seconds=30)
+    second = await h.enqueue("hooked", depends_on=[first.id])
+    other = await h.enqueue("hooked")
+    await h.queue.cancel(first.id)
+    assert calls.seen == [("on_cancelled", first.id, S.cancelled),
+                          ("on_cancelled", second.id, S.cancelled)]
+    await h.queue.cancel(other.id)
+    assert calls.seen[-1] == ("on_cancelled", other.id, S.cancelled)
+
+
+async def test_cancelling_a_running_job_leaves_its_hook_to_the_process_running_it(
+    hooked: tuple[Harness, Calls], clock: ManualClock
+) -> None:
+    """Its handler may still run: the processor holding it calls on_cancelled once it stops
+    (test_processor.py); the cancelling process does not."""
+    h, calls = hooked
+    job = await h.enqueue("hooked")
+    await h.store.claim([job.id], "another-host/1/0/x", clock() + LEASE)
+    assert (await h.queue.cancel(job.id)).status == S.cancelled
+    assert calls.seen == []
+
+
+async def test_a_job_enqueued_on_a_failed_dependency_calls_on_cancelled_where_it_was_enqueued(
+    hooked: tuple[Harness, Calls], clock: ManualClock
+) -> None:
+    h, calls = hooked
+    gone = await fail_job(h, await h.enqueue("hooked"), clock)
+    born = await h.enqueue("hooked", depends_on=[gone.id])
+    assert born.status == S.cancelled
+    assert calls.seen == [("on_cancelled", born.id, S.cancelled)]
+
+    async def enqueue_in(tx: Tx) -> JobId:
+        options = EnqueueOptions(depends_on=[gone.id])
+        return (await h.queue.enqueue("hooked", {}, options, tx=tx)).job.id
+
+    in_tx = await h.queue.transaction(enqueue_in)  # the hook comes once the transaction commits
+    assert calls.seen[-1] == ("on_cancelled", in_tx, S.cancelled)
+    assert len(calls.seen) == 2
 
 
 async def test_cancel_tells_the_listeners(idle: Harness) -> None:

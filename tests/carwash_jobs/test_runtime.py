@@ -141,22 +141,26 @@ async def test_start_requeues_rows_left_running_by_a_dead_local_process(
 async def test_a_leftover_on_its_last_attempt_ends_failed_and_gets_its_on_failed_hook(
     db_url: str, clock: ManualClock
 ) -> None:
-    failed: list[tuple[JobId, JobStatus]] = []
+    """And the job that waited on it, which its failure cancels, gets on_cancelled."""
+    ended: list[tuple[JobId, JobStatus]] = []
 
-    async def on_failed(job: JobRow) -> None:
-        failed.append((job.id, job.status))
+    async def on_end(job: JobRow) -> None:
+        ended.append((job.id, job.status))
 
-    hooked = task_type("hooked", noop, hooks=TaskHooks(on_failed=on_failed))
+    hooked = task_type("hooked", noop, hooks=TaskHooks(on_failed=on_end, on_cancelled=on_end))
     store = await open_sqlite(db_url, clock=clock)
     dead = f"{socket.gethostname()}/{dead_local_pid()}/0/x"
     last_try = await running_row(store, clock, dead, max_attempts=1, task_type="hooked")
     await running_row(store, clock, dead, max_attempts=2, task_type="hooked")  # runs again
+    waiting = NewJob(id=new_job_id(), task_type="hooked", payload={}, status=S.queued,
+                     run_at=clock(), created_at=clock(), depends_on=(last_try,))
+    await store.insert([waiting])
     await store.close()
 
     async with Runtime(settings_for(db_url), registry_with(hooked), clock=clock) as runtime:
         assert runtime.processor is not None
         await runtime.processor.run_until_idle(5)
-        assert failed == [(last_try, S.failed)]
+        assert ended == [(last_try, S.failed), (waiting.id, S.cancelled)]
 
 
 async def test_recover_leftovers_finds_nothing_when_every_owner_is_alive(

@@ -39,10 +39,10 @@ async def other_process(db_url: str, clock: ManualClock) -> AsyncIterator[Sqlite
 
 
 def new_job(clock: ManualClock, *, task_type: str = "noop", run_at: datetime | None = None,
-            max_attempts: int = 5) -> NewJob:
+            max_attempts: int = 5, depends_on: tuple[JobId, ...] = ()) -> NewJob:
     return NewJob(id=new_job_id(), task_type=task_type, payload={"label": "elsewhere"},
                   status=S.queued, run_at=run_at or clock(), created_at=clock(),
-                  max_attempts=max_attempts)
+                  max_attempts=max_attempts, depends_on=depends_on)
 
 
 async def insert(store: SqliteJobStore, job: NewJob) -> JobId:
@@ -129,22 +129,30 @@ async def test_an_expired_lease_on_the_last_attempt_fails_the_job(
 async def test_a_job_failed_for_good_by_a_lost_lease_gets_its_on_failed_hook_once(
     harnesses: Harnesses, clock: ManualClock, other_process: SqliteJobStore
 ) -> None:
-    """The worker that died cannot call the hook; the scheduler that fails the job can."""
+    """The worker that died cannot call the hook; the scheduler that fails the job can, and
+    on_cancelled of the job waiting on it, which the failure cancels."""
     failed: list[tuple[JobId, JobStatus, str | None]] = []
+    cancelled: list[tuple[JobId, JobStatus]] = []
 
     async def on_failed(job: JobRow) -> None:
         failed.append((job.id, job.status, job.error))
 
-    hooked = task_type("hooked", noop, hooks=TaskHooks(on_failed=on_failed))
+    async def on_cancelled(job: JobRow) -> None:
+        cancelled.append((job.id, job.status))
+
+    hooked = task_type("hooked", noop, hooks=TaskHooks(on_failed=on_failed,
+                                                       on_cancelled=on_cancelled))
     h = await harnesses.make(hooked, clock=clock, start=False)
     last = await insert(other_process, new_job(clock, task_type="hooked", max_attempts=1))
     retried = await insert(other_process, new_job(clock, task_type="hooked", max_attempts=2))
+    waiting = await insert(other_process, new_job(clock, task_type="hooked", depends_on=(last,)))
     await other_process.claim([last, retried], DEAD_OWNER, clock() + LEASE)
     clock.advance(61)
     h2 = await harnesses.make(hooked, clock=clock, owner="second-host/7/0/x", start=False)
     assert await h.scheduler.release_expired_leases() == 2
     assert await h2.scheduler.release_expired_leases() == 0  # another process's scan: no twin
     assert failed == [(last, S.failed, f"worker {DEAD_OWNER} stopped renewing its lease")]
+    assert cancelled == [(waiting, S.cancelled)]
     assert (await h.get(retried)).status == S.queued  # attempts left: not an end, no hook
 
 

@@ -587,11 +587,15 @@ async def test_a_failed_dependency_cancels_its_dependents_in_cascade_naming_the_
     unrelated = await add(store, clock)
     c = await add(store, clock, depends_on=[a.id])
     d = await add(store, clock, depends_on=[c.id, unrelated.id])
-    await store.apply(lifecycle.fail(a.id, a.fence, "boom", None, AttemptOutcome.error, clock()))
+    failed = await store.apply(
+        lifecycle.fail(a.id, a.fence, "boom", None, AttemptOutcome.error, clock()))
     c_row, d_row = await store.get(c.id), await store.get(d.id)
     assert (c_row.status, c_row.error) == (S.cancelled, f"dependency {a.id} ended failed")
     assert (d_row.status, d_row.error) == (S.cancelled, f"dependency {c.id} ended cancelled")
     assert (await store.get(unrelated.id)).status == S.queued
+    # every job the failure ended, as stored, for their on_cancelled hooks
+    assert sorted(failed.cancelled, key=lambda j: j.id) == [c_row, d_row]
+    assert failed.woken == []
 
 
 @pytest.mark.parametrize("end", ["fail", "cancel"])
@@ -614,6 +618,7 @@ async def test_a_cascade_reaching_a_job_twice_cancels_it_once(
     assert d_row.error in (f"dependency {a.id} ended {ended.job.status.value}",
                            f"dependency {c.id} ended cancelled")
     assert await event_names(store, d.id) == ["enqueued", "cancelled"]
+    assert sorted(ids(ended.cancelled)) == sorted([c.id, d.id])  # d once
 
 
 async def test_cancelling_a_job_cancels_the_jobs_waiting_on_it(
@@ -621,8 +626,16 @@ async def test_cancelling_a_job_cancels_the_jobs_waiting_on_it(
 ) -> None:
     a = await add(store, clock)
     c = await add(store, clock, depends_on=[a.id])
-    await store.apply(lifecycle.cancel(a.id, clock()))
+    cancelled = await store.apply(lifecycle.cancel(a.id, clock()))
     assert (await store.get(c.id)).error == f"dependency {a.id} ended cancelled"
+    assert cancelled.cancelled == [await store.get(c.id)]
+
+
+async def test_a_completion_cancels_nothing(store: JobStore, clock: ManualClock) -> None:
+    a = await claimed(store, clock)
+    c = await add(store, clock, depends_on=[a.id])
+    completed = await store.apply(lifecycle.complete(a.id, a.fence, None, clock()))
+    assert (ids(completed.woken), completed.cancelled) == ([c.id], [])
 
 
 # -- apply: in one transaction with the caller's writes and follow-ups -----------------------
@@ -690,6 +703,20 @@ async def test_follow_ups_are_inserted_with_the_completion_and_returned_as_woken
                                 follow_ups=[follow_up])
     assert ids(applied.woken) == [follow_up.id]
     assert (await store.get(follow_up.id)).status == S.queued
+    assert applied.cancelled == []
+
+
+async def test_a_follow_up_born_cancelled_is_returned_as_cancelled_not_woken(
+    store: JobStore, clock: ManualClock
+) -> None:
+    gone = await failed(store, clock)
+    row = await claimed(store, clock)
+    follow_up = new_job(clock, depends_on=(gone.id,))
+    applied = await store.apply(lifecycle.complete(row.id, row.fence, None, clock()),
+                                follow_ups=[follow_up])
+    assert applied.woken == []
+    assert ids(applied.cancelled) == [follow_up.id]
+    assert applied.cancelled[0].status == S.cancelled
 
 
 async def test_follow_ups_of_a_refused_completion_never_exist(
