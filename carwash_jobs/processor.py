@@ -10,8 +10,8 @@ finished, nothing stops it any more: only its record is left, and the record's o
 compare-and-set tells whether the job was still held.
 
 The task type's hooks run here, after the end they report is committed: on_completed,
-on_failed, and on_cancelled for a job cancelled while it ran here (once its handler stopped) and
-for the dependents its end cancelled.
+on_failed, and on_cancelled for a job cancelled while it ran here (once its handler stopped), for
+the dependents its end cancelled and for follow-ups born cancelled.
 """
 
 from __future__ import annotations

@@ -267,8 +267,8 @@ class JobQueue:
         return result
 
     async def _hooks_of_born_cancelled(self, created: Iterable[JobRow]) -> None:
-        """on_cancelled of the jobs written cancelled (a job they depend on had failed or was
-        cancelled already): the enqueue is the only one that sees them end."""
+        """on_cancelled of the jobs written cancelled (a job they depend on had failed or been
+        cancelled): the enqueue is the only one that sees them end."""
         for job in created:
             if job.status == JobStatus.cancelled:
                 await self.registry.run_hook(job)
@@ -424,11 +424,11 @@ def _due(job: JobRow) -> DueJob:
 
 
 def _cancelled_while_running(job: JobRow) -> bool:
-    """Whether a cancel ended a running attempt: only then does it record the attempt (with its
-    number) in the history."""
+    """Whether a cancel ended a running attempt: only then does it record an attempt, with the
+    outcome `cancelled`, in the history (nothing else does, and a cancelled job never runs
+    again, so that entry is the last)."""
     last = job.attempt_history[-1] if job.attempt_history else {}
-    return (last.get("outcome") == lifecycle.AttemptOutcome.cancelled.value
-            and last.get("attempt") == job.attempts)
+    return last.get("outcome") == lifecycle.AttemptOutcome.cancelled.value
 
 
 def _run_at(options: EnqueueOptions, now: datetime) -> datetime:

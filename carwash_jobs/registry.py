@@ -52,14 +52,20 @@ class TaskOptions:
 class TaskHooks:
     """Called after a job of this type reaches an end, once, by the process that sees it end:
     the processor that ran it (completed; failed; cancelled while running, after the handler
-    stopped); the scheduler whose lease recovery failed it on its last attempt; the process
-    that cancelled it while it was not running (queued, scheduled or waiting); for a dependent
-    cancelled because a job it waited on failed or was cancelled, the process that recorded that
-    end; for a job enqueued on a dependency that had already failed, the enqueuing process. Only
-    a process that knows the task type calls its hooks. A hook's failure is logged, not raised.
+    stopped); the scheduler, or a starting process's recovery of a dead local worker, that
+    failed it on its last attempt; the process that cancelled it while it was not running
+    (queued, scheduled or waiting); for a dependent cancelled because a job it waited on failed
+    or was cancelled, the process that recorded that end; for a job enqueued on a dependency
+    that had already failed or been cancelled, the enqueuing process. A hook's failure is
+    logged, not raised.
 
-    Not covered: a job cancelled while it ran in a worker that has since died calls no hook,
-    since the only process that could tell its handler stopped is gone."""
+    Not covered, each because no process that could call the hook sees the end:
+    - a job cancelled while it ran in a worker that has since died (only that worker could
+      tell its handler stopped);
+    - an end seen by a process that does not know the task type (in a fleet whose processes
+      load different task types: a cascade, a cancel or a lease recovery there);
+    - a job born cancelled in a caller's own store transaction (`queue.enqueue(tx=...)` with a
+      `Tx` that `queue.transaction` did not give): the queue cannot tell when it commits."""
 
     on_completed: Hook | None = None
     on_failed: Hook | None = None  #: e.g. tell an admin a job used up its attempts

@@ -183,7 +183,7 @@ class Applied:
 
     def with_follow_ups(self, inserted: Sequence[Inserted]) -> Applied:
         """This change with the follow-ups inserted in its transaction: each new one is woken,
-        unless it was born cancelled (a job it depends on had failed already)."""
+        unless it was born cancelled (a job it depends on had failed or been cancelled)."""
         new = [i.job for i in inserted if i.created]
         born_cancelled = [job for job in new if job.status == JobStatus.cancelled]
         return Applied(

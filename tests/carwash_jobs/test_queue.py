@@ -306,6 +306,20 @@ async def test_cancelling_a_job_that_is_not_running_calls_on_cancelled_for_it_an
     assert calls.seen[-1] == ("on_cancelled", other.id, S.cancelled)
 
 
+async def test_cancelling_a_job_waiting_for_its_retry_calls_on_cancelled(
+    hooked: tuple[Harness, Calls], clock: ManualClock
+) -> None:
+    """It ran before (its history has that attempt), but it is not running now."""
+    h, calls = hooked
+    job = await h.enqueue("hooked")
+    (row,) = await h.store.claim([job.id], OWNER, clock() + LEASE)
+    await h.store.apply(lifecycle.schedule_retry(
+        row.id, row.fence, clock() + timedelta(minutes=5), "smtp down", None,
+        AttemptOutcome.error, clock()))
+    await h.queue.cancel(job.id)
+    assert calls.seen == [("on_cancelled", job.id, S.cancelled)]
+
+
 async def test_cancelling_a_running_job_leaves_its_hook_to_the_process_running_it(
     hooked: tuple[Harness, Calls], clock: ManualClock
 ) -> None:
@@ -329,9 +343,11 @@ async def test_a_job_enqueued_on_a_failed_dependency_calls_on_cancelled_where_it
 
     async def enqueue_in(tx: Tx) -> JobId:
         options = EnqueueOptions(depends_on=[gone.id])
-        return (await h.queue.enqueue("hooked", {}, options, tx=tx)).job.id
+        job_id = (await h.queue.enqueue("hooked", {}, options, tx=tx)).job.id
+        assert len(calls.seen) == 1  # not yet: the transaction has not committed
+        return job_id
 
-    in_tx = await h.queue.transaction(enqueue_in)  # the hook comes once the transaction commits
+    in_tx = await h.queue.transaction(enqueue_in)
     assert calls.seen[-1] == ("on_cancelled", in_tx, S.cancelled)
     assert len(calls.seen) == 2
 

@@ -138,7 +138,7 @@ async def test_start_requeues_rows_left_running_by_a_dead_local_process(
         assert rows[other_host].status == S.running  # cannot tell from here
 
 
-async def test_a_leftover_on_its_last_attempt_ends_failed_and_gets_its_on_failed_hook(
+async def test_a_leftover_on_its_last_attempt_gets_on_failed_and_its_dependent_on_cancelled(
     db_url: str, clock: ManualClock
 ) -> None:
     """And the job that waited on it, which its failure cancels, gets on_cancelled."""

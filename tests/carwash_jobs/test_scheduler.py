@@ -126,7 +126,7 @@ async def test_an_expired_lease_on_the_last_attempt_fails_the_job(
     assert outcomes(row) == ["worker_lost"]
 
 
-async def test_a_job_failed_for_good_by_a_lost_lease_gets_its_on_failed_hook_once(
+async def test_a_job_failed_for_good_by_a_lost_lease_gets_on_failed_once_and_its_dependent_on_cancelled(
     harnesses: Harnesses, clock: ManualClock, other_process: SqliteJobStore
 ) -> None:
     """The worker that died cannot call the hook; the scheduler that fails the job can, and
