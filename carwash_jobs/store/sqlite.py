@@ -773,13 +773,10 @@ class SqliteJobStore:
             position = (at or id_time(cursor), cursor)
         keyset = CreatedKeyset.of(flt, position)
         where, params = _list_where(replace(flt, created_after=None, created_before=None), None, "id")
-        clauses, args = [where], list(params)
-        if keyset.after is not None:
-            clauses.append("created_at >= ?")
-            args.append(ts(keyset.after))
-        if keyset.before is not None:
-            clauses.append("created_at < ?")
-            args.append(ts(keyset.before))
+        terms, values = _set_terms(
+            [("created_at >= ?", ts(keyset.after)), ("created_at < ?", ts(keyset.before))]
+        )
+        clauses, args = [where, *terms], [*params, *values]
         if keyset.cursor is not None:  # this form, not a row value: SQLite reads its range
             clauses.append("created_at <= ? AND (created_at < ? OR id < ?)")
             at_text = ts(keyset.cursor[0])
@@ -887,45 +884,39 @@ def _list_sql(flt: JobFilter, *, by_created: bool) -> str:
 def _failed_where(flt: FailedFilter) -> tuple[str, list[Any]]:
     """The bulk retry's filters; `status = 'failed'` reads (status, id), so it states that
     index's condition too (see NOT_RUNNING)."""
-    clauses: list[str] = ["status = 'failed'", NOT_RUNNING]
-    params: list[Any] = []
+    clauses, params = _set_terms([
+        ("task_type = ?", flt.task_type),
+        ("finished_at >= ?", ts(flt.failed_after)),
+        ("finished_at < ?", ts(flt.failed_before)),
+    ])
     if flt.ids is not None:
         clauses.append(f"id IN ({_placeholders(len(flt.ids))})")
         params += list(flt.ids)
-    if flt.task_type is not None:
-        clauses.append("task_type = ?")
-        params.append(flt.task_type)
-    if flt.failed_after is not None:
-        clauses.append("finished_at >= ?")
-        params.append(ts(flt.failed_after))
-    if flt.failed_before is not None:
-        clauses.append("finished_at < ?")
-        params.append(ts(flt.failed_before))
-    return " AND ".join(clauses), params
+    return " AND ".join(["status = 'failed'", NOT_RUNNING, *clauses]), params
 
 
 def _list_where(flt: JobFilter, cursor: str | None, key: str) -> tuple[str, list[Any]]:
     """The list's filters (all but the tag, which picks the statement) and the keyset cursor
     on `key`, the column whose order the statement reads."""
-    clauses: list[str] = []
-    params: list[Any] = []
-    if flt.status == JobStatus.running:  # the lease index's condition (LIST_RUNNING_JOBS)
-        clauses.append("status = 'running'")
-    elif flt.status is not None:  # and the list indexes' condition, word for word
-        clauses.append(f"status = ? AND {NOT_RUNNING}")
-        params.append(flt.status.value)
-    pairs: list[tuple[str, Any]] = [
+    status = None if flt.status in (None, JobStatus.running) else flt.status.value
+    clauses, params = _set_terms([
+        # a status other than running, with the list indexes' condition word for word
+        (f"status = ? AND {NOT_RUNNING}", status),
         ("task_type = ?", flt.task_type),
         ("queue = ?", flt.queue),
         ("created_at >= ?", ts(flt.created_after)),
         ("created_at < ?", ts(flt.created_before)),
         (f"{key} < ?", cursor),
-    ]
-    for clause, value in pairs:
-        if value is not None:
-            clauses.append(clause)
-            params.append(value)
+    ])
+    if flt.status == JobStatus.running:  # the lease index's condition (LIST_RUNNING_JOBS)
+        clauses.insert(0, "status = 'running'")
     return (" AND ".join(clauses) or "1 = 1"), params
+
+
+def _set_terms(terms: Sequence[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
+    """The clauses of `terms` (clause, value) whose value is set, and those values in order."""
+    chosen = [(clause, value) for clause, value in terms if value is not None]
+    return [clause for clause, _ in chosen], [value for _, value in chosen]
 
 
 def _claimed(
