@@ -27,10 +27,8 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-#: the millisecond and the sequence within it of the last id made (see new_job_ids)
-_last_ms = 0
-_seq = 0
-_SEQ_MAX = 0xFFFF
+#: the (millisecond << 16 | sequence) stamp that the next id may take at the earliest
+_next_stamp = 0
 
 
 def new_job_id() -> JobId:
@@ -40,21 +38,15 @@ def new_job_id() -> JobId:
 
 
 def new_job_ids(n: int) -> list[JobId]:
-    """`n` ids as new_job_id() makes them. The sequence restarts with each millisecond; a
-    process that makes more than 65,536 ids in one borrows the next millisecond, so the order
-    holds whatever the rate."""
-    global _last_ms, _seq  # noqa: PLW0603 - process-wide monotonic sequence, by design
-    now_ms = time.time_ns() // 1_000_000
+    """`n` ids as new_job_id() makes them. The millisecond and its 16-bit sequence form one
+    number that only grows: it restarts at the clock's millisecond when the clock has moved on,
+    and a process that makes more than 65,536 ids in one millisecond carries into the next, so
+    the order holds whatever the rate. Each id is one number formatted once."""
+    global _next_stamp  # noqa: PLW0603 - process-wide monotonic sequence, by design
+    first = max((time.time_ns() // 1_000_000) << 16, _next_stamp)
+    _next_stamp = first + n
     bits = _noise.getrandbits
-    ids: list[JobId] = []
-    for _ in range(n):
-        if now_ms > _last_ms:
-            _last_ms, _seq = now_ms, 0
-        elif _seq > _SEQ_MAX:
-            _last_ms, _seq = _last_ms + 1, 0
-        ids.append(JobId(f"{_last_ms:012x}{_seq:04x}{bits(64):016x}"))
-        _seq += 1
-    return ids
+    return [JobId(f"{stamp << 64 | bits(64):032x}") for stamp in range(first, first + n)]
 
 
 #: The random part of an id keeps ids of different processes apart; it needs to be

@@ -24,12 +24,15 @@ def test_more_ids_than_the_sequence_holds_in_one_millisecond_stay_in_order(
 ) -> None:
     """The clock stands still: 200,000 ids cross the 16-bit sequence three times."""
     frozen = time.time_ns()
-    monkeypatch.setattr("carwash_jobs.types._last_ms", 0)  # restored afterwards, with _seq
-    monkeypatch.setattr("carwash_jobs.types._seq", 0)
+    monkeypatch.setattr("carwash_jobs.types._next_stamp", 0)  # restored afterwards
     monkeypatch.setattr("time.time_ns", lambda: frozen)
     ids = new_job_ids(100_000) + new_job_ids(100_000)
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
+    # each full sequence carried into the next millisecond: 200,000 ids took four of them
+    first_ms = frozen // 1_000_000
+    assert [int(i[:12], 16) - first_ms for i in ids[65_535:65_537]] == [0, 1]
+    assert int(ids[-1][:12], 16) == first_ms + 3
 
 
 def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
