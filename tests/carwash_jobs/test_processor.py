@@ -659,14 +659,16 @@ async def test_a_handler_past_its_timeout_is_stopped_recorded_as_timeout_and_ret
     assert (row.error or "").startswith("timed out after")
 
 
+@pytest.mark.parametrize("limit", [timedelta(minutes=5), None], ids=["timed", "untimed"])
 async def test_a_timeout_error_raised_by_the_handler_itself_is_an_error_not_a_timeout(
-    harnesses: Harnesses,
+    harnesses: Harnesses, limit: timedelta | None
 ) -> None:
+    """With a timeout or none (a task type without one runs with no timeout scope at all)."""
+
     async def smtp_silent(ctx: JobContext, payload: Item) -> None:
         raise TimeoutError("SMTP server did not answer")
 
-    h = await harnesses.make(task_type("smtp", smtp_silent, max_attempts=1,
-                                       timeout=timedelta(minutes=5)))
+    h = await harnesses.make(task_type("smtp", smtp_silent, max_attempts=1, timeout=limit))
     job = await h.enqueue("smtp")
     await h.run_until_idle()
     row = await h.get(job.id)
