@@ -1278,7 +1278,14 @@ async def test_a_bulk_insert_of_plain_jobs_reads_back_as_returned(
     assert by_id[jobs[0].id].context == {"by": "admin"}
     assert by_id[jobs[1].id].context is None
     assert by_id[jobs[2].id].rerun_of == "x" * 32
-    assert [await event_names(store, j.id) for j in jobs] == [["enqueued"]] * 3
+    enqueued = [
+        [(e.event, e.status, e.attempt, e.process, e.message, e.at) for e in await store.events(j.id)]
+        for j in jobs
+    ]
+    assert enqueued == [
+        [("enqueued", status, 0, OWNER, None, clock())]
+        for status in ("queued", "queued", "scheduled")
+    ]
 
 
 # -- PostgreSQL query plans (SQLite's are in test_sqlite.py) -----------------------------------
