@@ -56,6 +56,7 @@ from carwash_jobs.store.base import (
     id_time,
     job_row,
     json_text,
+    payload_text,
 )
 from carwash_jobs.store.sqlite_writer import SqliteTx, SqliteWriter
 from carwash_jobs.types import Clock, JobId, utc_now
@@ -952,7 +953,7 @@ def _insert_plain(
     for job in jobs:
         status, _ = lifecycle.initial_status(job.run_at, now, {})
         rows.append((
-            job.id, job.task_type, job.queue, status.value, job.priority, json_text(job.payload),
+            job.id, job.task_type, job.queue, status.value, job.priority, payload_text(job.payload),
             _dump(job.context), json_text(list(job.tags)) if job.tags else "[]",
             job.max_attempts, stamps[job.run_at], stamps[job.created_at], job.rerun_of,
         ))
@@ -998,7 +999,7 @@ def _insert_each(
         status, error = _start_status(conn, job, now)
         params = {
             "id": job.id, "task_type": job.task_type, "queue": job.queue, "status": status.value,
-            "priority": job.priority, "payload": _dump(job.payload),
+            "priority": job.priority, "payload": payload_text(job.payload),
             "context": _dump(job.context), "tags": _dump(list(job.tags)),
             "attempts": 1 if job.claimed_by else 0, "max_attempts": job.max_attempts,
             "run_at": ts(job.run_at), "created_at": ts(job.created_at),

@@ -1,17 +1,30 @@
 """The per-job records: read-only to the type checker; NewJob and DueJob are plain slots
 dataclasses at run time, compared and hashed by their fields as the frozen dataclasses they
 replaced were, and JobRow, which handlers see, stays frozen, also when the stores build it with
-job_row()."""
+job_row(). And a payload's JSON text: payload_text() writes what json_text() writes, value for
+value."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from carwash_jobs.lifecycle import JobStatus
-from carwash_jobs.store.base import JOB_COLUMNS, DueJob, JobRow, NewJob, job_row
+from carwash_jobs.store.base import (
+    JOB_COLUMNS,
+    DueJob,
+    JobRow,
+    NewJob,
+    job_row,
+    json_text,
+    payload_text,
+)
 from carwash_jobs.types import JobId
 
 AT = datetime(2026, 11, 24, tzinfo=UTC)
@@ -82,3 +95,36 @@ def test_job_row_refuses_a_value_too_many_or_too_few() -> None:
         job_row([*values, None])
     with pytest.raises(ValueError, match="zip"):
         job_row(values[:-1])
+
+
+#: any text, lone surrogates (category Cs) included: a Python str may hold them, UTF-8 may not
+_TEXT = st.text(st.characters(exclude_categories=()), max_size=8)
+#: what pydantic's JSON-mode dump can make of a payload: JSON types only, NaN and the
+#: infinities included (a float field accepts them)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _read_back(text: str) -> str:
+    """The value a JSON text holds, in one canonical form (NaN is not equal to itself)."""
+    return json_text(json.loads(text))
+
+
+@given(st.dictionaries(_TEXT, _JSON, max_size=6))
+def test_payload_text_holds_the_values_json_text_writes(payload: dict[str, Any]) -> None:
+    assert _read_back(payload_text(payload)) == _read_back(json_text(payload))
+
+
+def test_payload_text_writes_beyond_ascii_as_utf8_and_a_lone_surrogate_as_json_text_does() -> None:
+    assert payload_text({"name": "Zoë 🚗", "n": 1.5}) == '{"name":"Zoë 🚗","n":1.5}'
+    lone = {"note": "\ud800"}
+    assert payload_text(lone) == json_text(lone) == '{"note":"\\ud800"}'
+    assert payload_text({"x": float("nan"), "y": float("-inf")}) == '{"x":NaN,"y":-Infinity}'
+
+
+def test_payload_text_refuses_a_value_with_no_json_form_as_json_text_does() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        payload_text({"x": object()})

@@ -128,9 +128,9 @@ async def other_store(database_url: str, clock: ManualClock) -> AsyncIterator[Jo
 
 # -- helpers --------------------------------------------------------------------------------
 def new_job(clock: ManualClock, *, run_at: datetime | None = None, task_type: str = "noop",
-            **fields: Any) -> NewJob:
+            payload: dict[str, Any] | None = None, **fields: Any) -> NewJob:
     return NewJob(
-        id=new_job_id(), task_type=task_type, payload={"n": 1}, status=S.queued,
+        id=new_job_id(), task_type=task_type, payload=payload or {"n": 1}, status=S.queued,
         run_at=run_at or clock(), created_at=clock(), **fields,
     )
 
@@ -1286,6 +1286,26 @@ async def test_a_bulk_insert_of_plain_jobs_reads_back_as_returned(
         [("enqueued", status, 0, OWNER, None, clock())]
         for status in ("queued", "queued", "scheduled")
     ]
+
+
+
+async def test_payload_text_beyond_ascii_and_a_lone_surrogate_read_back_the_same(
+    store: JobStore, clock: ManualClock
+) -> None:
+    """Through the bulk path of plain jobs and through the one-by-one path (a job with a key):
+    text beyond ASCII may be written as UTF-8 or as escapes, and a lone surrogate, which UTF-8
+    cannot hold, only as an escape (see payload_text)."""
+    payloads: list[dict[str, Any]] = [
+        {"name": "Zoë 🚗 Ø"}, {"note": "\ud800 alone"}, {"n": 1.5, "list": ["ß", None]},
+    ]
+    plain = [new_job(clock, payload=p) for p in payloads]
+    keyed = [new_job(clock, payload=p, idempotency_key=f"key-{i}") for i, p in enumerate(payloads)]
+
+    await store.insert(plain)
+    await store.insert(keyed)
+
+    rows = {row.id: row for row in await store.get_many([j.id for j in plain + keyed])}
+    assert [rows[j.id].payload for j in plain + keyed] == payloads + payloads
 
 
 # -- PostgreSQL query plans (SQLite's are in test_sqlite.py) -----------------------------------
