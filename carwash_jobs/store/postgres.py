@@ -59,6 +59,7 @@ from carwash_jobs.store.base import (
     id_time,
     job_row,
     json_text,
+    json_value,
     payload_text,
 )
 from carwash_jobs.types import Clock, JobId, utc_now
@@ -424,7 +425,7 @@ def row_to_job(row: Sequence[Any]) -> JobRow:
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typename in ("json", "jsonb"):
         await conn.set_type_codec(
-            typename, encoder=json_text, decoder=json.loads, schema="pg_catalog"
+            typename, encoder=json_text, decoder=json_value, schema="pg_catalog"
         )
 
 

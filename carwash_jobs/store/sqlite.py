@@ -56,6 +56,7 @@ from carwash_jobs.store.base import (
     id_time,
     job_row,
     json_text,
+    json_value,
     payload_text,
 )
 from carwash_jobs.store.sqlite_writer import SqliteTx, SqliteWriter
@@ -411,7 +412,7 @@ def row_to_job(row: Sequence[Any]) -> JobRow:
         elif raw == "null":
             values[i] = None
         elif isinstance(raw, str | bytes):
-            values[i] = json.loads(raw)
+            values[i] = json_value(raw)
     for i in _TIME_AT:
         if values[i] is not None:
             values[i] = datetime.fromisoformat(values[i] + _UTC_SUFFIX)

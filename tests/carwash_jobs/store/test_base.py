@@ -1,8 +1,8 @@
 """The per-job records: read-only to the type checker; NewJob and DueJob are plain slots
 dataclasses at run time, compared and hashed by their fields as the frozen dataclasses they
 replaced were, and JobRow, which handlers see, stays frozen, also when the stores build it with
-job_row(). And a payload's JSON text: payload_text() writes what json_text() writes, value for
-value."""
+job_row(). And JSON: payload_text() writes what json_text() writes, and json_value() reads what
+json.loads() reads, value for value."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from carwash_jobs.store.base import (
     NewJob,
     job_row,
     json_text,
+    json_value,
     payload_text,
 )
 from carwash_jobs.types import JobId
@@ -128,3 +129,17 @@ def test_payload_text_writes_beyond_ascii_as_utf8_and_a_lone_surrogate_as_json_t
 def test_payload_text_refuses_a_value_with_no_json_form_as_json_text_does() -> None:
     with pytest.raises(TypeError, match="not JSON serializable"):
         payload_text({"x": object()})
+
+
+@given(_JSON)
+def test_json_value_reads_what_json_loads_reads(value: Any) -> None:
+    for text in (json_text(value), payload_text({"v": value})):
+        assert json_text(json_value(text)) == json_text(json.loads(text))
+
+
+def test_json_value_reads_a_lone_surrogate_and_refuses_what_is_no_json() -> None:
+    assert json_value('{"note":"\\ud800"}') == {"note": "\ud800"}
+    numbers = "[NaN,-Infinity,100000000000000000000000000001,-0.0,1e+16]"
+    assert json_text(json_value(numbers)) == numbers
+    with pytest.raises(json.JSONDecodeError):
+        json_value('{"n": 1')
