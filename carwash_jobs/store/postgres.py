@@ -59,8 +59,8 @@ from carwash_jobs.store.base import (
     id_time,
     job_row,
     json_text,
+    json_types_text,
     json_value,
-    payload_text,
 )
 from carwash_jobs.types import Clock, JobId, utc_now
 
@@ -898,7 +898,7 @@ async def _insert_plain(
     ids = [job.id for job in jobs]
     await conn.execute(
         INSERT_PLAIN_JOBS, ids, [j.task_type for j in jobs], [j.queue for j in jobs],
-        status_values, [j.priority for j in jobs], [payload_text(j.payload) for j in jobs],
+        status_values, [j.priority for j in jobs], [json_types_text(j.payload) for j in jobs],
         [None if j.context is None else json_text(j.context) for j in jobs],
         [json_text(list(j.tags)) for j in jobs], [j.max_attempts for j in jobs],
         [j.run_at for j in jobs], [j.created_at for j in jobs], [j.rerun_of for j in jobs],

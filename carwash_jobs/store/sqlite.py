@@ -56,8 +56,8 @@ from carwash_jobs.store.base import (
     id_time,
     job_row,
     json_text,
+    json_types_text,
     json_value,
-    payload_text,
 )
 from carwash_jobs.store.sqlite_writer import SqliteTx, SqliteWriter
 from carwash_jobs.types import Clock, JobId, utc_now
@@ -615,7 +615,7 @@ class SqliteJobStore:
         if not completions:
             return Completed(frozenset())
         now = self._clock()
-        batch = _dump([
+        batch = json_types_text([
             {"id": c.job_id, "attempt": c.fence.attempt, "owner": c.fence.owner, "result": c.result}
             for c in completions
         ])
@@ -624,11 +624,11 @@ class SqliteJobStore:
             done = conn.execute(
                 COMPLETE_MANY, {"batch": batch, "now": ts(now), "now_iso": now.isoformat()}
             ).fetchall()
-            ids = _dump([[r[0], r[1]] for r in done])
+            ids = json_types_text([[r[0], r[1]] for r in done])
             conn.execute(INSERT_EVENTS_FOR, {"ids": ids, "now": ts(now), "event": "completed",
                                              "status": "completed", "owner": self._owner})
             woken: list[JobRow] = []
-            waited_on = conn.execute(WITH_DEPENDENTS, {"ids": _dump([r[0] for r in done])})
+            waited_on = conn.execute(WITH_DEPENDENTS, {"ids": json_types_text([r[0] for r in done])})
             for (job_id,) in waited_on.fetchall():
                 freed, _ = _resolve_dependents(conn, job_id, JobStatus.completed, self._owner, now)
                 woken += freed
@@ -928,7 +928,7 @@ def _claimed(
     if not jobs:
         return jobs
     conn.execute(INSERT_EVENTS_FOR, {
-        "ids": _dump([[j.id, j.attempts] for j in jobs]), "now": ts(now), "event": "claimed",
+        "ids": json_types_text([[j.id, j.attempts] for j in jobs]), "now": ts(now), "event": "claimed",
         "status": "running", "owner": owner,
     })
     return jobs
@@ -954,7 +954,7 @@ def _insert_plain(
     for job in jobs:
         status, _ = lifecycle.initial_status(job.run_at, now, {})
         rows.append((
-            job.id, job.task_type, job.queue, status.value, job.priority, payload_text(job.payload),
+            job.id, job.task_type, job.queue, status.value, job.priority, json_types_text(job.payload),
             _dump(job.context), json_text(list(job.tags)) if job.tags else "[]",
             job.max_attempts, stamps[job.run_at], stamps[job.created_at], job.rerun_of,
         ))
@@ -979,7 +979,7 @@ def _insert_enqueued_events(
         if len(ids) == 1:
             conn.execute(INSERT_EVENT, (ids[0][0], ts(now), "enqueued", status, 0, owner, None))
         else:
-            conn.execute(INSERT_EVENTS_FOR, {"ids": json_text(ids), "now": ts(now),
+            conn.execute(INSERT_EVENTS_FOR, {"ids": json_types_text(ids), "now": ts(now),
                                              "event": "enqueued", "status": status, "owner": owner})
 
 
@@ -1000,7 +1000,7 @@ def _insert_each(
         status, error = _start_status(conn, job, now)
         params = {
             "id": job.id, "task_type": job.task_type, "queue": job.queue, "status": status.value,
-            "priority": job.priority, "payload": payload_text(job.payload),
+            "priority": job.priority, "payload": json_types_text(job.payload),
             "context": _dump(job.context), "tags": _dump(list(job.tags)),
             "attempts": 1 if job.claimed_by else 0, "max_attempts": job.max_attempts,
             "run_at": ts(job.run_at), "created_at": ts(job.created_at),

@@ -1,7 +1,7 @@
 """The per-job records: read-only to the type checker; NewJob and DueJob are plain slots
 dataclasses at run time, compared and hashed by their fields as the frozen dataclasses they
 replaced were, and JobRow, which handlers see, stays frozen, also when the stores build it with
-job_row(). And JSON: payload_text() writes what json_text() writes, and json_value() reads what
+job_row(). And JSON: json_types_text() writes what json_text() writes, and json_value() reads what
 json.loads() reads, value for value."""
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from carwash_jobs.store.base import (
     NewJob,
     job_row,
     json_text,
+    json_types_text,
     json_value,
-    payload_text,
 )
 from carwash_jobs.types import JobId
 
@@ -115,25 +115,25 @@ def _read_back(text: str) -> str:
 
 
 @given(st.dictionaries(_TEXT, _JSON, max_size=6))
-def test_payload_text_holds_the_values_json_text_writes(payload: dict[str, Any]) -> None:
-    assert _read_back(payload_text(payload)) == _read_back(json_text(payload))
+def test_json_types_text_holds_the_values_json_text_writes(payload: dict[str, Any]) -> None:
+    assert _read_back(json_types_text(payload)) == _read_back(json_text(payload))
 
 
-def test_payload_text_writes_beyond_ascii_as_utf8_and_a_lone_surrogate_as_json_text_does() -> None:
-    assert payload_text({"name": "Zoë 🚗", "n": 1.5}) == '{"name":"Zoë 🚗","n":1.5}'
+def test_json_types_text_writes_beyond_ascii_as_utf8_and_a_lone_surrogate_as_json_text_does() -> None:
+    assert json_types_text({"name": "Zoë 🚗", "n": 1.5}) == '{"name":"Zoë 🚗","n":1.5}'
     lone = {"note": "\ud800"}
-    assert payload_text(lone) == json_text(lone) == '{"note":"\\ud800"}'
-    assert payload_text({"x": float("nan"), "y": float("-inf")}) == '{"x":NaN,"y":-Infinity}'
+    assert json_types_text(lone) == json_text(lone) == '{"note":"\\ud800"}'
+    assert json_types_text({"x": float("nan"), "y": float("-inf")}) == '{"x":NaN,"y":-Infinity}'
 
 
-def test_payload_text_refuses_a_value_with_no_json_form_as_json_text_does() -> None:
+def test_json_types_text_refuses_a_value_with_no_json_form_as_json_text_does() -> None:
     with pytest.raises(TypeError, match="not JSON serializable"):
-        payload_text({"x": object()})
+        json_types_text({"x": object()})
 
 
 @given(_JSON)
 def test_json_value_reads_what_json_loads_reads(value: Any) -> None:
-    for text in (json_text(value), payload_text({"v": value})):
+    for text in (json_text(value), json_types_text({"v": value})):
         assert json_text(json_value(text)) == json_text(json.loads(text))
 
 

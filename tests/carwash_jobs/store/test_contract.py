@@ -1198,6 +1198,7 @@ async def test_complete_many_records_each_completion_and_frees_the_dependents(
     assert (await store.get(a.id)).result == {"ok": 1}
 
 
+
 async def test_a_claim_under_a_limit_records_its_claimed_event(
     store: JobStore, clock: ManualClock
 ) -> None:
@@ -1289,12 +1290,12 @@ async def test_a_bulk_insert_of_plain_jobs_reads_back_as_returned(
 
 
 
-async def test_payload_text_beyond_ascii_and_a_lone_surrogate_read_back_the_same(
+async def test_payload_text_beyond_ascii_and_a_lone_surrogate_reads_back_the_same(
     store: JobStore, clock: ManualClock
 ) -> None:
     """Through the bulk path of plain jobs and through the one-by-one path (a job with a key):
     text beyond ASCII may be written as UTF-8 or as escapes, and a lone surrogate, which UTF-8
-    cannot hold, only as an escape (see payload_text)."""
+    cannot hold, only as an escape (see json_types_text)."""
     payloads: list[dict[str, Any]] = [
         {"name": "Zoë 🚗 Ø"}, {"note": "\ud800 alone"}, {"n": 1.5, "list": ["ß", None]},
     ]
