@@ -301,12 +301,12 @@ FOLD_COUNTS_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('carwash_jobs.fold
 COMPLETE_MANY = """
 WITH locked AS (
   SELECT id FROM worker_queue WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE)
-UPDATE worker_queue w SET status = 'completed', result = c.result, error = NULL,
+UPDATE worker_queue w SET status = 'completed', result = c.result::json, error = NULL,
   error_traceback = NULL, finished_at = $5, lease_owner = NULL, lease_until = NULL,
   attempt_history = (w.attempt_history::jsonb || jsonb_build_array(jsonb_build_object(
     'attempt', w.attempts, 'outcome', 'completed', 'owner', w.lease_owner,
     'finished_at', $6::text, 'error', NULL)))::json
-FROM unnest($1::text[], $2::int[], $3::text[], $4::json[]) AS c(id, attempt, owner, result),
+FROM unnest($1::text[], $2::int[], $3::text[], $4::text[]) AS c(id, attempt, owner, result),
   locked
 WHERE w.id = c.id AND w.id = locked.id AND w.status = 'running' AND w.attempts = c.attempt
   AND w.lease_owner = c.owner
@@ -614,7 +614,9 @@ class PostgresJobStore:
             done = await conn.fetch(
                 COMPLETE_MANY, [c.job_id for c in completions],
                 [c.fence.attempt for c in completions], [c.fence.owner for c in completions],
-                [c.result for c in completions], now, now.isoformat(), self._owner,
+                # as text: asyncpg would read a list result inside the array as a dimension
+                [None if c.result is None else json_types_text(c.result) for c in completions],
+                now, now.isoformat(), self._owner,
             )
             woken: list[JobRow] = []
             for (job_id,) in await conn.fetch(WITH_DEPENDENTS, [r[0] for r in done]):

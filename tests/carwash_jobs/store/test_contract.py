@@ -1199,6 +1199,28 @@ async def test_complete_many_records_each_completion_and_frees_the_dependents(
 
 
 
+async def test_completed_results_read_back_the_same_whatever_their_text(
+    store: JobStore, clock: ManualClock
+) -> None:
+    """Results of every JSON shape in one batch, each read back as returned: text beyond ASCII,
+    a lone surrogate (which UTF-8 cannot hold), lists (PostgreSQL once took a list inside the
+    batch's array for a dimension of it: a list result was stored as its first element, and
+    results of mixed shapes failed the whole batch), a big integer, a bare number, none."""
+    from carwash_jobs.store.base import Completion
+
+    results: list[Any] = [
+        {"name": "Zoë 🚗"}, "\ud800 alone", [10**30, 1.5, None, True], ["a"], 7, None,
+    ]
+    jobs = [await claimed(store, clock) for _ in results]
+
+    done = await store.complete_many(
+        [Completion(j.id, j.fence, r) for j, r in zip(jobs, results, strict=True)]
+    )
+
+    assert done.completed == {j.id for j in jobs}
+    rows = {row.id: row for row in await store.get_many([j.id for j in jobs])}
+    assert [rows[j.id].result for j in jobs] == results
+
 async def test_a_claim_under_a_limit_records_its_claimed_event(
     store: JobStore, clock: ManualClock
 ) -> None:
