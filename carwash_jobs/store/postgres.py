@@ -59,7 +59,6 @@ from carwash_jobs.store.base import (
     id_time,
     job_row,
     json_text,
-    json_types_text,
     json_value,
 )
 from carwash_jobs.types import Clock, JobId, utc_now
@@ -615,7 +614,7 @@ class PostgresJobStore:
                 COMPLETE_MANY, [c.job_id for c in completions],
                 [c.fence.attempt for c in completions], [c.fence.owner for c in completions],
                 # as text: asyncpg would read a list result inside the array as a dimension
-                [None if c.result is None else json_types_text(c.result) for c in completions],
+                [None if c.result is None else json_text(c.result) for c in completions],
                 now, now.isoformat(), self._owner,
             )
             woken: list[JobRow] = []
@@ -900,7 +899,7 @@ async def _insert_plain(
     ids = [job.id for job in jobs]
     await conn.execute(
         INSERT_PLAIN_JOBS, ids, [j.task_type for j in jobs], [j.queue for j in jobs],
-        status_values, [j.priority for j in jobs], [json_types_text(j.payload) for j in jobs],
+        status_values, [j.priority for j in jobs], [json_text(j.payload) for j in jobs],
         [None if j.context is None else json_text(j.context) for j in jobs],
         [json_text(list(j.tags)) for j in jobs], [j.max_attempts for j in jobs],
         [j.run_at for j in jobs], [j.created_at for j in jobs], [j.rerun_of for j in jobs],

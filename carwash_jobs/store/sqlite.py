@@ -615,7 +615,9 @@ class SqliteJobStore:
         if not completions:
             return Completed(frozenset())
         now = self._clock()
-        batch = json_types_text([
+        # json_text, not json_types_text: the processor has checked that each result has a JSON
+        # form, not that it holds JSON types only ({None: 1} is written {"null": 1} by json_text)
+        batch = json_text([
             {"id": c.job_id, "attempt": c.fence.attempt, "owner": c.fence.owner, "result": c.result}
             for c in completions
         ])
