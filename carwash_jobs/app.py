@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from pydantic import SecretStr
 
 from carwash_jobs import gc_tuning
 from carwash_jobs.errors import CarwashError, ConfigurationError
-from carwash_jobs.registry import TaskRegistry
+from carwash_jobs.registry import TaskDefaults, TaskRegistry
 from carwash_jobs.runtime import Role, Runtime
 
 if TYPE_CHECKING:
@@ -33,7 +34,11 @@ if TYPE_CHECKING:
 
 
 def build_registry(settings: Settings) -> TaskRegistry:
-    return TaskRegistry.load(settings.task_types)
+    defaults = TaskDefaults(
+        max_attempts=settings.default_max_attempts,
+        timeout=timedelta(seconds=settings.default_timeout_seconds),
+    )
+    return TaskRegistry.load(settings.task_types, defaults)
 
 
 def build_runtime(

@@ -451,7 +451,7 @@ class QueueProcessor:
             task_type = self._registry.get(job.task_type)
             payload = task_type.validate_payload(job.payload)
             ctx = self._context(job, state)
-            timeout = task_type.options.timeout
+            timeout = self._registry.timeout(task_type)
             # no scope for a task type without a timeout: asyncio.timeout(None) costs 1.7 us a
             # job, a null context 0.3 (measured)
             scope = asyncio.timeout(timeout.total_seconds()) if timeout else contextlib.nullcontext()

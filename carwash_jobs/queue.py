@@ -156,7 +156,7 @@ class JobQueue:
         run_at = _run_at(options, now)
         queue = options.queue or task_type.options.queue
         priority = task_type.options.priority if options.priority is None else options.priority
-        max_attempts = _max_attempts(options, task_type)
+        max_attempts = _max_attempts(options, self.registry.max_attempts(task_type))
         tags = tuple(_tags(options.tags))
         context = _context(options.context)
         depends_on = tuple(dict.fromkeys(options.depends_on))
@@ -445,9 +445,9 @@ def _run_at(options: EnqueueOptions, now: datetime) -> datetime:
     return now
 
 
-def _max_attempts(options: EnqueueOptions, task_type: AnyTaskType) -> int:
+def _max_attempts(options: EnqueueOptions, task_type_default: int) -> int:
     if options.max_attempts is None:
-        return task_type.options.max_attempts
+        return task_type_default
     if options.max_attempts < 1:
         raise InvalidPayload("max_attempts", "must be >= 1")
     return options.max_attempts

@@ -7,13 +7,14 @@ validation and the dashboard entry are all derived from this one object.
 
 from __future__ import annotations
 
+import enum
 import functools
 import importlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -34,14 +35,26 @@ Handler = Callable[["JobContext", PayloadT], Awaitable[ResultT]]
 Hook = Callable[["JobRow"], Awaitable[None]]
 
 
+class _Setting(enum.Enum):
+    SETTING = "setting"
+
+
+#: an option a task type leaves to the process's settings (TaskDefaults)
+FROM_SETTINGS: Literal[_Setting.SETTING] = _Setting.SETTING
+
+
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
-    """Defaults for a task type's jobs; an enqueue may override priority, queue, max_attempts."""
+    """Defaults for a task type's jobs; an enqueue may override priority, queue, max_attempts.
 
-    max_attempts: int = 5
+    `max_attempts` and `timeout` left unset come from the process's settings
+    (`default_max_attempts`, `default_timeout_seconds`: TaskDefaults); a timeout of None means
+    none at all."""
+
+    max_attempts: int | Literal[_Setting.SETTING] = FROM_SETTINGS
     priority: int = 0
     queue: str = "default"
-    timeout: timedelta | None = timedelta(minutes=30)
+    timeout: timedelta | Literal[_Setting.SETTING] | None = FROM_SETTINGS
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     #: jobs of this type running at once across the fleet (every process on the database,
     #: enforced by the claim); None: any
@@ -139,17 +152,31 @@ def _list_adapter(model: type[BaseModel]) -> TypeAdapter[list[Any]]:
 AnyTaskType = TaskType[Any, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class TaskDefaults:
+    """What a task type's options leave to the process: the settings `default_max_attempts`
+    and `default_timeout_seconds`, whose defaults these are."""
+
+    max_attempts: int = 5
+    timeout: timedelta | None = timedelta(minutes=30)
+
+
 class TaskRegistry:
     """Every task type this process knows, by name and by route slug."""
 
-    def __init__(self, task_types: Sequence[AnyTaskType] = ()) -> None:
+    def __init__(
+        self, task_types: Sequence[AnyTaskType] = (), defaults: TaskDefaults = TaskDefaults()
+    ) -> None:
         self._by_name: dict[str, AnyTaskType] = {}
+        self.defaults = defaults
         for task_type in task_types:
             self.register(task_type)
 
     @classmethod
-    def load(cls, module_paths: Sequence[str]) -> TaskRegistry:
-        registry = cls()
+    def load(
+        cls, module_paths: Sequence[str], defaults: TaskDefaults = TaskDefaults()
+    ) -> TaskRegistry:
+        registry = cls(defaults=defaults)
         for path in module_paths:
             try:
                 module = importlib.import_module(path)
@@ -167,6 +194,16 @@ class TaskRegistry:
         if task_type.name in self._by_name:
             raise ConfigurationError(f"task type {task_type.name!r} is registered twice")
         self._by_name[task_type.name] = task_type
+
+    def max_attempts(self, task_type: AnyTaskType) -> int:
+        """The attempts a job of `task_type` gets when its enqueue sets none."""
+        value = task_type.options.max_attempts
+        return self.defaults.max_attempts if value is FROM_SETTINGS else value
+
+    def timeout(self, task_type: AnyTaskType) -> timedelta | None:
+        """The longest a handler of `task_type` may run; None: no limit."""
+        value = task_type.options.timeout
+        return self.defaults.timeout if value is FROM_SETTINGS else value
 
     def get(self, name: str) -> AnyTaskType:
         try:

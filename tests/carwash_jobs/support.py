@@ -15,7 +15,14 @@ from pydantic import BaseModel, Field
 from carwash_jobs.processor import ProcessorConfig, QueueProcessor
 from carwash_jobs.queue import EnqueueOptions, JobQueue
 from carwash_jobs.ready import QueueMode, ReadyQueue
-from carwash_jobs.registry import AnyTaskType, TaskHooks, TaskOptions, TaskRegistry, TaskType
+from carwash_jobs.registry import (
+    AnyTaskType,
+    TaskDefaults,
+    TaskHooks,
+    TaskOptions,
+    TaskRegistry,
+    TaskType,
+)
 from carwash_jobs.retry import RetryPolicy
 from carwash_jobs.scheduler import Scheduler
 from carwash_jobs.store.sqlite import SqliteJobStore
@@ -114,8 +121,12 @@ def task_type(
     return TaskType(name, Item, handler, options=opts, hooks=hooks or TaskHooks())
 
 
-def registry_with(*extra: AnyTaskType) -> TaskRegistry:
-    return TaskRegistry([NOOP, ORDER, *extra])
+#: the settings' own defaults (default_max_attempts, default_timeout_seconds)
+SETTINGS_DEFAULTS = TaskDefaults()
+
+
+def registry_with(*extra: AnyTaskType, defaults: TaskDefaults = SETTINGS_DEFAULTS) -> TaskRegistry:
+    return TaskRegistry([NOOP, ORDER, *extra], defaults)
 
 
 # -- databases ------------------------------------------------------------------------------
@@ -211,11 +222,13 @@ class Harnesses:
         weights: Mapping[str, int] | None = None,
         metrics: Metrics | None = None,
         handoff: bool = True,
+        defaults: TaskDefaults = SETTINGS_DEFAULTS,
     ) -> Harness:
         if store is None:  # a store passed in is opened by the test, closed by the harness
             store = await open_sqlite(self.url, owner=owner, clock=clock)
         ready = ReadyQueue(queue_mode, weights)
-        queue = JobQueue(store, registry_with(*task_types), ready=ready, clock=clock)
+        queue = JobQueue(store, registry_with(*task_types, defaults=defaults), ready=ready,
+                         clock=clock)
         processor = QueueProcessor(
             queue, owner=owner, clock=clock, metrics=metrics,
             config=ProcessorConfig(

@@ -1,14 +1,22 @@
-"""Tests for the HTTP half of carwash_jobs/app.py: the API token kept beside the database, and
-create_app's refusals. (The app itself is tested through tests/endpoints/.)"""
+"""Tests for carwash_jobs/app.py: the API token kept beside the database, create_app's
+refusals, and the registry's defaults from the settings. (The app itself is tested through
+tests/endpoints/.)"""
 
 from __future__ import annotations
 
 import stat
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import pytest
 
-from carwash_jobs.app import TOKEN_FILE_NAME, create_app, ensure_api_token, token_path
+from carwash_jobs.app import (
+    TOKEN_FILE_NAME,
+    build_registry,
+    create_app,
+    ensure_api_token,
+    token_path,
+)
 from carwash_jobs.errors import ConfigurationError
 from carwash_jobs.settings import Settings, load_settings
 
@@ -80,3 +88,15 @@ def test_create_app_needs_a_token(tmp_path: Path) -> None:
 def test_create_app_refuses_the_worker_role(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="worker"):
         create_app(settings_in(tmp_path, api_token="t"), role="worker")
+
+
+def test_the_registry_takes_attempts_and_timeout_defaults_from_the_settings(tmp_path: Path) -> None:
+    """The sample echo task type sets max_attempts (3) and leaves its timeout to the settings."""
+    registry = build_registry(
+        settings_in(tmp_path, default_max_attempts=9, default_timeout_seconds=7.5)
+    )
+    echo = registry.get("echo")
+
+    assert registry.defaults.max_attempts == 9
+    assert registry.max_attempts(echo) == 3
+    assert registry.timeout(echo) == timedelta(seconds=7.5)

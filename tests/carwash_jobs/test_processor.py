@@ -16,11 +16,12 @@ from carwash_jobs import lifecycle
 from carwash_jobs.errors import IllegalTransition, JobNotFound, PermanentError, RetryLater
 from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
 from carwash_jobs.metrics import Metrics
-from carwash_jobs.registry import TaskHooks
+from carwash_jobs.registry import TaskDefaults, TaskHooks, TaskOptions, TaskType
 from carwash_jobs.retry import RetryPolicy
 from carwash_jobs.store.base import DueJob, FailedFilter
 from carwash_jobs.store.sqlite import SqliteJobStore
 from tests.carwash_jobs.support import (
+    FAST_RETRY,
     OWNER,
     Calls,
     Gate,
@@ -657,6 +658,25 @@ async def test_a_handler_past_its_timeout_is_stopped_recorded_as_timeout_and_ret
     assert (row.status, row.attempts) == (S.failed, 2)
     assert outcomes(row) == ["timeout", "timeout"]
     assert (row.error or "").startswith("timed out after")
+
+
+async def test_a_task_type_without_its_own_timeout_and_attempts_takes_the_settings_ones(
+    harnesses: Harnesses,
+) -> None:
+    """default_timeout_seconds and default_max_attempts, through the registry's defaults."""
+
+    async def hangs(ctx: JobContext, payload: Item) -> None:
+        await asyncio.Event().wait()
+
+    h = await harnesses.make(
+        TaskType("hang", Item, hangs, TaskOptions(retry=FAST_RETRY)),
+        defaults=TaskDefaults(max_attempts=2, timeout=timedelta(milliseconds=30)),
+    )
+    job = await h.enqueue("hang")
+    await h.run_until_idle(include_timers=True)
+    row = await h.get(job.id)
+    assert (row.status, row.attempts, row.max_attempts) == (S.failed, 2, 2)
+    assert outcomes(row) == ["timeout", "timeout"]
 
 
 @pytest.mark.parametrize("limit", [timedelta(minutes=5), None], ids=["timed", "untimed"])

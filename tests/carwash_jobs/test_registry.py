@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from carwash_jobs.errors import ConfigurationError, InvalidPayload, UnknownTaskType
-from carwash_jobs.registry import TaskOptions, TaskRegistry, TaskType
+from carwash_jobs.registry import FROM_SETTINGS, TaskDefaults, TaskOptions, TaskRegistry, TaskType
 from tests.carwash_jobs.support import NOOP, ORDER, Item, Order, noop, registry_with
 
 
@@ -56,11 +56,26 @@ def test_route_slug_defaults_to_the_name_with_hyphens() -> None:
 
 def test_task_options_have_documented_defaults() -> None:
     options = TaskOptions()
-    assert options.max_attempts == 5
+    assert options.max_attempts is FROM_SETTINGS
     assert options.priority == 0
     assert options.queue == "default"
-    assert options.timeout == timedelta(minutes=30)
+    assert options.timeout is FROM_SETTINGS
     assert options.concurrency is None
+
+
+def test_attempts_and_timeout_left_unset_come_from_the_registry_defaults() -> None:
+    unset = TaskType("unset", Item, noop)
+    own = TaskType("own", Item, noop, TaskOptions(max_attempts=3, timeout=timedelta(seconds=9)))
+    no_limit = TaskType("no_limit", Item, noop, TaskOptions(timeout=None))
+
+    settled = TaskRegistry([unset, own, no_limit])
+    configured = TaskRegistry([unset, own, no_limit],
+                              TaskDefaults(max_attempts=2, timeout=timedelta(seconds=5)))
+
+    assert (settled.max_attempts(unset), settled.timeout(unset)) == (5, timedelta(minutes=30))
+    assert (configured.max_attempts(unset), configured.timeout(unset)) == (2, timedelta(seconds=5))
+    assert (configured.max_attempts(own), configured.timeout(own)) == (3, timedelta(seconds=9))
+    assert configured.timeout(no_limit) is None
 
 
 def test_registry_finds_task_types_by_name_and_by_slug() -> None:

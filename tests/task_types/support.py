@@ -66,7 +66,7 @@ def fast_retries(registry: TaskRegistry) -> TaskRegistry:
     return TaskRegistry([
         dataclasses.replace(t, options=dataclasses.replace(t.options, retry=FAST_RETRY))
         for t in registry
-    ])
+    ], registry.defaults)
 
 
 @dataclass
