@@ -190,10 +190,12 @@ class Cluster:
         return {r[0]: Job(r[0], r[1], r[2], json.loads(r[3])) for r in rows}
 
     def records(self) -> list[Record]:
+        """The complete lines of the record file: a worker may be writing the last one."""
         if not self.record_file.exists():
             return []
         out = []
-        for line in self.record_file.read_text(encoding="utf-8").splitlines():
+        text = self.record_file.read_text(encoding="utf-8")
+        for line in text[: text.rfind("\n") + 1].splitlines():
             parts = line.split()
             if len(parts) == 3:
                 parts.insert(0, "run")

@@ -91,12 +91,15 @@ def test_sigterm_while_busy_leaves_no_job_stranded_in_running(cluster: Cluster) 
     stopped: list[Worker] = []
     for round_ in range(BUSY_ROUNDS):
         worker = cluster.start_worker(**SETTINGS, CARWASH_CONCURRENCY="1")
-        target = (round_ + 1) * BUSY_RECORDS_PER_ROUND
 
-        def reached(target: int = target) -> bool:
-            return cluster.record_count() >= target
+        # this worker's own records: a count over all of them could already stand at the
+        # round's target when a fast worker before it overshot, and the SIGTERM would then
+        # reach the new process before it had set up its signal handlers
+        def reached(worker: Worker = worker) -> bool:
+            ran = sum(1 for r in cluster.records() if r.pid == worker.pid)
+            return ran >= BUSY_RECORDS_PER_ROUND
 
-        cluster.wait_for(f"{target} records", reached, timeout=60)
+        cluster.wait_for(f"{BUSY_RECORDS_PER_ROUND} records of {worker.name}", reached, timeout=60)
         took = _stop(worker)
         stopped.append(worker)
         counts = cluster.counts()
