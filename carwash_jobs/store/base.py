@@ -39,8 +39,8 @@ def json_text(value: Any) -> str:
     """A JSON column's text, as both stores write it. The standard library's encoder, not a
     faster one: msgspec and orjson store NaN as null (a retry then reads another payload),
     refuse bool keys and lone surrogates, and accept datetimes and sets that would read back as
-    text and lists. Raises TypeError or ValueError for a value with no JSON form. (Values known to
-    hold JSON types only, such as payloads, go through json_types_text.)"""
+    text and lists. Raises TypeError or ValueError for a value with no JSON form. (The SQLite store
+    writes payloads and event id lists, which hold JSON types only, with json_types_text.)"""
     return _encode_json(value)
 
 
