@@ -647,14 +647,14 @@ def _describe(exc: BaseException) -> str:
 
 def _completed(result: Any) -> Outcome:
     """The result as it will be stored, checked here, per job: completions are written many at
-    a time, and one value with no JSON form would fail them all. Such a result is a bug in the
-    handler, and another attempt would return the same: the job fails for good."""
+    a time, and one value with no JSON form (NaN included, which a model's float field takes)
+    would fail them all. Such a result is a bug in the handler, and another attempt would
+    return the same: the job fails for good."""
     try:
-        if isinstance(result, BaseModel):
-            return Completed(result.model_dump(mode="json"))
-        if result is not None:
-            json_text(result)
-    except (TypeError, ValueError, RecursionError) as exc:  # ValueError: a circular value, or
-        return Permanent(f"the result is not JSON: {exc}", None)  # pydantic's own refusal
-    return Completed(result)
+        value = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        if value is not None:
+            json_text(value)
+    except (TypeError, ValueError, RecursionError) as exc:  # ValueError: a circular value, NaN,
+        return Permanent(f"the result is not JSON: {exc}", None)  # or pydantic's own refusal
+    return Completed(value)
 

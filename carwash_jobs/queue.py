@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -29,6 +30,7 @@ from carwash_jobs.store.base import (
     T,
     Tx,
     TxFn,
+    json_types_text,
 )
 from carwash_jobs.types import Clock, JobId, new_job_ids, utc_now
 
@@ -131,6 +133,13 @@ class JobQueue:
         """Validate and fill in defaults: the row this enqueue would write."""
         task_type = self.registry.get(task_type_name)
         payload_json = task_type.validate_payload(payload).model_dump(mode="json")
+        try:  # here, not in the store: concurrent single enqueues share one insert (batcher.py)
+            json_types_text(payload_json)
+        except ValueError as exc:
+            refused = _non_finite_field([payload_json], bulk=False)
+            if refused is None:
+                raise
+            raise refused from exc
         (job,) = self._new_jobs(task_type, [payload_json], options, rerun_of)
         return job
 
@@ -226,10 +235,17 @@ class JobQueue:
         payloads: Iterable[Mapping[str, Any] | BaseModel],
         options: EnqueueOptions = EnqueueOptions(),
     ) -> list[Inserted]:
-        """Bulk enqueue: every row in one commit."""
+        """Bulk enqueue: every row in one commit, or none."""
         if options.idempotency_key is not None:
             raise InvalidPayload("idempotency_key", "cannot be shared by a bulk enqueue")
-        return await self.insert(self.build_many(task_type, payloads, options))
+        jobs = self.build_many(task_type, payloads, options)
+        try:
+            return await self.insert(jobs)
+        except ValueError as exc:  # the store's encoder refused a payload, before any write
+            refused = _non_finite_field([job.payload for job in jobs], bulk=True)
+            if refused is None:
+                raise
+            raise refused from exc
 
     async def insert(self, jobs: Sequence[NewJob], *, tx: Tx | None = None) -> list[Inserted]:
         if tx is None and len(jobs) == 1 and jobs[0].plain:
@@ -465,6 +481,31 @@ def _tags(tags: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
+def _non_finite_field(payloads: Sequence[Mapping[str, Any]], *, bulk: bool) -> InvalidPayload | None:
+    """The first field that holds NaN or an infinity, named as pydantic names a wrong field
+    (`amount`; `payloads.3.amount` in a bulk enqueue). A float field accepts them, but JSON has
+    no word for them and neither store writes them."""
+    for index, payload in enumerate(payloads):
+        path = _non_finite_at(payload)
+        if path is not None:
+            field = ["payloads", index, *path] if bulk else path
+            return InvalidPayload(".".join(map(str, field)), "NaN and infinities have no JSON form")
+    return None
+
+
+def _non_finite_at(value: Any) -> list[str | int] | None:
+    if isinstance(value, float):
+        return None if math.isfinite(value) else []
+    items = value.items() if isinstance(value, Mapping) else (
+        enumerate(value) if isinstance(value, list) else ()
+    )
+    for key, item in items:
+        where = _non_finite_at(item)
+        if where is not None:
+            return [key, *where]
+    return None
+
+
 def _context(context: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if context is None:
         return None
@@ -473,7 +514,7 @@ def _context(context: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(context, Mapping):
         raise InvalidPayload("context", "must be a JSON object")
     try:
-        size = len(json.dumps(context))
+        size = len(json.dumps(context, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise InvalidPayload("context", f"must be JSON: {exc}") from exc
     if size > MAX_CONTEXT_BYTES:

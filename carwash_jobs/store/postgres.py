@@ -64,7 +64,7 @@ from carwash_jobs.store.base import (
 from carwash_jobs.types import Clock, JobId, utc_now
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 
     from carwash_jobs.lifecycle import Fence
 
@@ -436,6 +436,20 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     which runs its own SQL, gets the full reset (see transaction)."""
 
 
+@contextlib.contextmanager
+def _encoder_errors() -> Iterator[None]:
+    """asyncpg reports what the json codec's encoder (json_text) refused, NaN or a value with
+    no JSON form, as a DataError of the statement; raise the encoder's own TypeError or
+    ValueError instead, as the SQLite store does, so callers meet one error on both stores."""
+    try:
+        yield
+    except asyncpg.DataError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, (TypeError, ValueError)):
+            raise type(cause)(*cause.args) from exc
+        raise
+
+
 @contextlib.asynccontextmanager
 async def _transaction(pool: asyncpg.Pool, *, callers_sql: bool) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection in a transaction. When a caller's own SQL runs in it, the session
@@ -538,11 +552,12 @@ class PostgresJobStore:
 
     # -- writes ------------------------------------------------------------------------
     async def insert(self, jobs: Sequence[NewJob], tx: Tx | None = None) -> list[Inserted]:
-        if tx is not None:
-            assert isinstance(tx, PostgresTx), "a PostgresJobStore joins only its own transactions"
-            return await _insert(tx.conn, jobs, self._owner, self._clock())
-        async with self.pool.acquire() as conn, conn.transaction():
-            return await _insert(conn, jobs, self._owner, self._clock())
+        with _encoder_errors():
+            if tx is not None:
+                assert isinstance(tx, PostgresTx), "a PostgresJobStore joins only its own transactions"
+                return await _insert(tx.conn, jobs, self._owner, self._clock())
+            async with self.pool.acquire() as conn, conn.transaction():
+                return await _insert(conn, jobs, self._owner, self._clock())
 
     async def claim(
         self, ids: Sequence[JobId], owner: str, lease_until: datetime,
@@ -583,13 +598,14 @@ class PostgresJobStore:
         before: TxFn[None] | None = None,
     ) -> Applied:
         now = self._clock()
-        async with _transaction(self.pool, callers_sql=before is not None) as conn:
-            if before is not None:
-                await before(PostgresTx(conn))
-            applied = await _apply(conn, transition, self._owner, now)
-            if not follow_ups:
-                return applied
-            return applied.with_follow_ups(await _insert(conn, follow_ups, self._owner, now))
+        with _encoder_errors():
+            async with _transaction(self.pool, callers_sql=before is not None) as conn:
+                if before is not None:
+                    await before(PostgresTx(conn))
+                applied = await _apply(conn, transition, self._owner, now)
+                if not follow_ups:
+                    return applied
+                return applied.with_follow_ups(await _insert(conn, follow_ups, self._owner, now))
 
     async def apply_many(self, transitions: Sequence[Transition]) -> list[Applied | Exception]:
         now = self._clock()
@@ -634,10 +650,11 @@ class PostgresJobStore:
         total: int | None = None,
         checkpoint: dict[str, Any] | None = None,
     ) -> bool:
-        status: str = await self.pool.execute(
-            SAVE_PROGRESS, job_id, fence.attempt, fence.owner, done, done is not None, total,
-            checkpoint,
-        )
+        with _encoder_errors():
+            status: str = await self.pool.execute(
+                SAVE_PROGRESS, job_id, fence.attempt, fence.owner, done, done is not None, total,
+                checkpoint,
+            )
         return status.endswith(" 1")
 
     async def extend_leases(

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from pydantic import BaseModel
 
 from carwash_jobs import lifecycle
 from carwash_jobs.errors import IllegalTransition, JobNotFound, PermanentError, RetryLater
@@ -83,24 +84,29 @@ async def test_a_result_that_is_not_json_fails_its_own_job_and_no_other(
     harnesses: Harnesses,
 ) -> None:
     """Completions are written many at a time: one result the store cannot encode must not
-    take its batch down with it (the others would run again once their leases ran out)."""
+    take its batch down with it (the others would run again once their leases ran out). NaN
+    and the infinities are such results, also inside a model (a float field takes them)."""
 
     circular: list[Any] = []
     circular.append(circular)
 
+    class Mean(BaseModel):
+        mean: float
+
     async def handle(ctx: JobContext, payload: Item) -> Any:
-        return {0: object(), 1: circular}.get(payload.n, {"n": payload.n})
+        odd = {0: object(), 1: circular, 2: {"mean": float("nan")}, 3: Mean(mean=float("inf"))}
+        return odd.get(payload.n, {"n": payload.n})
 
     h = await harnesses.make(task_type("odd", handle, max_attempts=3))
-    jobs = await h.queue.enqueue_many("odd", [{"n": n} for n in range(4)])
+    jobs = await h.queue.enqueue_many("odd", [{"n": n} for n in range(6)])
     await h.run_until_idle()
-    *bad, good_2, good_3 = [await h.get(j.job.id) for j in jobs]
-    for row in bad:  # a TypeError, then a ValueError: each would fail the same way again
+    *bad, good_4, good_5 = [await h.get(j.job.id) for j in jobs]
+    for row in bad:  # each would fail the same way again
         assert (row.status, row.attempts) == (S.failed, 1)
         assert row.error is not None
         assert "not JSON" in row.error
-    assert [(g.status, g.result) for g in (good_2, good_3)] == [
-        (S.completed, {"n": 2}), (S.completed, {"n": 3})
+    assert [(g.status, g.result) for g in (good_4, good_5)] == [
+        (S.completed, {"n": 4}), (S.completed, {"n": 5})
     ]
 
 
@@ -1143,6 +1149,29 @@ async def test_a_checkpoint_saved_in_one_attempt_is_seen_by_the_next(harnesses: 
     assert (row.status, row.result) == (S.completed, 50)
     assert (row.progress_done, row.progress_total) == (100, 100)
     assert row.checkpoint == {"cursor": 50}
+
+
+async def test_a_checkpoint_holding_nan_raises_in_the_handler_and_keeps_the_one_before(
+    harnesses: Harnesses,
+) -> None:
+    refused: list[str] = []
+
+    async def averaging(ctx: JobContext, payload: Item) -> str:
+        await ctx.save_checkpoint({"cursor": 10, "mean": 2.5}, done=10, total=20)
+        try:
+            await ctx.save_checkpoint({"cursor": 20, "mean": float("nan")}, done=20, total=20)
+        except ValueError as exc:
+            refused.append(str(exc))
+        return "done"
+
+    h = await harnesses.make(task_type("averaging", averaging))
+    job = await h.enqueue("averaging")
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert len(refused) == 1  # Python 3.12 adds ": nan"
+    assert refused[0].startswith("Out of range float values are not JSON compliant")
+    assert (row.status, row.checkpoint) == (S.completed, {"cursor": 10, "mean": 2.5})
+    assert (row.progress_done, row.progress_total) == (10, 20)
 
 
 # -- middleware, hooks, concurrency ---------------------------------------------------------

@@ -4,10 +4,12 @@ in its ReadyQueue."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from pydantic import BaseModel
 
 from carwash_jobs import lifecycle
 from carwash_jobs.errors import (
@@ -19,11 +21,15 @@ from carwash_jobs.errors import (
 )
 from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
 from carwash_jobs.queue import MAX_CONTEXT_BYTES, TIMER_HORIZON_SECONDS, EnqueueOptions
-from carwash_jobs.store.base import FailedFilter
+from carwash_jobs.registry import TaskType
+from carwash_jobs.store.base import FailedFilter, Inserted
 from carwash_jobs.types import JobId
 from tests.carwash_jobs.support import OWNER, Calls, Item, noop, task_type
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from carwash_jobs.context import JobContext
     from carwash_jobs.queue import JobQueue
     from carwash_jobs.store.base import JobRow, Tx
     from tests.carwash_jobs.support import Harness, Harnesses, ManualClock
@@ -110,6 +116,7 @@ async def test_a_run_at_in_the_past_is_due_now(idle: Harness, clock: ManualClock
         ({"tags": "vip"}, "tags"),
         ({"context": {"blob": "x" * MAX_CONTEXT_BYTES}}, "context"),
         ({"context": {"when": datetime(2030, 1, 1, tzinfo=UTC)}}, "context"),
+        ({"context": {"ratio": float("nan")}}, "context"),
     ],
 )
 async def test_invalid_options_are_rejected_naming_the_field_and_nothing_is_written(
@@ -183,6 +190,60 @@ async def test_enqueue_many_names_the_first_wrong_payload_and_writes_none(idle: 
     assert caught.value.field == "payloads.2.n"
     assert idle.rows() == 0
     assert len(idle.queue.ready or ()) == 0
+
+
+class _Readings(BaseModel):
+    site: str = "bay 1"
+    values: list[float] = []
+
+
+async def _record_readings(ctx: JobContext, payload: _Readings) -> None:
+    return None
+
+
+@pytest.fixture
+async def readings(harnesses: Harnesses, clock: ManualClock) -> Harness:
+    """A task type with a float field, which takes NaN and the infinities; JSON has no word
+    for them."""
+    return await harnesses.make(TaskType("readings", _Readings, _record_readings), clock=clock,
+                                start=False)
+
+
+async def test_a_payload_holding_nan_is_refused_naming_the_field_and_others_are_not_held_up(
+    readings: Harness,
+) -> None:
+    """Concurrent single enqueues share one insert: the refusal comes before it, so the jobs
+    enqueued beside this one are written."""
+    good = [{"values": [float(n)]} for n in range(3)]
+    bad = {"values": [1.5, float("nan")]}
+
+    results = await asyncio.gather(*(readings.queue.enqueue("readings", p) for p in [*good, bad]),
+                                   return_exceptions=True)
+
+    *written, refused = results
+    assert isinstance(refused, InvalidPayload)
+    assert (refused.field, str(refused)) == ("values.1",
+                                             "values.1: NaN and infinities have no JSON form")
+    assert all(isinstance(r, Inserted) and r.created for r in written)
+    assert readings.rows() == 3
+
+
+class _SiteReadings(_Readings):
+    unit: str = "bar"
+
+
+@pytest.mark.parametrize("given_as", [dict, _Readings, _SiteReadings])
+async def test_enqueue_many_names_the_payload_holding_an_infinity_and_writes_none(
+    readings: Harness, given_as: Callable[..., Any],
+) -> None:
+    """The same as dicts, as instances of the model, and as instances of a subclass (each
+    dumped with its own fields: a list dump that did so wrote NaN as null)."""
+    payloads = [given_as(values=v) for v in ([1.0], [2.0, float("-inf")], [float("nan")])]
+    with pytest.raises(InvalidPayload) as caught:
+        await readings.queue.enqueue_many("readings", payloads)
+    assert caught.value.field == "payloads.1.values.1"
+    assert readings.rows() == 0
+    assert len(readings.queue.ready or ()) == 0
 
 
 class _DetailedItem(Item):

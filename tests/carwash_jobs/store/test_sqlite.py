@@ -4,7 +4,6 @@ the pragmas that make an acknowledged write survive a power cut."""
 from __future__ import annotations
 
 import asyncio
-import math
 import sqlite3
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -298,22 +297,6 @@ async def test_the_store_lists_running_jobs_with_the_lease_index_statement(
     listed = [sql for sql in sent if "FROM worker_queue" in sql]
     assert listed, sent
     assert all("INDEXED BY ix_worker_queue_lease" in sql for sql in listed), listed
-
-
-async def test_a_bulk_enqueue_keeps_payload_numbers_json_has_no_word_for(
-    store: SqliteJobStore, clock: ManualClock
-) -> None:
-    """NaN and infinities are written as Python's encoder writes them and read back the same;
-    the shared insert no longer hands its rows to SQLite's JSON parser, which refused them and
-    with them every other job of the batch."""
-    jobs = [NewJob(new_job_id(), "noop", {"x": value}, JobStatus.queued, clock(), clock())
-            for value in (float("nan"), float("inf"), 1.5)]
-
-    await store.insert(jobs)
-
-    read = {row.id: row.payload["x"] for row in await store.get_many([j.id for j in jobs])}
-    assert math.isnan(read[jobs[0].id])
-    assert (read[jobs[1].id], read[jobs[2].id]) == (float("inf"), 1.5)
 
 
 async def test_the_overlap_check_of_a_cron_fire_reads_only_unfinished_jobs(
