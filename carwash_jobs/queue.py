@@ -248,6 +248,9 @@ class JobQueue:
             raise refused from exc
 
     async def insert(self, jobs: Sequence[NewJob], *, tx: Tx | None = None) -> list[Inserted]:
+        """Write jobs that build() or build_many() made. build() has refused a payload holding
+        NaN or an infinity; build_many() leaves that to the store, whose ValueError reaches the
+        caller here (enqueue_many names the field instead)."""
         if tx is None and len(jobs) == 1 and jobs[0].plain:
             # concurrent single enqueues share one set-based write (see batcher.py)
             results = [await self._plain_inserts.submit(jobs[0])]

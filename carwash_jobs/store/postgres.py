@@ -424,8 +424,24 @@ def row_to_job(row: Sequence[Any]) -> JobRow:
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typename in ("json", "jsonb"):
         await conn.set_type_codec(
-            typename, encoder=json_text, decoder=json_value, schema="pg_catalog"
+            typename, encoder=_json_parameter, decoder=json_value, schema="pg_catalog"
         )
+
+
+class _NoJsonForm(Exception):
+    """json_text's refusal of a json parameter, marked: asyncpg wraps whatever a codec raises
+    in a DataError, and _encoder_errors hands on this one alone."""
+
+    def __init__(self, refusal: TypeError | ValueError) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
+
+
+def _json_parameter(value: Any) -> str:
+    try:
+        return json_text(value)
+    except (TypeError, ValueError) as exc:
+        raise _NoJsonForm(exc) from exc
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -438,16 +454,17 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 @contextlib.contextmanager
 def _encoder_errors() -> Iterator[None]:
-    """asyncpg reports what the json codec's encoder (json_text) refused, NaN or a value with
-    no JSON form, as a DataError of the statement; raise the encoder's own TypeError or
-    ValueError instead, as the SQLite store does, so callers meet one error on both stores."""
+    """asyncpg reports json_text's refusal of a json parameter (NaN, a value with no JSON form)
+    as a DataError of the statement; raise the encoder's own TypeError or ValueError instead,
+    as the SQLite store does, so callers meet one error on both stores. Any other DataError
+    stays as it is."""
     try:
         yield
     except asyncpg.DataError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, (TypeError, ValueError)):
-            raise type(cause)(*cause.args) from exc
-        raise
+        if not isinstance(exc.__cause__, _NoJsonForm):
+            raise
+        refusal = exc.__cause__.refusal
+        raise type(refusal)(*refusal.args) from exc
 
 
 @contextlib.asynccontextmanager
@@ -598,10 +615,10 @@ class PostgresJobStore:
         before: TxFn[None] | None = None,
     ) -> Applied:
         now = self._clock()
-        with _encoder_errors():
-            async with _transaction(self.pool, callers_sql=before is not None) as conn:
-                if before is not None:
-                    await before(PostgresTx(conn))
+        async with _transaction(self.pool, callers_sql=before is not None) as conn:
+            if before is not None:  # the caller's own SQL: its errors are its own
+                await before(PostgresTx(conn))
+            with _encoder_errors():
                 applied = await _apply(conn, transition, self._owner, now)
                 if not follow_ups:
                     return applied

@@ -83,3 +83,17 @@ async def test_a_dependency_that_completes_while_its_dependent_is_enqueued_frees
 
 async def _more(count: Callable[[], Awaitable[int]], than: int) -> bool:
     return await count() > than
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_only_the_json_encoders_refusal_becomes_its_own_error(
+    store: JobStore, clock: ManualClock,
+) -> None:
+    """A NaN checkpoint is the ValueError SQLite raises; any other parameter asyncpg cannot
+    encode stays the driver's DataError, with the parameter it names."""
+    row = await claimed(store, clock)
+    with pytest.raises(ValueError, match="not JSON compliant") as refused:
+        await store.save_progress(row.id, row.fence, checkpoint={"mean": float("nan")})
+    assert not isinstance(refused.value, asyncpg.DataError)
+    with pytest.raises(asyncpg.DataError, match=r"query argument \$4"):
+        await store.save_progress(row.id, row.fence, done="seven")  # type: ignore[arg-type]
