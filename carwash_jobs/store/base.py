@@ -42,14 +42,14 @@ def json_text(value: Any) -> str:
     text and lists. Raises TypeError or ValueError for a value with no JSON form, NaN and the
     infinities included: JSON has no word for them, and PostgreSQL's json type and SQLite's
     JSON functions refuse them, with every other row of their statement. (The SQLite store
-    writes payloads and event id lists, which hold JSON types only, with json_types_text.)"""
+    writes payloads, which hold JSON types only, with json_types_text.)"""
     return _encode_json(value)
 
 
 def json_types_text(value: Any) -> str:
     """The JSON text of a value known to hold JSON types only (str keys; str, int, float,
-    bool, None, list, dict values), as the SQLite store writes it on its hot paths: a payload
-    (the queue makes each with pydantic's JSON-mode dump) and the id lists of events.
+    bool, None, list, dict values), as the SQLite store writes it on its hot path: a payload
+    (the queue makes each with pydantic's JSON-mode dump).
 
     For JSON types pydantic-core's encoder writes the same text as json_text in about half the
     time, the search for NaN's words included: 1.3 against 2.5 us for a 200-byte payload on a

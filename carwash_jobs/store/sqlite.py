@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiosqlite
+from pydantic_core import to_json
 
 from carwash_jobs import lifecycle
 from carwash_jobs.errors import (
@@ -629,7 +630,7 @@ class SqliteJobStore:
             _insert_events(conn, [(r[0], r[1]) for r in done], "completed", "completed",
                            self._owner, now)
             woken: list[JobRow] = []
-            waited_on = conn.execute(WITH_DEPENDENTS, {"ids": json_types_text([r[0] for r in done])})
+            waited_on = conn.execute(WITH_DEPENDENTS, {"ids": _ids_text([r[0] for r in done])})
             for (job_id,) in waited_on.fetchall():
                 freed, _ = _resolve_dependents(conn, job_id, JobStatus.completed, self._owner, now)
                 woken += freed
@@ -978,8 +979,15 @@ def _insert_events(
         ((job_id, attempt),) = jobs
         conn.execute(INSERT_EVENT, (job_id, ts(now), event, status, attempt, owner, None))
     elif jobs:
-        conn.execute(INSERT_EVENTS_FOR, {"ids": json_types_text(jobs), "now": ts(now),
+        conn.execute(INSERT_EVENTS_FOR, {"ids": _ids_text(jobs), "now": ts(now),
                                          "event": event, "status": status, "owner": owner})
+
+
+def _ids_text(ids: Sequence[Any]) -> str:
+    """The JSON array of engine-made job ids (or id and attempt pairs) that a set-based
+    statement reads: pydantic-core's encoder, with nothing for json_types_text to look for (no
+    float, no lone surrogate in a hex id) on the claim, completion and enqueue paths."""
+    return to_json(ids).decode()
 
 
 class _Stamps(dict[datetime, str | None]):
