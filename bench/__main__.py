@@ -51,20 +51,21 @@ async def repeat(args: argparse.Namespace, pg_url: str) -> list[Report]:
 async def run(report: Report, args: argparse.Namespace, pg_url: str) -> None:
     chosen = args.scenario or [s for s in SCENARIOS if s not in ("dashboard", "soak")]
     for backend in args.backend or ["sqlite", "postgres"]:
+        ceiling = None
+        if "ceiling" in chosen:
+            ceiling = await scenarios.ceiling(report, backend, pg_url, args.jobs)
         e2e = await _engine_scenarios(report, args, pg_url, backend, chosen)
         await _system_scenarios(report, args, pg_url, backend, chosen, e2e)
+        if ceiling is not None:
+            report.add_fractions(backend, ceiling)
 
 
 async def _engine_scenarios(report: Report, args: argparse.Namespace, pg_url: str, backend: str,
                             chosen: list[str]) -> float | None:
     """The engine in one process; returns the end-to-end rate (the soak runs at half of it)."""
-    ceiling = e2e = None
-    if "ceiling" in chosen:
-        ceiling = await scenarios.ceiling(report, backend, pg_url, args.jobs)
+    e2e = None
     if "throughput" in chosen or "soak" in chosen:
         e2e = await scenarios.throughput(report, backend, pg_url, args.jobs)
-    if ceiling and e2e:
-        report.add("ceiling", backend, "end_to_end_fraction_of_ceiling", e2e / ceiling, "x")
     if "pickup" in chosen:
         await scenarios.pickup(report, backend, pg_url)
         if backend == "postgres":

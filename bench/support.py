@@ -69,6 +69,31 @@ def payloads(n: int, start: int = 0) -> list[dict[str, Any]]:
     return [{"n": i, "text": PAYLOAD_TEXT} for i in range(start, start + n)]
 
 
+RATE_UNITS = ("jobs/s", "req/s")
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """The raw driver's rates in one run: batched inserts (what a bulk enqueue does), then
+    claims of 100 and their completions (a drain), and the two together (end to end)."""
+
+    insert: float
+    drain: float
+    end_to_end: float
+
+    def basis(self, metric: str) -> tuple[str, float] | None:
+        """The raw figure a rate `metric` compares with, by what it measures: enqueues with
+        the inserts, drains with the drain, the rest (end to end, HTTP, whose server also runs
+        the jobs) with the whole."""
+        if metric.startswith("enqueue_"):
+            return "raw_insert", self.insert
+        if metric.startswith("drain"):
+            return "raw_drain", self.drain
+        if metric.startswith(("end_to_end", "http_enqueue")):
+            return "ceiling", self.end_to_end
+        return None
+
+
 @dataclass
 class Report:
     """Figures of one run; printed as lines, and as JSON objects with --json."""
@@ -81,7 +106,7 @@ class Report:
             {"scenario": scenario, "backend": backend, "metric": metric,
              "value": round(value, 3), "unit": unit}
         )
-        line = f"  {scenario:<12} {backend:<9} {metric:<34} {value:>14,.2f} {unit}"
+        line = f"  {scenario:<12} {backend:<9} {metric:<52} {value:>14,.2f} {unit}"
         if spread is not None:
             line += f"  ({spread[0]:,.2f}-{spread[1]:,.2f})"
         print(line, flush=True)
@@ -101,6 +126,20 @@ class Report:
             summary.add(scenario, backend, metric, statistics.median(found), unit,
                         spread=(min(found), max(found)))
         return summary
+
+    def add_fractions(self, backend: str, ceiling: Ceiling) -> None:
+        """Each rate of `backend` as a fraction of the raw figure it compares with (see
+        Ceiling.basis): the machine's speed wanders from day to day, the fractions much less.
+        Latencies and memory have no raw counterpart."""
+        for figure in list(self.figures):
+            if figure["backend"] != backend or figure["scenario"] == "ceiling":
+                continue
+            found = ceiling.basis(figure["metric"])
+            if found is None or figure["unit"] not in RATE_UNITS:
+                continue
+            name, raw = found
+            stem = figure["metric"].removesuffix("_jobs_per_s").removesuffix("_requests_per_s")
+            self.add("ceiling", backend, f"{stem}_fraction_of_{name}", figure["value"] / raw, "x")
 
     def dump_json(self) -> None:
         for figure in self.figures:

@@ -1,11 +1,12 @@
-"""Tests for bench/support.py: the report's median over repeated runs; the engine's settling."""
+"""Tests for bench/support.py: the report's median over repeated runs and its fractions of the
+raw figures; the engine's settling."""
 
 from __future__ import annotations
 
 import gc
 from typing import TYPE_CHECKING
 
-from bench.support import Report, engine, fresh_database
+from bench.support import Ceiling, Report, engine, fresh_database
 from carwash_jobs import gc_tuning
 
 if TYPE_CHECKING:
@@ -41,3 +42,35 @@ async def test_the_engine_settles_the_collector_as_serve_does_and_gives_it_back(
         assert gc.get_threshold()[0] == gc_tuning.YOUNG_THRESHOLD
     assert gc.get_freeze_count() == 0  # the next scenario's objects can be collected
     assert gc.get_threshold() == before
+
+
+def test_each_rate_is_given_as_a_fraction_of_the_raw_figure_it_compares_with(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report = Report()
+    for scenario, backend, metric, value, unit in (
+        ("throughput", "sqlite", "enqueue_bulk_jobs_per_s", 15_000.0, "jobs/s"),
+        ("throughput", "sqlite", "drain_jobs_per_s", 6_000.0, "jobs/s"),
+        ("throughput", "sqlite", "end_to_end_jobs_per_s", 4_000.0, "jobs/s"),
+        ("http", "sqlite", "http_enqueue_requests_per_s", 1_000.0, "req/s"),
+        ("scale", "sqlite", "end_to_end_with_1000_finished_jobs_per_s", 2_000.0, "jobs/s"),
+        ("pickup", "sqlite", "pickup_p99_ms", 2.0, "ms"),  # a latency has no raw counterpart
+        ("scale", "sqlite", "end_to_end_slowdown_with_history", 0.1, "x"),  # nor a ratio
+        ("ceiling", "sqlite", "raw_end_to_end_jobs_per_s", 8_000.0, "jobs/s"),
+        ("throughput", "postgres", "drain_jobs_per_s", 3_000.0, "jobs/s"),  # another backend
+    ):
+        report.add(scenario, backend, metric, value, unit)
+    capsys.readouterr()
+
+    report.add_fractions("sqlite", Ceiling(insert=30_000.0, drain=12_000.0, end_to_end=8_000.0))
+
+    added = {f["metric"]: f["value"] for f in report.figures[9:]}
+    assert added == {
+        "enqueue_bulk_fraction_of_raw_insert": 0.5,
+        "drain_fraction_of_raw_drain": 0.5,
+        "end_to_end_fraction_of_ceiling": 0.5,
+        "http_enqueue_fraction_of_ceiling": 0.125,
+        "end_to_end_with_1000_finished_fraction_of_ceiling": 0.25,
+    }
+    assert all(f["scenario"] == "ceiling" and f["unit"] == "x" for f in report.figures[9:])
+    assert "enqueue_bulk_fraction_of_raw_insert" in capsys.readouterr().out

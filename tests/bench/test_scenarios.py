@@ -1,0 +1,31 @@
+"""Tests for bench/scenarios.py: the raw ceiling times its two phases on a real SQLite file."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bench import scenarios
+from bench.support import Report
+
+if TYPE_CHECKING:
+    import pytest
+
+
+async def test_the_sqlite_ceiling_reports_its_insert_drain_and_whole_rates(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report = Report()
+
+    raw = await scenarios.ceiling(report, "sqlite", "", jobs=500)
+
+    rates = {f["metric"]: f["value"] for f in report.figures}
+    assert rates == {
+        "raw_insert_jobs_per_s": round(raw.insert, 3),
+        "raw_drain_jobs_per_s": round(raw.drain, 3),
+        "raw_end_to_end_jobs_per_s": round(raw.end_to_end, 3),
+    }
+    # the whole takes the two phases' time together: slower than either
+    assert 0 < raw.end_to_end < min(raw.insert, raw.drain)
+    # jobs / (a + b) from jobs / a and jobs / b
+    assert abs(1 / raw.end_to_end - (1 / raw.insert + 1 / raw.drain)) < 1e-12
+    assert "raw_drain_jobs_per_s" in capsys.readouterr().out
