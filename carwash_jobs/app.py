@@ -149,7 +149,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, role: Role
 
     from endpoints.auth import SECURITY_SCHEME
     from endpoints.deps import RUNTIME_KEY, dependencies
-    from endpoints.errors import exception_handlers
+    from endpoints.errors import BodyDepthRequest, exception_handlers
     from endpoints.routes import route_handlers
     from endpoints.ui import template_config
 
@@ -179,6 +179,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, role: Role
         route_handlers=route_handlers(registry, settings, api_token=settings.api_token.get_secret_value()),
         dependencies=dependencies(),
         exception_handlers=exception_handlers(),
+        request_class=BodyDepthRequest,
         lifespan=[run_runtime],
         state=State({} if runtime is None else {RUNTIME_KEY: runtime}),
         request_max_body_size=settings.max_upload_bytes,

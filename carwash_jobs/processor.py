@@ -33,7 +33,7 @@ from carwash_jobs.errors import IllegalTransition, JobNotFound, LeaseLost, Perma
 from carwash_jobs.lifecycle import AttemptOutcome, JobStatus, Transition
 from carwash_jobs.middleware import Middleware, chain
 from carwash_jobs.queue import EnqueueOptions
-from carwash_jobs.store.base import Completion, json_text
+from carwash_jobs.store.base import MAX_JSON_DEPTH, Completion, json_text, nested_deeper_than
 from carwash_jobs.types import Clock, JobId, utc_now
 
 if TYPE_CHECKING:
@@ -656,5 +656,7 @@ def _completed(result: Any) -> Outcome:
             json_text(value)
     except (TypeError, ValueError, RecursionError) as exc:  # ValueError: a circular value, NaN,
         return Permanent(f"the result is not JSON: {exc}", None)  # or pydantic's own refusal
+    if value is not None and nested_deeper_than(value, MAX_JSON_DEPTH):  # see MAX_JSON_DEPTH
+        return Permanent(f"the result nests deeper than {MAX_JSON_DEPTH} levels", None)
     return Completed(value)
 

@@ -19,6 +19,7 @@ from carwash_jobs.batcher import Batcher
 from carwash_jobs.errors import IllegalTransition, InvalidPayload
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.store.base import (
+    MAX_JSON_DEPTH,
     DueJob,
     FailedFilter,
     Inserted,
@@ -31,6 +32,7 @@ from carwash_jobs.store.base import (
     Tx,
     TxFn,
     json_types_text,
+    nested_deeper_than,
 )
 from carwash_jobs.types import Clock, JobId, new_job_ids, utc_now
 
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_CONTEXT_BYTES = 4096
+#: failed jobs a bulk retry moves in one transaction (it goes on until none is left)
+RETRY_BATCH = 10_000
 #: a job due within this many seconds waits on an in-process timer; later ones, for the reload
 TIMER_HORIZON_SECONDS = 300.0
 
@@ -378,14 +382,25 @@ class JobQueue:
         if handle is not None:
             handle.cancel()
 
-    async def retry_failed(self, flt: FailedFilter, limit: int = 10_000) -> list[JobId]:
-        """Move the failed jobs that match back to queued with fresh attempts."""
-        ids = await self.store.failed_ids(flt, limit)
-        now = self._clock()
-        results = await self.store.apply_many([lifecycle.retry_failed(i, now) for i in ids])
-        retried = [r.job for r in results if not isinstance(r, Exception)]
-        self.offer(retried)
-        return [job.id for job in retried]
+    async def retry_failed(self, flt: FailedFilter, batch: int = RETRY_BATCH) -> list[JobId]:
+        """Move every failed job that matches back to queued with fresh attempts, `batch` at a
+        time (one transaction each). Only the jobs that failed before the call began: one
+        that fails again meanwhile waits for the next retry, so the call ends."""
+        began = self._clock()
+        before = began if flt.failed_before is None else min(flt.failed_before, began)
+        bounded = replace(flt, failed_before=before)
+        retried: list[JobId] = []
+        while True:
+            ids = await self.store.failed_ids(bounded, batch)
+            now = self._clock()
+            results = await self.store.apply_many([lifecycle.retry_failed(i, now) for i in ids])
+            jobs = [r.job for r in results if not isinstance(r, Exception)]
+            self.offer(jobs)
+            retried += [job.id for job in jobs]
+            # each batch leaves `failed` (moved here, or by another process meanwhile) and no
+            # job that failed after `began` is asked for, so the batches run out
+            if len(ids) < batch:
+                return retried
 
     async def rerun(self, job_id: JobId) -> JobRow:
         """A new job cloned from a finished one (rerun_of = its id)."""
@@ -522,4 +537,6 @@ def _context(context: Mapping[str, Any] | None) -> dict[str, Any] | None:
         raise InvalidPayload("context", f"must be JSON: {exc}") from exc
     if size > MAX_CONTEXT_BYTES:
         raise InvalidPayload("context", f"must be at most {MAX_CONTEXT_BYTES} bytes of JSON")
+    if nested_deeper_than(context, MAX_JSON_DEPTH):
+        raise InvalidPayload("context", f"must not nest deeper than {MAX_JSON_DEPTH} levels")
     return dict(context)

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from litestar import MediaType, Request, Response
-from litestar.exceptions import ClientException, HTTPException
+from litestar.exceptions import ClientException, HTTPException, SerializationException
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_404_NOT_FOUND,
@@ -83,6 +83,20 @@ def _carwash_error(request: Request[Any, Any, Any], exc: CarwashError) -> Respon
             log.warning("%s %s: %s", request.method, request.url.path, exc.message)
             return error_response(HTTP_503_SERVICE_UNAVAILABLE, exc.message)
     return _unexpected(request, exc)
+
+
+class BodyDepthRequest(Request[Any, Any, Any]):
+    """The app's request: a JSON body nested deeper than Python's recursion limit makes the
+    decoder (msgspec) raise RecursionError, which would leave as a 500; it is bad input, so it
+    becomes the SerializationException any malformed body raises, and so a 400. Caught here,
+    where the body is decoded, and not as a handler for every RecursionError: one raised by a
+    fault in the code is still a 500."""
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except RecursionError:
+            raise SerializationException("the JSON body is nested too deeply") from None
 
 
 def _undecodable(request: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[dict[str, Any]]:

@@ -31,6 +31,9 @@ from endpoints.schemas import (
 )
 
 MAX_PAGE = 500
+#: a page's next_cursor is the id of its last job (32 hex digits, see types.new_job_id): any
+#: other text is refused, not read as a position (an id compared as text would restart the list)
+CURSOR_PATTERN = "^[0-9a-f]{32}$"
 JobIdPath = Annotated[str, PathParameter(description="The job's id.", min_length=1, max_length=100)]
 
 
@@ -88,7 +91,8 @@ class JobController(Controller):
         ] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="Page size.")] = 50,
         cursor: Annotated[
-            str | None, QueryParameter(max_length=100, description="The last page's next_cursor.")
+            str | None,
+            QueryParameter(pattern=CURSOR_PATTERN, description="The last page's next_cursor."),
         ] = None,
     ) -> JobPage:
         """Newest first, keyset-paginated: a page stays correct while jobs are being added."""

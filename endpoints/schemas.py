@@ -62,13 +62,19 @@ _WRONG = _WrongJsonType()
 _SCALARS = (bool, int, float, datetime)
 
 
-def _scalar_kind(annotation: Any) -> Any:
-    """bool, int, float or datetime when a field holds one (optionally None); else None."""
+def _unwrapped(annotation: Any) -> Any:
+    """The type a field holds, without its Annotated metadata and its `| None`."""
     while get_origin(annotation) is Annotated:
         annotation = get_args(annotation)[0]
     if get_origin(annotation) in (Union, types.UnionType):
         inner = [arg for arg in get_args(annotation) if arg is not type(None)]
         annotation = inner[0] if len(inner) == 1 else None
+    return annotation
+
+
+def _scalar_kind(annotation: Any) -> Any:
+    """bool, int, float or datetime when a field holds one (optionally None); else None."""
+    annotation = _unwrapped(annotation)
     return annotation if annotation in _SCALARS else None
 
 
@@ -83,7 +89,9 @@ def _json_type_matches(kind: Any, value: Any) -> bool:
 def json_scalars_only(cls: type[BaseModel], data: Any) -> Any:
     """A JSON body says what type a value is: `true` is not 1, `"5"` is not 5 and `0` is not
     1970-01-01. Pydantic's lax mode would convert them (a form, all text, needs that), so in a
-    JSON model a top-level value of the wrong JSON type is refused, naming its field."""
+    JSON model a top-level value of the wrong JSON type, or an item of the wrong JSON type in a
+    top-level list of scalars (`customer_ids: [true]` is not customer 1), is refused, naming its
+    field or item."""
     if not isinstance(data, dict):
         return data
     fixed: dict[str, Any] | None = None
@@ -92,6 +100,11 @@ def json_scalars_only(cls: type[BaseModel], data: Any) -> Any:
         if value is not None and not _json_type_matches(kind, value):
             fixed = fixed if fixed is not None else dict(data)
             fixed[key] = _WRONG
+    for key, kind in _scalar_list_fields(cls):
+        value = data.get(key)
+        if isinstance(value, list) and not all(_json_type_matches(kind, item) for item in value):
+            fixed = fixed if fixed is not None else dict(data)
+            fixed[key] = [item if _json_type_matches(kind, item) else _WRONG for item in value]
     return data if fixed is None else fixed
 
 
@@ -102,6 +115,22 @@ def _scalar_fields(cls: type[BaseModel]) -> tuple[tuple[str, Any], ...]:
     kinds = ((field.alias or name, _scalar_kind(field.annotation))
              for name, field in cls.model_fields.items())
     return tuple((key, kind) for key, kind in kinds if kind is not None)
+
+
+@functools.cache
+def _scalar_list_fields(cls: type[BaseModel]) -> tuple[tuple[str, Any], ...]:
+    """(JSON key, kind of its items) of each field of a model that is a list of scalars."""
+    kinds = ((field.alias or name, _item_kind(field.annotation))
+             for name, field in cls.model_fields.items())
+    return tuple((key, kind) for key, kind in kinds if kind is not None)
+
+
+def _item_kind(annotation: Any) -> Any:
+    """bool, int, float or datetime when a field is a list of one (optionally None); else None."""
+    annotation = _unwrapped(annotation)
+    if get_origin(annotation) is not list or len(get_args(annotation)) != 1:
+        return None
+    return _scalar_kind(get_args(annotation)[0])
 
 
 # -- the job ----------------------------------------------------------------------------------
@@ -275,7 +304,10 @@ def decode_form_json(value: Any) -> Any:
 
 # -- other bodies ------------------------------------------------------------------------------
 class RetryFailedIn(BaseModel):
-    """Which failed jobs to retry; every filter given is AND-ed, none means every failed job."""
+    """Which failed jobs to retry; every filter given is AND-ed, none means every failed job.
+    An unknown key is refused: a misspelt filter ignored would retry every failed job."""
+
+    model_config = ConfigDict(extra="forbid")
 
     ids: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
         default=None, max_length=10_000

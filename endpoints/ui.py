@@ -8,6 +8,7 @@ carries the session's CSRF token.
 """
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,7 +35,7 @@ from carwash_jobs.registry import TaskRegistry
 from carwash_jobs.store.base import FailedFilter, JobFilter, JobRow, MinuteCount
 from carwash_jobs.types import JobId
 from endpoints.deps import QueueDep, StoreDep
-from endpoints.jobs import JobIdPath
+from endpoints.jobs import CURSOR_PATTERN, JobIdPath
 from endpoints.schemas import as_utc
 from endpoints.ui_auth import CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE, SessionSigner, UiSession
 
@@ -327,7 +328,7 @@ def _list_query(params: Mapping[str, str]) -> ListQuery:
             raise BadFilter(f"limit: one of {', '.join(map(str, PAGE_SIZES))}")
         limit = int(form["limit"])
     cursor = params.get("cursor") or None
-    if cursor is not None and (len(cursor) > 100 or not cursor.isalnum()):
+    if cursor is not None and re.fullmatch(CURSOR_PATTERN, cursor) is None:
         raise BadFilter("cursor: not a cursor this page gave out")
     flt = JobFilter(
         status=status, task_type=form["task_type"] or None, tag=form["tag"] or None,

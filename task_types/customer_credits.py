@@ -11,7 +11,7 @@ twice cannot double a credit. A rerun is a new job id, hence a new, deliberate g
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
@@ -38,8 +38,15 @@ ON CONFLICT (job_id, customer_id) DO NOTHING
 """
 
 
+#: the largest id the customers table can hold (a 64-bit integer column): a larger one can
+#: name no customer, and the store's driver would refuse it when the job runs
+CUSTOMER_ID_MAX = 2**63 - 1
+
+
 class CreditsPayload(BaseModel):
-    customer_ids: list[int] | None = Field(default=None, min_length=1, max_length=100_000)
+    customer_ids: list[Annotated[int, Field(ge=1, le=CUSTOMER_ID_MAX)]] | None = Field(
+        default=None, min_length=1, max_length=100_000
+    )
     #: validated even when left out: its validator is where "exactly one audience" is checked
     segment: Segment | None = Field(default=None, validate_default=True)
     amount_cents: int = Field(gt=0, le=1_000_000, description="credit per customer, in cents")

@@ -74,6 +74,26 @@ def json_types_text(value: Any) -> str:
     return text.decode()
 
 
+#: how deep a job's context or result may nest objects and arrays. The API shows both inside
+#: a job inside a page, and pydantic's serializer stops at 255 levels: a value nested deeper
+#: could be stored, and then every page listing its job would fail
+MAX_JSON_DEPTH = 64
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` holds objects and arrays (dicts, lists, tuples) more than `limit`
+    levels within each other; a scalar is at level 0. Level by level, not recursively: the
+    value to judge may be deeper than Python's recursion limit."""
+    level = [value]
+    for _ in range(limit + 1):
+        containers = [item for item in level if isinstance(item, (dict, list, tuple))]
+        if not containers:
+            return False
+        level = [child for item in containers
+                 for child in (item.values() if isinstance(item, dict) else item)]
+    return True
+
+
 def json_value(text: str | bytes) -> Any:
     """A JSON column's value, as both stores read it. pydantic-core's parser reads the same
     values as json.loads (integers of any size included, and the NaN that a row written before

@@ -19,7 +19,7 @@ from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
 from carwash_jobs.metrics import Metrics
 from carwash_jobs.registry import TaskDefaults, TaskHooks, TaskOptions, TaskType
 from carwash_jobs.retry import RetryPolicy
-from carwash_jobs.store.base import DueJob, FailedFilter
+from carwash_jobs.store.base import MAX_JSON_DEPTH, DueJob, FailedFilter
 from carwash_jobs.store.sqlite import SqliteJobStore
 from tests.carwash_jobs.support import (
     FAST_RETRY,
@@ -78,6 +78,32 @@ async def test_an_enqueued_job_runs_to_completed_with_result_progress_and_timeli
     assert (done.attempts, done.error, done.lease_owner) == (1, None, None)
     assert outcomes(done) == ["completed"]
     assert await events_of(h, job.id) == ["enqueued", "claimed", "completed"]
+
+
+async def test_a_result_nested_deeper_than_the_api_can_show_fails_its_job(
+    harnesses: Harnesses,
+) -> None:
+    """Stored, it would make every page of the API that lists its job fail (pydantic's
+    serializer stops at 255 levels); as deep as allowed, it is kept."""
+
+    def nested(levels: int) -> list[Any]:
+        value: list[Any] = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    async def handle(ctx: JobContext, payload: Item) -> Any:
+        return nested(payload.n)
+
+    h = await harnesses.make(task_type("deep", handle, max_attempts=3))
+    deep, allowed = await h.queue.enqueue_many("deep", [{"n": 300}, {"n": MAX_JSON_DEPTH}])
+    await h.run_until_idle()
+
+    row = await h.get(deep.job.id)
+    assert (row.status, row.attempts, row.result) == (S.failed, 1, None)
+    assert row.error == f"the result nests deeper than {MAX_JSON_DEPTH} levels"
+    row = await h.get(allowed.job.id)
+    assert (row.status, row.result) == (S.completed, nested(MAX_JSON_DEPTH))
 
 
 async def test_a_result_that_is_not_json_fails_its_own_job_and_no_other(

@@ -22,7 +22,7 @@ from carwash_jobs.errors import (
 from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
 from carwash_jobs.queue import MAX_CONTEXT_BYTES, TIMER_HORIZON_SECONDS, EnqueueOptions
 from carwash_jobs.registry import TaskType
-from carwash_jobs.store.base import FailedFilter, Inserted
+from carwash_jobs.store.base import MAX_JSON_DEPTH, FailedFilter, Inserted
 from carwash_jobs.types import JobId
 from tests.carwash_jobs.support import OWNER, Calls, Item, noop, task_type
 
@@ -106,6 +106,19 @@ async def test_a_run_at_in_the_past_is_due_now(idle: Harness, clock: ManualClock
     assert held(idle.queue, job.id)
 
 
+def nested(levels: int) -> dict[str, Any]:
+    """A JSON object `levels` objects deep."""
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+async def test_a_context_as_deep_as_allowed_is_written(idle: Harness) -> None:
+    job = await idle.enqueue(context=nested(MAX_JSON_DEPTH))
+    assert (await idle.get(job.id)).context == nested(MAX_JSON_DEPTH)
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [
@@ -117,6 +130,9 @@ async def test_a_run_at_in_the_past_is_due_now(idle: Harness, clock: ManualClock
         ({"context": {"blob": "x" * MAX_CONTEXT_BYTES}}, "context"),
         ({"context": {"when": datetime(2030, 1, 1, tzinfo=UTC)}}, "context"),
         ({"context": {"ratio": float("nan")}}, "context"),
+        # a page of the API could not show it (its serializer stops at 255 levels)
+        ({"context": nested(MAX_JSON_DEPTH + 1)}, "context"),
+        ({"context": {"list": [nested(300)]}}, "context"),
     ],
 )
 async def test_invalid_options_are_rejected_naming_the_field_and_nothing_is_written(
@@ -468,6 +484,34 @@ async def test_retry_failed_touches_only_failed_jobs_matching_the_filter(
             assert held(idle.queue, job.id)
         else:
             assert now == before[name]
+
+
+async def test_retry_failed_moves_every_match_in_batches_but_not_a_job_failing_meanwhile(
+    idle: Harness, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failed = [await fail_job(idle, await idle.enqueue("noop"), clock) for _ in range(5)]
+    clock.advance(1)
+    apply_many = idle.store.apply_many
+    batches: list[int] = []
+
+    async def apply_many_then_fail_the_first_again(transitions: Any) -> Any:
+        results = await apply_many(transitions)
+        batches.append(len(transitions))
+        if len(batches) == 1:  # between two batches, a job just retried fails again
+            clock.advance(1)
+            await fail_job(idle, await idle.get(failed[0].id), clock)
+        return results
+
+    monkeypatch.setattr(idle.store, "apply_many", apply_many_then_fail_the_first_again)
+
+    retried = await idle.queue.retry_failed(FailedFilter(), batch=2)
+
+    # once each, the first included: it failed again after the call began, and waits for the
+    # next retry (a call that took it again could go on for as long as jobs keep failing)
+    assert sorted(retried) == sorted(job.id for job in failed)
+    assert batches == [2, 2, 1]
+    assert (await idle.get(failed[0].id)).status == S.failed
+    assert [(await idle.get(job.id)).status for job in failed[1:]] == [S.queued] * 4
 
 
 async def test_rerun_makes_a_new_job_pointing_at_the_old_one(

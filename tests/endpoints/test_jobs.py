@@ -105,6 +105,14 @@ async def test_list_filters_are_anded(client: AsyncTestClient[Litestar], runtime
     ({"created_after": "2030-01-01T00:00:00"}, "created_after"),
     ({"created_before": "yesterday"}, "created_before"),
     ({"created_after": "1700000000"}, "created_after"),
+    # a cursor is the id of a page's last job; read as a position, any other text restarted
+    # the list (a client following next_cursor looped) or ended it at once
+    ({"cursor": "garbage"}, "cursor"),
+    ({"cursor": "\x00"}, "cursor"),
+    ({"cursor": "0" * 31}, "cursor"),
+    ({"cursor": "F" * 32}, "cursor"),
+    ({"cursor": "garbage", "tag": "vip"}, "cursor"),
+    ({"cursor": "garbage", "created_after": "2020-01-01T00:00:00Z"}, "cursor"),
 ])
 async def test_list_with_bad_parameters_gets_400(
     client: AsyncTestClient[Litestar], params: dict[str, Any], field: str
@@ -152,6 +160,9 @@ async def test_retry_failed_filters(client: AsyncTestClient[Litestar], runtime: 
     ({"ids": "x"}, "ids"),
     ({"failed_after": "2030-01-01T00:00:00"}, "failed_after"),
     ({"failed_before": 0}, "failed_before"),
+    # a misspelt filter, ignored, would have retried every failed job
+    ({"idz": ["x"]}, "idz"),
+    ({"task_type": "echo", "failed_since": "2030-01-01T00:00:00Z"}, "failed_since"),
 ])
 async def test_retry_failed_with_a_bad_body_gets_400(
     client: AsyncTestClient[Litestar], body: dict[str, Any], field: str

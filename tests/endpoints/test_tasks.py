@@ -153,6 +153,9 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     ("run_at out of range", {"message": "m", "run_at": "0001-01-01T00:00:00+05:00"}, "run_at"),
     ("context not an object", {"message": "m", "context": [1]}, "context"),
     ("context too big", {"message": "m", "context": {"x": "y" * 5000}}, "context"),
+    # small, but too deep for a page of the API to show
+    ("context nested too deep", {"message": "m", "context": json.loads('{"a":' * 300 + "1" + "}" * 300)},
+     "context"),
     ("tags not a list", {"message": "m", "tags": "x"}, "tags"),
     ("true for a number", {"message": "m", "delay_seconds": True}, "delay_seconds"),
     ("text for a number", {"message": "m", "priority": "5"}, "priority"),
@@ -173,7 +176,12 @@ async def test_bad_input_gets_400_naming_the_field_and_writes_nothing(
     assert await job_count(client) == 0
 
 
-@pytest.mark.parametrize("raw", [b"{bad", b"", b'{"message": "\\ud800"}', b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [
+    b"{bad", b"", b'{"message": "\\ud800"}', b"\xff\xfe",
+    # deeper than the decoder's recursion limit: a RecursionError, which left as a 500
+    b'{"message": "m", "context": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001,
+    b"[" * 3000 + b"]" * 3000,
+])
 async def test_malformed_json_gets_400(client: AsyncTestClient[Litestar], raw: bytes) -> None:
     response = await client.post("/api/tasks/echo", content=raw, headers=JSON)
 

@@ -268,7 +268,8 @@ async def test_the_list_pages_with_its_cursor(browser: AsyncTestClient[Litestar]
 @pytest.mark.parametrize(
     ("params", "named"),
     [({"status": "exploded"}, "status"), ({"created_after": "yesterday"}, "created_after"),
-     ({"limit": "7"}, "limit"), ({"cursor": "../../etc"}, "cursor")],
+     ({"limit": "7"}, "limit"), ({"cursor": "../../etc"}, "cursor"),
+     ({"cursor": "garbage"}, "cursor")],
 )
 async def test_a_bad_filter_is_a_400_naming_it(
     browser: AsyncTestClient[Litestar], params: dict[str, str], named: str

@@ -208,6 +208,26 @@ async def test_bad_grants_are_refused_at_enqueue(runtimes: Runtimes, payload: di
         await runtime.queue.enqueue("customer_credits", payload)
 
 
+@pytest.mark.parametrize(("customer_ids", "field"), [
+    # no customer has it; beyond 64 bits the job failed on the driver's OverflowError, retried
+    ([1, 2**63], "customer_ids.1"),
+    ([2**70], "customer_ids.0"),
+    ([0], "customer_ids.0"),
+    # a JSON body says what type each item is: true is not customer 1, nor "1"
+    ([True], "customer_ids.0"),
+    ([1, "2"], "customer_ids.1"),
+])
+async def test_a_customer_id_no_customer_can_have_is_a_400_naming_it(
+    runtimes: Runtimes, customer_ids: list[Any], field: str
+) -> None:
+    payload = {"customer_ids": customer_ids, "amount_cents": 5, "reason": "x"}
+
+    response = await post_task(runtimes.settings(), "customer-credits", payload)
+
+    assert response.status_code == 400, response.text
+    assert [error["key"] for error in response.json()["extra"]] == [field]
+
+
 @pytest.mark.parametrize("payload", [
     {"customer_ids": [1], "segment": "opted_in", "amount_cents": 5, "reason": "both"},
     {"amount_cents": 5, "reason": "neither"},
