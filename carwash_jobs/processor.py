@@ -137,6 +137,10 @@ class QueueProcessor:
         #: limited task types that a claim found at their fleet-wide limit, parked for a moment
         self._fleet_full: set[str] = set()
         self._claiming = 0
+        #: jobs cancelled while a claim (or a handoff) of this process was in flight and before
+        #: they ran here: the claim may have won them just before the cancel, in the same
+        #: commit, and must not start them. Kept only while a claim is in flight
+        self._cancelled_while_claiming: set[JobId] = set()
         #: slots held by attempts started here; counted apart from _running, which holds one
         #: attempt per job while an older attempt of the same job may still be ending
         self._held = 0
@@ -205,6 +209,8 @@ class QueueProcessor:
         job (and calls on_cancelled when a cancel won)."""
         running = self._running.get(job_id)
         if running is None or running.task is None:
+            if self._claiming:
+                self._cancelled_while_claiming.add(job_id)
             return False
         running.state.cancel_requested.set()
         if not running.finished:
@@ -309,12 +315,19 @@ class QueueProcessor:
     def release_handoff(self, task_type: str) -> None:
         self._handoff_settled()
         self._release_type_slot(task_type)
+        self._forget_cancels_once_claims_settle()
         self._slot_free.set()
         self._set_idle_if_idle()
 
     def start_handoff(self, job: JobRow) -> None:
         self._handoff_settled()
         self._start(job)
+        self._forget_cancels_once_claims_settle()
+
+    def _forget_cancels_once_claims_settle(self) -> None:
+        """No claim in flight: no job cancelled meanwhile can still come back from one."""
+        if not self._claiming:
+            self._cancelled_while_claiming.clear()
 
     async def _dispatch_loop(self) -> None:
         while not self._stopping:
@@ -339,6 +352,7 @@ class QueueProcessor:
                     self._release_type_slot(due.task_type)
             for row in rows:
                 self._start(row)
+            self._forget_cancels_once_claims_settle()
             self._set_idle_if_idle()
 
     async def _claim_batch(
@@ -380,6 +394,11 @@ class QueueProcessor:
             previous.state.lease_lost = True
             self.cancel_local(job.id)
         state = AttemptState(self._store, job.fence, self._build_follow_up)
+        if job.id in self._cancelled_while_claiming:
+            # the cancel ended this attempt before it started: it goes the way of any attempt
+            # stopped by a cancel (no handler run; on_cancelled here, where the row says it ran)
+            self._cancelled_while_claiming.discard(job.id)
+            state.cancel_requested.set()
         running = _Running(job, state)
         self._running[job.id] = running
         self._held += 1
@@ -446,6 +465,8 @@ class QueueProcessor:
     async def _execute(self, running: _Running) -> Outcome:
         """Run the handler under middleware, timeout and cancellation; map how it ended."""
         job, state = running.job, running.state
+        if state.cancel_requested.is_set():
+            return Discarded("cancelled before it started")
         deadline: asyncio.Timeout | None = None
         try:
             task_type = self._registry.get(job.task_type)

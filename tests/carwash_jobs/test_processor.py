@@ -565,6 +565,44 @@ async def test_a_cancel_that_commits_before_a_finished_handlers_completion_calls
     assert calls.seen == [("on_cancelled", job.id, S.cancelled)]
 
 
+async def test_a_cancel_in_the_commit_of_the_claim_that_won_the_job_stops_it_before_it_starts(
+    harnesses: Harnesses,
+) -> None:
+    """The claim and the cancel share one group commit, the claim first: the cancel ends a
+    running attempt, and returns before the processor has started the job it claimed. The
+    handler must not run (it did, to its end, until the next heartbeat found the lease gone);
+    on_cancelled runs here, once."""
+    writer_held = Gate()
+    calls = Calls()
+    started: list[JobId] = []
+
+    async def handler(ctx: JobContext, payload: Item) -> None:
+        started.append(ctx.job_id)
+
+    async def hold_the_writer(tx: Tx) -> None:
+        await writer_held.hold()
+
+    h = await harnesses.make(task_type("wash", handler, hooks=calls.hooks()), start=False,
+                             handoff=False)
+    job = await h.enqueue("wash")
+    blocker = asyncio.create_task(h.store.transaction(hold_the_writer))
+    await wait_for(writer_held.entered)  # every write from here on waits behind `blocker`
+    await h.start()
+    await _until(lambda: h.store.writer.queued >= 1)  # the claim...
+    cancel = asyncio.create_task(h.queue.cancel(job.id))
+    await _until(lambda: h.store.writer.queued >= 2)  # ...then the cancel, in one commit
+    writer_held.release.set()
+    await blocker
+    assert (await cancel).status == S.cancelled
+    await h.run_until_idle()
+
+    assert started == []
+    row = await h.get(job.id)
+    assert row.status == S.cancelled
+    assert [entry["outcome"] for entry in row.attempt_history] == ["cancelled"]
+    assert calls.seen == [("on_cancelled", job.id, S.cancelled)]
+
+
 async def test_a_cancel_from_another_process_met_at_a_checkpoint_calls_on_cancelled(
     harnesses: Harnesses, db_url: str
 ) -> None:
