@@ -413,7 +413,10 @@ class QueueProcessor:
     async def _run(self, running: _Running) -> None:
         job = running.job
         try:
-            outcome = await self._execute(running)
+            if running.state.cancel_requested.is_set():  # in the commit of its own claim
+                outcome: Outcome = Discarded("cancelled before it started")
+            else:
+                outcome = await self._execute(running)
             running.finished = True  # before the first await of the record: see heartbeat()
             self._release_slot_early(running)
             await self._record(job, running.state, outcome)
@@ -465,8 +468,6 @@ class QueueProcessor:
     async def _execute(self, running: _Running) -> Outcome:
         """Run the handler under middleware, timeout and cancellation; map how it ended."""
         job, state = running.job, running.state
-        if state.cancel_requested.is_set():
-            return Discarded("cancelled before it started")
         deadline: asyncio.Timeout | None = None
         try:
             task_type = self._registry.get(job.task_type)

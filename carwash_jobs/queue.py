@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_CONTEXT_BYTES = 4096
+#: priorities fit a 32-bit column (PostgreSQL's INTEGER), either way from 0
+PRIORITY_MAX = 2**31 - 1
+#: worker_queue.queue is a VARCHAR(64)
+QUEUE_NAME_MAX_LENGTH = 64
 #: failed jobs a bulk retry moves in one transaction (it goes on until none is left)
 RETRY_BATCH = 10_000
 #: a job due within this many seconds waits on an in-process timer; later ones, for the reload
@@ -167,8 +171,8 @@ class JobQueue:
     ) -> list[NewJob]:
         now = self._clock()
         run_at = _run_at(options, now)
-        queue = options.queue or task_type.options.queue
-        priority = task_type.options.priority if options.priority is None else options.priority
+        queue = _queue_name(options) or task_type.options.queue
+        priority = _priority(options, task_type.options.priority)
         max_attempts = _max_attempts(options, self.registry.max_attempts(task_type))
         tags = tuple(_tags(options.tags))
         context = _context(options.context)
@@ -482,9 +486,31 @@ def _run_at(options: EnqueueOptions, now: datetime) -> datetime:
 def _max_attempts(options: EnqueueOptions, task_type_default: int) -> int:
     if options.max_attempts is None:
         return task_type_default
-    if options.max_attempts < 1:
-        raise InvalidPayload("max_attempts", "must be >= 1")
+    if not _is_int(options.max_attempts) or options.max_attempts < 1:
+        raise InvalidPayload("max_attempts", "must be an integer >= 1")
     return options.max_attempts
+
+
+def _priority(options: EnqueueOptions, task_type_default: int) -> int:
+    """Checked here, not only by the API: a priority that is no integer, once written, cannot
+    be ordered against the others, and every reload of the due jobs would fail on it."""
+    if options.priority is None:
+        return task_type_default
+    if not _is_int(options.priority) or not -PRIORITY_MAX <= options.priority <= PRIORITY_MAX:
+        raise InvalidPayload("priority", f"must be an integer from -{PRIORITY_MAX} to {PRIORITY_MAX}")
+    return options.priority
+
+
+def _queue_name(options: EnqueueOptions) -> str | None:
+    if options.queue is None:
+        return None
+    if not isinstance(options.queue, str) or not 1 <= len(options.queue) <= QUEUE_NAME_MAX_LENGTH:
+        raise InvalidPayload("queue", f"must be a text of 1 to {QUEUE_NAME_MAX_LENGTH} characters")
+    return options.queue
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 #: a tag is indexed (job_tags.tag), so its length has a bound

@@ -106,6 +106,28 @@ async def test_a_result_nested_deeper_than_the_api_can_show_fails_its_job(
     assert (row.status, row.result) == (S.completed, nested(MAX_JSON_DEPTH))
 
 
+async def test_a_follow_up_with_a_priority_that_is_no_integer_fails_the_handler_not_the_reload(
+    harnesses: Harnesses,
+) -> None:
+    """Written, the follow-up's text priority could not be ordered against the others, and
+    every reload of the due jobs (and every start) failed on it: it is refused in the handler,
+    whose attempt fails naming the option."""
+
+    async def handler(ctx: JobContext, payload: Item) -> None:
+        ctx.enqueue("noop", {}, priority="high")
+
+    h = await harnesses.make(task_type("parent", handler, max_attempts=1))
+    job = await h.enqueue("parent")
+    await h.run_until_idle()
+
+    row = await h.get(job.id)
+    assert row.status == S.failed
+    assert row.error is not None
+    assert "priority" in row.error
+    assert h.rows() == 1  # no follow-up
+    assert await h.queue.reload() == 0
+
+
 async def test_a_result_that_is_not_json_fails_its_own_job_and_no_other(
     harnesses: Harnesses,
 ) -> None:

@@ -126,6 +126,14 @@ async def test_a_context_as_deep_as_allowed_is_written(idle: Harness) -> None:
         ({"run_at": datetime(2030, 1, 1), "delay_seconds": None}, "run_at"),
         ({"run_at": datetime(2030, 1, 1, tzinfo=UTC), "delay_seconds": 5}, "run_at"),
         ({"max_attempts": 0}, "max_attempts"),
+        ({"max_attempts": "3"}, "max_attempts"),
+        # written, a text priority could not be ordered against the others: every reload of
+        # the due jobs failed on it, and so did every start of the runtime
+        ({"priority": "high"}, "priority"),
+        ({"priority": True}, "priority"),
+        ({"priority": 2**31}, "priority"),
+        ({"queue": 5}, "queue"),
+        ({"queue": "q" * 65}, "queue"),
         ({"tags": "vip"}, "tags"),
         ({"context": {"blob": "x" * MAX_CONTEXT_BYTES}}, "context"),
         ({"context": {"when": datetime(2030, 1, 1, tzinfo=UTC)}}, "context"),
