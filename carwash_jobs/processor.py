@@ -29,7 +29,14 @@ from pydantic import BaseModel
 from carwash_jobs import lifecycle, retry
 from carwash_jobs.batcher import Batcher
 from carwash_jobs.context import AttemptState, JobContext, JobLogger
-from carwash_jobs.errors import IllegalTransition, JobNotFound, LeaseLost, PermanentError, RetryLater
+from carwash_jobs.errors import (
+    IllegalTransition,
+    JobNotFound,
+    LeaseLost,
+    PermanentError,
+    RetryLater,
+    StoreUnavailable,
+)
 from carwash_jobs.lifecycle import AttemptOutcome, JobStatus, Transition
 from carwash_jobs.middleware import Middleware, chain
 from carwash_jobs.queue import EnqueueOptions
@@ -525,6 +532,16 @@ class QueueProcessor:
             log.info("job %s: outcome of attempt %d discarded: %s", job.id, job.attempts, exc)
             await self._hook_if_cancelled_here(job, state)
             return
+        except Exception as exc:
+            if not isinstance(outcome, Completed) or isinstance(exc, StoreUnavailable):
+                raise
+            # an on_complete write or a follow-up failed, and the completion with it: the
+            # attempt failed, with that error (left running, it waited for its lease to run out
+            # and was recorded as a lost worker)
+            log.warning("job %s: completing attempt %d failed: %s", job.id, job.attempts,
+                        _describe(exc))
+            await self._record(job, state, _completion_failed(exc))
+            return
         self._queue.offer([applied.job, *applied.woken])
         self._count(applied.job)
         await self._registry.run_hooks(applied)
@@ -660,6 +677,15 @@ def _all(finalizers: list[Any]) -> Any:
             await fn(tx)
 
     return run
+
+
+def _completion_failed(exc: Exception) -> Outcome:
+    """The outcome of an attempt whose handler returned but whose completion (its on_complete
+    writes, its follow-ups) raised: as if the handler had raised it."""
+    error = f"completing the job failed: {_describe(exc)}"
+    if isinstance(exc, PermanentError):
+        return Permanent(error, traceback.format_exc())
+    return Retryable(error, traceback.format_exc(), AttemptOutcome.error)
 
 
 def _describe(exc: BaseException) -> str:

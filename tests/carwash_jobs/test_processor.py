@@ -1215,6 +1215,52 @@ async def test_on_complete_writes_roll_back_when_the_job_was_cancelled_meanwhile
     assert h.rows("ledger") == 0
 
 
+async def test_an_on_complete_write_or_follow_up_that_fails_fails_the_attempt_with_its_error(
+    harnesses: Harnesses,
+) -> None:
+    """The completion fails with them. Left running with its lease, the job waited for the
+    lease to run out and was recorded as a lost worker, its error only in the log; now the
+    attempt fails at once, by the retry policy, with what went wrong."""
+    attempts: list[int] = []
+
+    async def grant(ctx: JobContext, payload: Item) -> str:
+        attempts.append(ctx.attempt)
+
+        async def write(tx: Tx) -> None:
+            await tx.execute("INSERT INTO no_such_table VALUES (1)")
+
+        if payload.n == 1:
+            ctx.on_complete(write)
+        elif payload.n == 2:
+            ctx.enqueue("noop", {}, depends_on=["no-such-job"])
+        else:  # the next attempt completes
+            ctx.on_complete(write if ctx.attempt == 1 else _no_write)
+        return "granted"
+
+    h = await harnesses.make(task_type("grant", grant, max_attempts=1),
+                             task_type("grant_twice", grant, max_attempts=2))
+    bad_write = await h.enqueue("grant", {"n": 1})
+    bad_follow_up = await h.enqueue("grant", {"n": 2})
+    retried = await h.enqueue("grant_twice", {"n": 3})
+    await h.run_until_idle(include_timers=True)
+
+    for job, error in ((bad_write, "no such table"), (bad_follow_up, "no-such-job")):
+        row = await h.get(job.id)
+        assert (row.status, row.lease_owner) == (S.failed, None)
+        assert row.error is not None
+        assert row.error.startswith("completing the job failed: ")
+        assert error in row.error
+        assert [entry["outcome"] for entry in row.attempt_history] == ["error"]
+    assert (await h.get(retried.id)).status == S.completed
+    assert sorted(attempts) == [1, 1, 1, 2]
+    assert h.processor.running_ids == []
+    assert h.rows() == 3  # no follow-up
+
+
+async def _no_write(tx: Tx) -> None:
+    return None
+
+
 async def test_a_checkpoint_saved_in_one_attempt_is_seen_by_the_next(harnesses: Harnesses) -> None:
     seen: list[dict[str, Any] | None] = []
 
