@@ -144,7 +144,7 @@ class SqliteWriter:
 
     async def _submit(self, op: _Op[T]) -> T:
         if self._task is None or self._task.done():
-            raise RuntimeError("the store is not open")
+            raise StoreUnavailable("the store is not open")
         self._pending.put_nowait(op)
         return await op.future
 
@@ -251,6 +251,14 @@ class SqliteWriter:
         await self.in_thread(lambda conn: conn.execute("SAVEPOINT op"))
         try:
             value = await op.async_fn(SqliteTx(self))
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # stop() is cutting the writer off
+            # the caller's function awaited something that was cancelled: its failure, like
+            # any exception of it, and not the writer's (which stopped for good on it)
+            await self.in_thread(_rollback_savepoint)
+            op.outcome = (False, exc)
         except Exception as exc:
             await self.in_thread(_rollback_savepoint)
             op.outcome = (False, exc)

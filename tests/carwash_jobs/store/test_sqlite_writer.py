@@ -104,11 +104,33 @@ async def test_a_write_submitted_once_stop_began_is_refused(writer: SqliteWriter
     stopping = asyncio.create_task(writer.stop())
     await asyncio.sleep(0)
 
-    with pytest.raises(RuntimeError, match=r"not open|closed"):
+    with pytest.raises(StoreUnavailable, match=r"not open|closed"):  # a 503 over HTTP
         await writer.run_sync(note("late"))
     release.set()
     assert await answers(held) == ["held"]
     await stopping
+
+
+async def test_a_caller_transaction_that_raises_cancelled_error_fails_alone(
+    writer: SqliteWriter, path: Path
+) -> None:
+    """Its function awaited a task that was cancelled (a gathered sub-task, say): that is the
+    caller's failure, rolled back as any exception of it. The writer stopped for good on it,
+    and every later write of the process was refused."""
+
+    async def awaits_a_cancelled_task(tx: SqliteTx) -> str:
+        await tx.execute("INSERT INTO notes VALUES ('rolled back')")
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        inner.cancel()
+        await inner
+        return "unreachable"
+
+    call = asyncio.create_task(writer.run_async(awaits_a_cancelled_task))
+    await asyncio.wait([call], timeout=5)
+    assert call.cancelled()  # the caller gets what its function raised
+
+    assert await writer.run_sync(note("after")) == "after"
+    assert committed(path) == {"after"}
 
 
 async def test_a_batch_that_outlasts_the_grace_is_cut_off_and_its_callers_are_told(
