@@ -10,7 +10,6 @@ still gets its own result or exception, and only after the flush that carried it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -34,6 +33,7 @@ class Batcher(Generic[ItemT, ResultT]):
         self._pending: list[_Pending[ItemT, ResultT]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def submit(self, item: ItemT) -> ResultT:
         if self._task is None or self._task.done():
@@ -44,14 +44,15 @@ class Batcher(Generic[ItemT, ResultT]):
         return await future
 
     async def close(self) -> None:
-        """Flush what is pending, then stop."""
-        while self._pending:
-            await self._flush_once()
+        """Flush what is pending, then stop. A flush in flight ends as it would have: cut off,
+        it could have been written without its callers hearing so."""
+        self._closing = True
+        self._wakeup.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task  # it returns once nothing is pending
             self._task = None
+        while self._pending:  # submitted after the task had returned
+            await self._flush_once()
 
     def cancel(self) -> None:
         """Stop at once (the owner is shutting down): whoever still waits gets an error."""
@@ -69,12 +70,21 @@ class Batcher(Generic[ItemT, ResultT]):
             self._wakeup.clear()
             while self._pending:
                 await self._flush_once()
+            if self._closing:
+                return
 
     async def _flush_once(self) -> None:
         batch = self._pending[: self._max_batch]
         del self._pending[: self._max_batch]
         try:
             results = await self._flush([p.item for p in batch])
+        except asyncio.CancelledError:  # cancel(): its callers may not be left waiting
+            in_flight = RuntimeError("the queue closed while this write was in flight: it may "
+                                     "or may not have been written")
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(in_flight)
+            raise
         except Exception as exc:
             for p in batch:
                 if not p.future.done():
