@@ -225,17 +225,38 @@ class JobQueue:
         return self._handoff.reserve_handoff(job.task_type)
 
     async def _insert_claimed(self, job: NewJob) -> Inserted:
+        """Write the job claimed for this process's processor, then start it there. The write
+        goes on when the caller gives up (a client's timeout cancels the enqueue): once written
+        claimed, nobody else would run the job before its lease ran out, so it runs here."""
         assert self._handoff is not None
+        # counts it; offers nothing (it runs)
+        write = asyncio.ensure_future(self.insert([job]))
         try:
-            (inserted,) = await self.insert([job])  # counts it; offers nothing (it runs)
+            (inserted,) = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            write.add_done_callback(lambda _: self._settle_handoff(job, write))
+            raise
         except BaseException:
             self._handoff.release_handoff(job.task_type)
             raise
+        self._start_or_release(job, inserted)
+        return inserted
+
+    def _settle_handoff(self, job: NewJob, write: asyncio.Future[list[Inserted]]) -> None:
+        """The caller was cancelled while its claimed job was being written: start the job if
+        the write went through, give the slot back if not."""
+        assert self._handoff is not None
+        if write.cancelled() or write.exception() is not None:
+            self._handoff.release_handoff(job.task_type)
+        else:
+            self._start_or_release(job, write.result()[0])
+
+    def _start_or_release(self, job: NewJob, inserted: Inserted) -> None:
+        assert self._handoff is not None
         if inserted.created and inserted.job.status == JobStatus.running:
             self._handoff.start_handoff(inserted.job)
         else:  # its idempotency key found an existing job: that one is not ours to run
             self._handoff.release_handoff(job.task_type)
-        return inserted
 
     async def enqueue_many(
         self,

@@ -338,6 +338,40 @@ async def test_a_failed_claimed_insert_gives_its_slot_back(harnesses: Harnesses)
     assert (await h.enqueue()).status == S.running
 
 
+async def test_a_claimed_insert_whose_caller_gave_up_still_runs_its_job(
+    harnesses: Harnesses,
+) -> None:
+    """The enqueue is cancelled (a client's timeout) while its job, written claimed for this
+    processor, waits for the writer. The write commits all the same; the job was left running
+    with nobody to run it until its lease ran out, and then counted as a lost attempt (with
+    max_attempts=1: failed, never run). Now it runs here."""
+    writer_held = Gate()
+    ran: list[JobId] = []
+
+    async def quick(ctx: JobContext, payload: Item) -> None:
+        ran.append(ctx.job_id)
+
+    async def hold_the_writer(tx: Tx) -> None:
+        await writer_held.hold()
+
+    h = await harnesses.make(task_type("quick", quick, max_attempts=1))
+    blocker = asyncio.create_task(h.store.transaction(hold_the_writer))
+    await wait_for(writer_held.entered)
+    enqueue = asyncio.create_task(h.enqueue("quick"))
+    await _until(lambda: h.store.writer.queued >= 1)
+    enqueue.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await enqueue
+    writer_held.release.set()
+    await blocker
+    await h.run_until_idle()
+
+    (row,) = [await h.get(job_id) for job_id in ran]
+    assert (row.status, row.attempts) == (S.completed, 1)
+    assert h.rows() == 1
+    assert h.processor._claiming == 0
+
+
 async def test_stop_waits_for_a_claimed_insert_in_flight_and_leaves_no_job_running(
     harnesses: Harnesses,
 ) -> None:
