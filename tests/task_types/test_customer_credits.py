@@ -140,8 +140,8 @@ async def test_a_completion_that_breaks_half_way_through_the_ledger_leaves_none_
     runtimes: Runtimes
 ) -> None:
     """The database fails on the third ledger row of the completion transaction: the two rows
-    before it vanish with the rollback, the job stays running until its lease is released, and
-    the retry grants everyone once."""
+    before it vanish with the rollback, the attempt fails with the database's error (it was
+    left running until its lease ran out), and the retry grants everyone once."""
     runtime = await runtimes.start()
     url = runtime.settings.database_url
     ids = add_customers(url, CUSTOMERS)
@@ -153,8 +153,11 @@ async def test_a_completion_that_breaks_half_way_through_the_ledger_leaves_none_
     assert runtime.processor is not None
     await runtime.processor.run_until_idle(timeout=5)
     assert ledger(url) == []
+    first = (await runtime.store.get(inserted.job.id)).attempt_history[0]
+    assert first["outcome"] == "error"
+    assert "disk on fire" in first["error"]
     execute(url, "DROP TRIGGER disk_on_fire")
-    job = await recover(runtime, inserted.job.id)
+    job = await settle(runtime, inserted.job.id)
 
     assert job.status == JobStatus.completed, job.error
     assert ledger_total(url, job.id) == (4, 200)
