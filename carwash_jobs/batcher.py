@@ -49,7 +49,9 @@ class Batcher(Generic[ItemT, ResultT]):
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
-            await self._task  # it returns once nothing is pending
+            # it returns once nothing is pending; shielded: a cancel of close() must not cut
+            # the flush in flight off
+            await asyncio.shield(self._task)
             self._task = None
         while self._pending:  # submitted after the task had returned
             await self._flush_once()

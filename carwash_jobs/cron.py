@@ -62,7 +62,7 @@ from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from carwash_jobs.errors import ConfigurationError, InvalidPayload
-from carwash_jobs.queue import EnqueueOptions
+from carwash_jobs.queue import PRIORITY_MAX, QUEUE_NAME_MAX_LENGTH, EnqueueOptions
 from carwash_jobs.settings import Settings
 from carwash_jobs.types import Clock, utc_now
 
@@ -122,8 +122,11 @@ class Schedule(BaseModel):
         default=CATCH_UP_LIMIT_DEFAULT, ge=1, le=10_000,
         description="Most fires per schedule and tick (catch_up = 'all').",
     )
-    priority: int | None = Field(default=None, description="None: the task type's default.")
-    queue: str | None = Field(default=None, min_length=1, description="None: the task type's queue.")
+    # the engine's bounds, checked when the file is read: a bad value would fail every fire
+    priority: int | None = Field(default=None, ge=-PRIORITY_MAX, le=PRIORITY_MAX,
+                                 description="None: the task type's default.")
+    queue: str | None = Field(default=None, min_length=1, max_length=QUEUE_NAME_MAX_LENGTH,
+                              description="None: the task type's queue.")
 
     @field_validator("cron")
     @classmethod

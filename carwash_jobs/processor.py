@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +104,9 @@ class _Running:
     finished: bool = False
     #: its slot was given back when the handler returned (see QueueProcessor._run)
     slot_released: bool = False
+    #: its task has taken its first step: a task cancelled before that never runs its body,
+    #: nor the cleanup in it, so a cancel before then only flags the attempt
+    started: bool = False
 
 
 @dataclass(slots=True)
@@ -220,7 +223,7 @@ class QueueProcessor:
                 self._cancelled_while_claiming.add(job_id)
             return False
         running.state.cancel_requested.set()
-        if not running.finished:
+        if running.started and not running.finished:
             running.task.cancel()
         return True
 
@@ -418,6 +421,7 @@ class QueueProcessor:
             self._metrics.pickup.labels(job.task_type).observe(max(pickup, 0.0))
 
     async def _run(self, running: _Running) -> None:
+        running.started = True
         job = running.job
         try:
             if running.state.cancel_requested.is_set():  # in the commit of its own claim
@@ -500,13 +504,8 @@ class QueueProcessor:
             return Retryable(f"timed out after {timeout}", None, AttemptOutcome.timeout)
         except LeaseLost:
             return Discarded("lease lost")
-        except RetryLater as exc:
-            return Retryable(exc.reason, None, AttemptOutcome.error if exc.count_attempt
-                             else AttemptOutcome.throttled, exc.delay_seconds, exc.count_attempt)
-        except PermanentError as exc:
-            return Permanent(_describe(exc), traceback.format_exc())
         except Exception as exc:
-            return Retryable(_describe(exc), traceback.format_exc(), AttemptOutcome.error)
+            return _raised(exc)
         return _completed(result)
 
     async def _record(self, job: JobRow, state: AttemptState, outcome: Outcome) -> None:
@@ -674,18 +673,35 @@ class QueueProcessor:
 def _all(finalizers: list[Any]) -> Any:
     async def run(tx: Any) -> None:
         for fn in finalizers:
-            await fn(tx)
+            try:
+                await fn(tx)
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # a real cancel of whoever runs it (a stop)
+                # it awaited something that was cancelled: its failure, which the record of
+                # the completion must see as an error (a cancel would end it unrecorded)
+                raise RuntimeError(f"an on_complete function was cancelled inside: {exc!r}") from exc
 
     return run
 
 
+def _raised(exc: Exception) -> Retryable | Permanent:
+    """The outcome of an attempt that raised `exc` (called while it is being handled, for its
+    traceback): RetryLater at its time, PermanentError for good, anything else by policy."""
+    if isinstance(exc, RetryLater):
+        return Retryable(exc.reason, None, AttemptOutcome.error if exc.count_attempt
+                         else AttemptOutcome.throttled, exc.delay_seconds, exc.count_attempt)
+    if isinstance(exc, PermanentError):
+        return Permanent(_describe(exc), traceback.format_exc())
+    return Retryable(_describe(exc), traceback.format_exc(), AttemptOutcome.error)
+
+
 def _completion_failed(exc: Exception) -> Outcome:
     """The outcome of an attempt whose handler returned but whose completion (its on_complete
-    writes, its follow-ups) raised: as if the handler had raised it."""
-    error = f"completing the job failed: {_describe(exc)}"
-    if isinstance(exc, PermanentError):
-        return Permanent(error, traceback.format_exc())
-    return Retryable(error, traceback.format_exc(), AttemptOutcome.error)
+    writes, its follow-ups) raised: as if the handler had raised it, told apart in the error."""
+    outcome = _raised(exc)
+    return replace(outcome, error=f"completing the job failed: {outcome.error}")
 
 
 def _describe(exc: BaseException) -> str:

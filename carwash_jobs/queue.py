@@ -409,23 +409,21 @@ class JobQueue:
 
     async def retry_failed(self, flt: FailedFilter, batch: int = RETRY_BATCH) -> list[JobId]:
         """Move every failed job that matches back to queued with fresh attempts, `batch` at a
-        time (one transaction each). Only the jobs that failed before the call began: one
-        that fails again meanwhile waits for the next retry, so the call ends."""
-        began = self._clock()
-        before = began if flt.failed_before is None else min(flt.failed_before, began)
-        bounded = replace(flt, failed_before=before)
+        time (one transaction each), in id order. Each batch starts after the last id of the
+        one before: a job that fails again meanwhile is not taken twice, and the call ends
+        whatever the clocks of the processes failing jobs say."""
         retried: list[JobId] = []
+        page = flt
         while True:
-            ids = await self.store.failed_ids(bounded, batch)
+            ids = await self.store.failed_ids(page, batch)
             now = self._clock()
             results = await self.store.apply_many([lifecycle.retry_failed(i, now) for i in ids])
             jobs = [r.job for r in results if not isinstance(r, Exception)]
             self.offer(jobs)
             retried += [job.id for job in jobs]
-            # each batch leaves `failed` (moved here, or by another process meanwhile) and no
-            # job that failed after `began` is asked for, so the batches run out
             if len(ids) < batch:
                 return retried
+            page = replace(flt, after_id=ids[-1])
 
     async def rerun(self, job_id: JobId) -> JobRow:
         """A new job cloned from a finished one (rerun_of = its id)."""
@@ -578,12 +576,13 @@ def _context(context: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
     if not isinstance(context, Mapping):
         raise InvalidPayload("context", "must be a JSON object")
+    # first: json.dumps would meet Python's recursion limit before the size were known
+    if nested_deeper_than(context, MAX_JSON_DEPTH):
+        raise InvalidPayload("context", f"must not nest deeper than {MAX_JSON_DEPTH} levels")
     try:
         size = len(json.dumps(context, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise InvalidPayload("context", f"must be JSON: {exc}") from exc
     if size > MAX_CONTEXT_BYTES:
         raise InvalidPayload("context", f"must be at most {MAX_CONTEXT_BYTES} bytes of JSON")
-    if nested_deeper_than(context, MAX_JSON_DEPTH):
-        raise InvalidPayload("context", f"must not nest deeper than {MAX_JSON_DEPTH} levels")
     return dict(context)

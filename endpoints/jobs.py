@@ -92,7 +92,10 @@ class JobController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="Page size.")] = 50,
         cursor: Annotated[
             str | None,
-            QueryParameter(pattern=CURSOR_PATTERN, description="The last page's next_cursor."),
+            # the lengths too: the pattern is searched for, and its $ also matches before a
+            # final newline
+            QueryParameter(pattern=CURSOR_PATTERN, min_length=32, max_length=32,
+                           description="The last page's next_cursor."),
         ] = None,
     ) -> JobPage:
         """Newest first, keyset-paginated: a page stays correct while jobs are being added."""

@@ -14,12 +14,10 @@ from litestar.datastructures import ResponseHeader
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from carwash_jobs.lifecycle import JobStatus
-from carwash_jobs.queue import EnqueueOptions
+from carwash_jobs.queue import PRIORITY_MAX, QUEUE_NAME_MAX_LENGTH, EnqueueOptions
 from carwash_jobs.store.base import EventRow, JobRow, Page
 from carwash_jobs.types import JobId
 
-#: SQLite stores integers in 64 bits and Python's do not stop there: bound what reaches a column.
-INT32_MAX = 2**31 - 1
 #: the furthest ahead a delay may reach (ten years); beyond it datetime arithmetic overflows
 MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600
 #: the years a stored timestamp can hold (the store writes four-digit years)
@@ -86,6 +84,11 @@ def _json_type_matches(kind: Any, value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _item_matches(kind: Any, item: Any) -> bool:
+    """A null item is left to the field's own type to take or refuse."""
+    return item is None or _json_type_matches(kind, item)
+
+
 def json_scalars_only(cls: type[BaseModel], data: Any) -> Any:
     """A JSON body says what type a value is: `true` is not 1, `"5"` is not 5 and `0` is not
     1970-01-01. Pydantic's lax mode would convert them (a form, all text, needs that), so in a
@@ -102,9 +105,9 @@ def json_scalars_only(cls: type[BaseModel], data: Any) -> Any:
             fixed[key] = _WRONG
     for key, kind in _scalar_list_fields(cls):
         value = data.get(key)
-        if isinstance(value, list) and not all(_json_type_matches(kind, item) for item in value):
+        if isinstance(value, list) and not all(_item_matches(kind, item) for item in value):
             fixed = fixed if fixed is not None else dict(data)
-            fixed[key] = [item if _json_type_matches(kind, item) else _WRONG for item in value]
+            fixed[key] = [item if _item_matches(kind, item) else _WRONG for item in value]
     return data if fixed is None else fixed
 
 
@@ -218,13 +221,15 @@ class EnqueueOptionsIn(BaseModel):
         description="Run this many seconds from now; give this or run_at.",
     )
     priority: int | None = Field(
-        default=None, ge=-INT32_MAX, le=INT32_MAX, description="Higher runs first; default: the task type's."
+        default=None, ge=-PRIORITY_MAX, le=PRIORITY_MAX,
+        description="Higher runs first; default: the task type's."
     )
     max_attempts: int | None = Field(
         default=None, ge=1, le=1000, description="Attempts before the job fails; default: the task type's."
     )
     queue: str | None = Field(
-        default=None, min_length=1, max_length=100, description='The named queue; default "default".'
+        default=None, min_length=1, max_length=QUEUE_NAME_MAX_LENGTH,
+        description='The named queue; default "default".'
     )
     tags: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
         default_factory=list, max_length=50, description="Labels to find the job by."
@@ -299,6 +304,8 @@ def decode_form_json(value: Any) -> Any:
             return json.loads(value)
         except ValueError:
             return value
+        except RecursionError:  # nested deeper than the decoder follows: bad input, a 400
+            raise ValueError("the JSON is nested too deeply") from None
     return value
 
 

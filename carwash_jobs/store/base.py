@@ -317,6 +317,8 @@ class FailedFilter:
     task_type: str | None = None
     failed_after: datetime | None = None
     failed_before: datetime | None = None
+    #: only the jobs whose id sorts after this one: the next batch of a bulk retry
+    after_id: JobId | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -802,6 +802,7 @@ class PostgresJobStore:
             ("task_type = :task_type", "task_type", flt.task_type),
             ("finished_at >= :after", "after", flt.failed_after),
             ("finished_at < :before", "before", flt.failed_before),
+            ("id > :after_id", "after_id", flt.after_id),
         ]
         clauses = ["status = 'failed'"] + [c for c, _, v in pairs if v is not None]
         params = {name: v for _, name, v in pairs if v is not None}

@@ -892,6 +892,7 @@ def _failed_where(flt: FailedFilter) -> tuple[str, list[Any]]:
         ("task_type = ?", flt.task_type),
         ("finished_at >= ?", ts(flt.failed_after)),
         ("finished_at < ?", ts(flt.failed_before)),
+        ("id > ?", flt.after_id),
     ])
     if flt.ids is not None:
         clauses.append(f"id IN ({_placeholders(len(flt.ids))})")

@@ -256,9 +256,11 @@ class SqliteWriter:
             if task is not None and task.cancelling():
                 raise  # stop() is cutting the writer off
             # the caller's function awaited something that was cancelled: its failure, like
-            # any exception of it, and not the writer's (which stopped for good on it)
+            # any exception of it, and not the writer's (which stopped for good on it). Told
+            # as an error, not as a cancel: the caller itself was not cancelled, and code that
+            # catches errors (the processor's record of a completion) must see it
             await self.in_thread(_rollback_savepoint)
-            op.outcome = (False, exc)
+            op.outcome = (False, RuntimeError(f"the transaction was cancelled inside: {exc!r}"))
         except Exception as exc:
             await self.in_thread(_rollback_savepoint)
             op.outcome = (False, exc)

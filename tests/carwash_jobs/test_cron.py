@@ -232,6 +232,9 @@ def test_a_valid_file_loads_with_the_defaults(tmp_path: Path) -> None:
         ('timezone = "Mars/Olympus"', r"schedule 'every-10': timezone: unknown time zone 'Mars/Olympus'"),
         ('second = "61"', r"schedule 'every-10': second: not a seconds field"),
         ("catch_up_limit = 0", r"schedule 'every-10': catch_up_limit: "),
+        # what the engine refuses: loaded, they failed every fire
+        ("priority = 2147483648", r"schedule 'every-10': priority: "),
+        (f'queue = "{"q" * 65}"', r"schedule 'every-10': queue: "),
     ],
 )
 def test_a_bad_field_stops_loading_naming_the_schedule_and_the_field(

@@ -372,6 +372,29 @@ async def test_a_claimed_insert_whose_caller_gave_up_still_runs_its_job(
     assert h.processor._claiming == 0
 
 
+async def test_a_job_stopped_before_its_task_took_a_step_gives_its_slot_back(
+    harnesses: Harnesses,
+) -> None:
+    """A task cancelled before its first step never runs its body, nor the cleanup in it: the
+    slot and the entry of a job stopped right after it started (its lease lost, say) were
+    held for good."""
+    ran: list[JobId] = []
+
+    async def quick(ctx: JobContext, payload: Item) -> None:
+        ran.append(ctx.job_id)
+
+    h = await harnesses.make(task_type("quick", quick))
+    job = await h.enqueue("quick")  # handed off: its task is made, and has not run yet
+    assert h.processor.running_ids == [job.id]
+
+    assert h.processor.cancel_local(job.id)
+    await h.run_until_idle()
+
+    assert ran == []
+    assert h.processor.running_ids == []
+    assert h.processor._held == 0
+
+
 async def test_stop_waits_for_a_claimed_insert_in_flight_and_leaves_no_job_running(
     harnesses: Harnesses,
 ) -> None:
@@ -1293,6 +1316,24 @@ async def test_an_on_complete_write_or_follow_up_that_fails_fails_the_attempt_wi
 
 async def _no_write(tx: Tx) -> None:
     return None
+
+
+async def test_an_on_complete_write_that_raises_retry_later_is_retried_at_its_time(
+    harnesses: Harnesses, clock: ManualClock
+) -> None:
+    async def later(tx: Tx) -> None:
+        raise RetryLater(3600, "the ledger is locked")
+
+    async def grant(ctx: JobContext, payload: Item) -> None:
+        ctx.on_complete(later)
+
+    h = await harnesses.make(task_type("grant", grant), clock=clock)
+    job = await h.enqueue("grant")
+    await h.run_until_idle()
+
+    row = await h.get(job.id)
+    assert (row.status, row.run_at) == (S.scheduled, clock() + timedelta(seconds=3600))
+    assert row.error == "completing the job failed: the ledger is locked"
 
 
 async def test_a_checkpoint_saved_in_one_attempt_is_seen_by_the_next(harnesses: Harnesses) -> None:

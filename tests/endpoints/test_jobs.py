@@ -111,6 +111,7 @@ async def test_list_filters_are_anded(client: AsyncTestClient[Litestar], runtime
     ({"cursor": "\x00"}, "cursor"),
     ({"cursor": "0" * 31}, "cursor"),
     ({"cursor": "F" * 32}, "cursor"),
+    ({"cursor": "0" * 32 + "\n"}, "cursor"),  # the pattern's $ matches before a last newline
     ({"cursor": "garbage", "tag": "vip"}, "cursor"),
     ({"cursor": "garbage", "created_after": "2020-01-01T00:00:00Z"}, "cursor"),
 ])

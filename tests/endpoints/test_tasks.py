@@ -282,6 +282,8 @@ async def test_upload_file_name_cannot_escape_the_files_directory(
     ({"priority": "high"}, "priority"),
     ({"notes": '{"a": 1}'}, "notes.a"),
     ({"queue": "nope"}, "queue"),
+    # deeper than the JSON decoder follows: its RecursionError was a 500
+    ({"context": "[" * 5000 + "]" * 5000}, "context"),
 ])
 async def test_upload_with_a_bad_field_gets_400_and_leaves_no_file(
     client: AsyncTestClient[Litestar], settings: Settings, fields: dict[str, str], field: str

@@ -1033,6 +1033,9 @@ async def test_failed_ids_filters_by_ids_task_type_and_failure_time(
     assert await found(FailedFilter(failed_after=t0 + timedelta(seconds=30))) == {late_order.id}
     assert await found(FailedFilter(failed_before=t0 + timedelta(seconds=30))) == {early.id}
     assert await found(FailedFilter(task_type="noop", failed_after=t0 + timedelta(seconds=30))) == set()
+    first, second = sorted([early.id, late_order.id])  # a bulk retry's next batch
+    assert await found(FailedFilter(after_id=first)) == {second}
+    assert await found(FailedFilter(after_id=second)) == set()
 
 
 async def test_events_tell_the_timeline_of_a_job(store: JobStore, clock: ManualClock) -> None:
