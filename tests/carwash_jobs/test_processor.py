@@ -1318,6 +1318,30 @@ async def _no_write(tx: Tx) -> None:
     return None
 
 
+async def test_an_on_complete_function_that_awaits_a_cancelled_task_fails_the_attempt(
+    harnesses: Harnesses,
+) -> None:
+    """A cancel raised inside it is its failure: told as a cancel, the record of the
+    completion (which catches errors) ended unrecorded, and the job stayed running."""
+
+    async def awaits_a_cancelled_task(tx: Tx) -> None:
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        inner.cancel()
+        await inner
+
+    async def grant(ctx: JobContext, payload: Item) -> None:
+        ctx.on_complete(awaits_a_cancelled_task)
+
+    h = await harnesses.make(task_type("grant", grant, max_attempts=1))
+    job = await h.enqueue("grant")
+    await h.run_until_idle()
+
+    row = await h.get(job.id)
+    assert (row.status, row.lease_owner) == (S.failed, None)
+    assert row.error is not None
+    assert "cancelled inside" in row.error
+
+
 async def test_an_on_complete_write_that_raises_retry_later_is_retried_at_its_time(
     harnesses: Harnesses, clock: ManualClock
 ) -> None:
