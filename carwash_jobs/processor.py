@@ -673,15 +673,7 @@ class QueueProcessor:
 def _all(finalizers: list[Any]) -> Any:
     async def run(tx: Any) -> None:
         for fn in finalizers:
-            try:
-                await fn(tx)
-            except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # a real cancel of whoever runs it (a stop)
-                # it awaited something that was cancelled: its failure, which the record of
-                # the completion must see as an error (a cancel would end it unrecorded)
-                raise RuntimeError(f"an on_complete function was cancelled inside: {exc!r}") from exc
+            await fn(tx)
 
     return run
 

@@ -7,6 +7,7 @@ client sees of a job, so the API and the CLI cannot drift apart.
 import functools
 import json
 import types
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -98,12 +99,12 @@ def json_scalars_only(cls: type[BaseModel], data: Any) -> Any:
     if not isinstance(data, dict):
         return data
     fixed: dict[str, Any] | None = None
-    for key, kind in _scalar_fields(cls):
+    for key, kind in _fields_of_kind(cls, _scalar_kind):
         value = data.get(key)
         if value is not None and not _json_type_matches(kind, value):
             fixed = fixed if fixed is not None else dict(data)
             fixed[key] = _WRONG
-    for key, kind in _scalar_list_fields(cls):
+    for key, kind in _fields_of_kind(cls, _item_kind):
         value = data.get(key)
         if isinstance(value, list) and not all(_item_matches(kind, item) for item in value):
             fixed = fixed if fixed is not None else dict(data)
@@ -112,18 +113,12 @@ def json_scalars_only(cls: type[BaseModel], data: Any) -> Any:
 
 
 @functools.cache
-def _scalar_fields(cls: type[BaseModel]) -> tuple[tuple[str, Any], ...]:
-    """(JSON key, kind) of each scalar field of a model: read from its annotations once, not on
-    every request."""
-    kinds = ((field.alias or name, _scalar_kind(field.annotation))
-             for name, field in cls.model_fields.items())
-    return tuple((key, kind) for key, kind in kinds if kind is not None)
-
-
-@functools.cache
-def _scalar_list_fields(cls: type[BaseModel]) -> tuple[tuple[str, Any], ...]:
-    """(JSON key, kind of its items) of each field of a model that is a list of scalars."""
-    kinds = ((field.alias or name, _item_kind(field.annotation))
+def _fields_of_kind(
+    cls: type[BaseModel], kind_of: Callable[[Any], Any]
+) -> tuple[tuple[str, Any], ...]:
+    """(JSON key, kind) of each field of a model whose annotation `kind_of` finds a kind in
+    (_scalar_kind, _item_kind): read from its annotations once, not on every request."""
+    kinds = ((field.alias or name, kind_of(field.annotation))
              for name, field in cls.model_fields.items())
     return tuple((key, kind) for key, kind in kinds if kind is not None)
 

@@ -6,8 +6,10 @@ suite runs against each. Value types live here so that callers never import an a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, dataclass_transform
@@ -475,6 +477,22 @@ class Tx(Protocol):
 TxFn = Callable[[Tx], Awaitable[T]]
 
 
+@contextlib.contextmanager
+def cancel_inside_as_error() -> Iterator[None]:
+    """Around a caller's transaction function (both stores, `transaction` and `apply`'s
+    `before`): a CancelledError it raises while the task running it is not being cancelled
+    (it awaited a task that was) is its failure, rolled back and raised as a RuntimeError.
+    Told as a cancel, it stopped SQLite's writer for good, and the processor's record of a
+    completion, which catches errors, ended unrecorded. A cancel of the task itself passes."""
+    try:
+        yield
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise RuntimeError(f"the transaction was cancelled inside: {exc!r}") from exc
+
+
 class JobStore(Protocol):
     """The engine's whole conversation with its database."""
 
@@ -580,7 +598,8 @@ class JobStore(Protocol):
         ...
 
     async def transaction(self, fn: TxFn[T]) -> T:
-        """Run `fn` in one transaction: committed if it returns, rolled back if it raises."""
+        """Run `fn` in one transaction: committed if it returns, rolled back if it raises (a
+        cancel raised inside it as a RuntimeError: see cancel_inside_as_error)."""
         ...
 
     # -- the fleet ------------------------------------------------------------------------

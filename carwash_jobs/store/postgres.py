@@ -56,6 +56,7 @@ from carwash_jobs.store.base import (
     T,
     Tx,
     TxFn,
+    cancel_inside_as_error,
     id_time,
     job_row,
     json_text,
@@ -617,7 +618,8 @@ class PostgresJobStore:
         now = self._clock()
         async with _transaction(self.pool, callers_sql=before is not None) as conn:
             if before is not None:  # the caller's own SQL: its errors are its own
-                await before(PostgresTx(conn))
+                with cancel_inside_as_error():
+                    await before(PostgresTx(conn))
             with _encoder_errors():
                 applied = await _apply(conn, transition, self._owner, now)
                 if not follow_ups:
@@ -722,7 +724,8 @@ class PostgresJobStore:
 
     async def transaction(self, fn: TxFn[T]) -> T:
         async with _transaction(self.pool, callers_sql=True) as conn:
-            return await fn(PostgresTx(conn))
+            with cancel_inside_as_error():
+                return await fn(PostgresTx(conn))
 
     # -- reads -------------------------------------------------------------------------
     async def expired_leases(self, now: datetime, limit: int) -> list[JobRow]:

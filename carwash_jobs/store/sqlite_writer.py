@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from carwash_jobs.errors import StoreUnavailable
+from carwash_jobs.store.base import cancel_inside_as_error
 
 T = TypeVar("T")
 SyncFn = Callable[[sqlite3.Connection], T]
@@ -250,17 +251,8 @@ class SqliteWriter:
         assert op.async_fn is not None
         await self.in_thread(lambda conn: conn.execute("SAVEPOINT op"))
         try:
-            value = await op.async_fn(SqliteTx(self))
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # stop() is cutting the writer off
-            # the caller's function awaited something that was cancelled: its failure, like
-            # any exception of it, and not the writer's (which stopped for good on it). Told
-            # as an error, not as a cancel: the caller itself was not cancelled, and code that
-            # catches errors (the processor's record of a completion) must see it
-            await self.in_thread(_rollback_savepoint)
-            op.outcome = (False, RuntimeError(f"the transaction was cancelled inside: {exc!r}"))
+            with cancel_inside_as_error():  # a stop() cutting the writer off still passes
+                value = await op.async_fn(SqliteTx(self))
         except Exception as exc:
             await self.in_thread(_rollback_savepoint)
             op.outcome = (False, exc)

@@ -24,8 +24,7 @@ async def test_the_sqlite_ceiling_reports_its_insert_drain_and_whole_rates(
         "raw_drain_jobs_per_s": round(raw.drain, 3),
         "raw_end_to_end_jobs_per_s": round(raw.end_to_end, 3),
     }
-    # the whole takes the two phases' time together: slower than either
-    assert 0 < raw.end_to_end < min(raw.insert, raw.drain)
-    # jobs / (a + b) from jobs / a and jobs / b
+    # the whole takes the two phases' time together: jobs / (a + b) from jobs / a and jobs / b
+    assert raw.insert > 0 and raw.drain > 0
     assert abs(1 / raw.end_to_end - (1 / raw.insert + 1 / raw.drain)) < 1e-12
     assert "raw_drain_jobs_per_s" in capsys.readouterr().out

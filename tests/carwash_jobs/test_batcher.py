@@ -30,6 +30,19 @@ class Flushes:
         return [ValueError(f"odd {n}") if n % 2 else n * 10 for n in items]
 
 
+async def one_in_flight_one_waiting(
+    batcher: Batcher[int, int], flushes: Flushes
+) -> tuple[asyncio.Task[int], asyncio.Task[int]]:
+    """A caller of 2 whose flush is held in flight, and a caller of 4 waiting behind it."""
+    flushes.release.clear()
+    in_flight = asyncio.create_task(batcher.submit(2))
+    async with asyncio.timeout(5):
+        await flushes.entered.wait()
+    waiting = asyncio.create_task(batcher.submit(4))
+    await asyncio.sleep(0)
+    return in_flight, waiting
+
+
 async def test_callers_submitted_together_share_one_flush_and_each_gets_its_answer() -> None:
     flushes = Flushes()
     batcher: Batcher[int, int] = Batcher(flushes)
@@ -50,13 +63,8 @@ async def test_cancel_answers_the_callers_in_flight_and_the_ones_waiting_behind_
     """A caller whose write was in flight when the owner shut down waited forever: cancel()
     answered only the callers not yet taken into a flush."""
     flushes = Flushes()
-    flushes.release.clear()
     batcher: Batcher[int, int] = Batcher(flushes)
-    in_flight = asyncio.create_task(batcher.submit(2))
-    async with asyncio.timeout(5):
-        await flushes.entered.wait()
-    waiting = asyncio.create_task(batcher.submit(4))
-    await asyncio.sleep(0)
+    in_flight, waiting = await one_in_flight_one_waiting(batcher, flushes)
 
     batcher.cancel()
     done, _ = await asyncio.wait([in_flight, waiting], timeout=5)
@@ -71,13 +79,8 @@ async def test_cancel_answers_the_callers_in_flight_and_the_ones_waiting_behind_
 async def test_close_flushes_what_is_waiting_and_lets_the_flush_in_flight_end() -> None:
     """close() cancelled the flush in flight: written or not, its callers never heard."""
     flushes = Flushes()
-    flushes.release.clear()
     batcher: Batcher[int, int] = Batcher(flushes)
-    first = asyncio.create_task(batcher.submit(2))
-    async with asyncio.timeout(5):
-        await flushes.entered.wait()
-    second = asyncio.create_task(batcher.submit(4))
-    await asyncio.sleep(0)
+    first, second = await one_in_flight_one_waiting(batcher, flushes)
     flushes.release.set()
 
     async with asyncio.timeout(5):

@@ -338,6 +338,30 @@ async def test_a_failed_claimed_insert_gives_its_slot_back(harnesses: Harnesses)
     assert (await h.enqueue()).status == S.running
 
 
+class HeldWriter:
+    """A transaction that holds the SQLite store's writer: every write submitted while it
+    holds waits behind it, and those waiting share the next group commit once it lets go."""
+
+    def __init__(self, gate: Gate, blocker: asyncio.Task[None]) -> None:
+        self._gate = gate
+        self._blocker = blocker
+
+    @classmethod
+    async def hold(cls, h: Harness) -> HeldWriter:
+        gate = Gate()
+
+        async def hold(tx: Tx) -> None:
+            await gate.hold()
+
+        writer = cls(gate, asyncio.create_task(h.store.transaction(hold)))
+        await wait_for(gate.entered)
+        return writer
+
+    async def let_go(self) -> None:
+        self._gate.release.set()
+        await self._blocker
+
+
 async def test_a_claimed_insert_whose_caller_gave_up_still_runs_its_job(
     harnesses: Harnesses,
 ) -> None:
@@ -345,25 +369,19 @@ async def test_a_claimed_insert_whose_caller_gave_up_still_runs_its_job(
     processor, waits for the writer. The write commits all the same; the job was left running
     with nobody to run it until its lease ran out, and then counted as a lost attempt (with
     max_attempts=1: failed, never run). Now it runs here."""
-    writer_held = Gate()
     ran: list[JobId] = []
 
     async def quick(ctx: JobContext, payload: Item) -> None:
         ran.append(ctx.job_id)
 
-    async def hold_the_writer(tx: Tx) -> None:
-        await writer_held.hold()
-
     h = await harnesses.make(task_type("quick", quick, max_attempts=1))
-    blocker = asyncio.create_task(h.store.transaction(hold_the_writer))
-    await wait_for(writer_held.entered)
+    writer = await HeldWriter.hold(h)  # every write from here on waits behind it
     enqueue = asyncio.create_task(h.enqueue("quick"))
     await _until(lambda: h.store.writer.queued >= 1)
     enqueue.cancel()
     with pytest.raises(asyncio.CancelledError):
         await enqueue
-    writer_held.release.set()
-    await blocker
+    await writer.let_go()
     await h.run_until_idle()
 
     (row,) = [await h.get(job_id) for job_id in ran]
@@ -405,24 +423,17 @@ async def test_stop_waits_for_a_claimed_insert_in_flight_and_leaves_no_job_runni
     async def quick(ctx: JobContext, payload: Item) -> None:
         ran.set()
 
-    writer_held = Gate()
-
-    async def hold_the_writer(tx: Tx) -> None:
-        await writer_held.hold()
-
     h = await harnesses.make(task_type("quick", quick), shutdown_grace=timedelta(seconds=5))
-    blocker = asyncio.create_task(h.store.transaction(hold_the_writer))
-    await wait_for(writer_held.entered)
+    writer = await HeldWriter.hold(h)  # every write from here on waits behind it
     enqueue = asyncio.create_task(h.enqueue("quick"))
     await _until(lambda: h.store.writer.queued >= 1)  # the claimed insert waits for the writer
     stopping = asyncio.create_task(h.processor.stop())
     await asyncio.sleep(0)
 
     assert not stopping.done()  # it waits for the handoff in flight
-    writer_held.release.set()
+    await writer.let_go()
     job = await enqueue
     await stopping
-    await blocker
     h.started = False
 
     assert ran.is_set()
@@ -616,27 +627,22 @@ async def test_a_cancel_that_commits_before_a_finished_handlers_completion_calls
 ) -> None:
     """The handler has returned and its completion waits for the writer when the cancel
     commits: the completion is refused, and the job ended cancelled, so on_cancelled runs."""
-    gate, writer_held = Gate(), Gate()
+    gate = Gate()
     calls = Calls()
 
     async def quick(ctx: JobContext, payload: Item) -> str:
         await gate.hold()
         return "done"
 
-    async def hold_the_writer(tx: Tx) -> None:
-        await writer_held.hold()
-
     h = await harnesses.make(task_type("quick", quick, hooks=calls.hooks()))
     job = await h.enqueue("quick")
     await wait_for(gate.entered)
-    blocker = asyncio.create_task(h.store.transaction(hold_the_writer))
-    await wait_for(writer_held.entered)  # every write from here on waits behind `blocker`
+    writer = await HeldWriter.hold(h)  # every write from here on waits behind it
     cancel = asyncio.create_task(h.queue.cancel(job.id))
     await asyncio.sleep(0)  # the cancel's write is queued first...
     gate.release.set()  # ...then the handler returns and its completion queues behind it
     await _until(lambda: h.store.writer.queued >= 2)
-    writer_held.release.set()
-    await blocker
+    await writer.let_go()
     assert (await cancel).status == S.cancelled
     await h.run_until_idle()
     row = await h.get(job.id)
@@ -651,27 +657,21 @@ async def test_a_cancel_in_the_commit_of_the_claim_that_won_the_job_stops_it_bef
     running attempt, and returns before the processor has started the job it claimed. The
     handler must not run (it did, to its end, until the next heartbeat found the lease gone);
     on_cancelled runs here, once."""
-    writer_held = Gate()
     calls = Calls()
     started: list[JobId] = []
 
     async def handler(ctx: JobContext, payload: Item) -> None:
         started.append(ctx.job_id)
 
-    async def hold_the_writer(tx: Tx) -> None:
-        await writer_held.hold()
-
     h = await harnesses.make(task_type("wash", handler, hooks=calls.hooks()), start=False,
                              handoff=False)
     job = await h.enqueue("wash")
-    blocker = asyncio.create_task(h.store.transaction(hold_the_writer))
-    await wait_for(writer_held.entered)  # every write from here on waits behind `blocker`
+    writer = await HeldWriter.hold(h)  # every write from here on waits behind it
     await h.start()
     await _until(lambda: h.store.writer.queued >= 1)  # the claim...
     cancel = asyncio.create_task(h.queue.cancel(job.id))
     await _until(lambda: h.store.writer.queued >= 2)  # ...then the cancel, in one commit
-    writer_held.release.set()
-    await blocker
+    await writer.let_go()
     assert (await cancel).status == S.cancelled
     await h.run_until_idle()
 
@@ -1105,7 +1105,7 @@ async def test_a_heartbeat_racing_a_completion_commit_neither_stops_the_job_nor_
 ) -> None:
     """The heartbeat reads the running jobs, then the completion commits ahead of its lease
     write: that write finds the job no longer running, though nothing was lost."""
-    gate, writer_held = Gate(), Gate()
+    gate = Gate()
     calls = Calls()
     metrics = Metrics()
 
@@ -1113,21 +1113,16 @@ async def test_a_heartbeat_racing_a_completion_commit_neither_stops_the_job_nor_
         await gate.hold()
         return "done"
 
-    async def hold_the_writer(tx: Tx) -> None:
-        await writer_held.hold()
-
     h = await harnesses.make(task_type("quick", quick, hooks=calls.hooks()), metrics=metrics)
     job = await h.enqueue("quick")
     await wait_for(gate.entered)
-    blocker = asyncio.create_task(h.store.transaction(hold_the_writer))
-    await wait_for(writer_held.entered)
+    writer = await HeldWriter.hold(h)  # every write from here on waits behind it
     gate.release.set()
     await _until(lambda: h.store.writer.queued == 1)  # the completion waits for the writer
     heartbeat = asyncio.create_task(h.processor.heartbeat())  # reads the job as running...
     await _until(lambda: h.store.writer.queued == 2)  # ...and its lease write queues behind
     with caplog.at_level(logging.INFO, logger="carwash_jobs.processor"):
-        writer_held.release.set()
-        await blocker
+        await writer.let_go()
         await heartbeat
         await h.run_until_idle()
     assert (await h.get(job.id)).status == S.completed

@@ -894,6 +894,25 @@ async def test_transaction_rolls_back_everything_when_the_function_raises(
         await store.get(job.id)
 
 
+async def test_a_cancel_raised_inside_a_transaction_is_an_error_and_rolls_it_back(
+    store: JobStore,
+) -> None:
+    """The function awaited a task that was cancelled. Told as a cancel, it stopped SQLite's
+    writer for good, and the processor's record of a completion ended unrecorded."""
+    await _make_table(store)
+
+    async def write(tx: Tx) -> None:
+        await tx.execute("INSERT INTO grants (job_id, amount) VALUES ('a', 1)")
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        inner.cancel()
+        await inner
+
+    with pytest.raises(RuntimeError, match="cancelled inside"):
+        await store.transaction(write)
+    assert await _grants(store) == []
+    assert await store.transaction(lambda tx: tx.execute("DELETE FROM grants")) == 0
+
+
 async def test_an_insert_joined_to_a_transaction_commits_with_it(
     store: JobStore, clock: ManualClock
 ) -> None:
