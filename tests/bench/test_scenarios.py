@@ -25,6 +25,7 @@ async def test_the_sqlite_ceiling_reports_its_insert_drain_and_whole_rates(
         "raw_end_to_end_jobs_per_s": round(raw.end_to_end, 3),
     }
     # the whole takes the two phases' time together: jobs / (a + b) from jobs / a and jobs / b
-    assert raw.insert > 0 and raw.drain > 0
+    assert raw.insert > 0
+    assert raw.drain > 0
     assert abs(1 / raw.end_to_end - (1 / raw.insert + 1 / raw.drain)) < 1e-12
     assert "raw_drain_jobs_per_s" in capsys.readouterr().out
