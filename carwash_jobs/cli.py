@@ -12,7 +12,7 @@ import json
 import logging
 import signal
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from carwash_jobs import app, gc_tuning
@@ -20,7 +20,7 @@ from carwash_jobs.errors import CarwashError
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.queue import EnqueueOptions
 from carwash_jobs.settings import Settings, load_settings
-from carwash_jobs.store.base import FailedFilter, JobFilter
+from carwash_jobs.store.base import FailedFilter, JobFilter, time_range_problem
 from carwash_jobs.store.migrations import upgrade
 from carwash_jobs.types import JobId
 
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if problem := time_range_problem("--failed-after", getattr(args, "failed_after", None),
+                                     getattr(args, "failed_before", None)):
+        parser.error(f"--failed-before {problem}")
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -97,8 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     retry = jobs.add_parser("retry-failed", help="requeue failed jobs (filters AND-ed)")
     retry.add_argument("--id", dest="ids", action="append")
     retry.add_argument("--task-type")
-    retry.add_argument("--failed-after", type=datetime.fromisoformat)
-    retry.add_argument("--failed-before", type=datetime.fromisoformat)
+    retry.add_argument("--failed-after", type=_utc_time, metavar="ISO_TIME")
+    retry.add_argument("--failed-before", type=_utc_time, metavar="ISO_TIME",
+                       help="a time without an offset is UTC")
     retry.set_defaults(run=_jobs_retry_failed)
 
     demo = sub.add_parser("demo-data", help="fill the car-wash domain tables with sample data")
@@ -211,6 +215,17 @@ async def _demo_data(settings: Settings, args: argparse.Namespace) -> int:
     _print(await app.demo_data(settings, tenants=args.tenants, customers=args.customers,
                                employees=args.employees, transactions=args.transactions))
     return 0
+
+
+def _utc_time(text: str) -> datetime:
+    """An ISO 8601 time; without an offset it is UTC, as on the dashboard (not the local zone)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time, e.g. 2030-01-31T08:00 (got {text})"
+        ) from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _count(least: int) -> Callable[[str], int]:

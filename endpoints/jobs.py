@@ -15,7 +15,7 @@ from litestar.params import Body, PathParameter, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from carwash_jobs.lifecycle import JobStatus
-from carwash_jobs.store.base import FailedFilter, JobFilter
+from carwash_jobs.store.base import FailedFilter, JobFilter, time_range_problem
 from carwash_jobs.types import JobId
 from endpoints.deps import QueueDep, StoreDep
 from endpoints.errors import ConflictException, field_error
@@ -99,11 +99,12 @@ class JobController(Controller):
         ] = None,
     ) -> JobPage:
         """Newest first, keyset-paginated: a page stays correct while jobs are being added."""
-        flt = JobFilter(
-            status=status, task_type=task_type, tag=tag, queue=queue,
-            created_after=_utc_query(created_after, "created_after"),
-            created_before=_utc_query(created_before, "created_before"),
-        )
+        after = _utc_query(created_after, "created_after")
+        before = _utc_query(created_before, "created_before")
+        if problem := time_range_problem("created_after", after, before):
+            raise _query_error("created_before", f"created_before {problem}")
+        flt = JobFilter(status=status, task_type=task_type, tag=tag, queue=queue,
+                        created_after=after, created_before=before)
         return JobPage.from_page(await job_store.list_jobs(flt, limit, cursor))
 
     @get("/{job_id:str}", operation_id="get_job", raises=[NotFoundException, NotAuthorizedException])

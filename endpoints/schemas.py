@@ -16,7 +16,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo
 
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.queue import PRIORITY_MAX, QUEUE_NAME_MAX_LENGTH, EnqueueOptions
-from carwash_jobs.store.base import EventRow, JobRow, Page
+from carwash_jobs.store.base import EventRow, JobRow, Page, time_range_problem
 from carwash_jobs.types import JobId
 
 #: the furthest ahead a delay may reach (ten years); beyond it datetime arithmetic overflows
@@ -327,6 +327,14 @@ class RetryFailedIn(BaseModel):
     @classmethod
     def _storable(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
         return None if value is None else as_utc(value, str(info.field_name))
+
+    @field_validator("failed_before")
+    @classmethod
+    def _after_the_start(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        # runs after failed_after's own checks: info.data holds it only when it passed them
+        if problem := time_range_problem("failed_after", info.data.get("failed_after"), value):
+            raise ValueError(problem)
+        return value
 
 
 class RetryFailedOut(BaseModel):

@@ -32,7 +32,7 @@ from litestar.types import ControllerRouterHandler
 from carwash_jobs.errors import CarwashError, JobNotFound
 from carwash_jobs.lifecycle import TERMINAL, JobStatus
 from carwash_jobs.registry import TaskRegistry
-from carwash_jobs.store.base import FailedFilter, JobFilter, JobRow, MinuteCount
+from carwash_jobs.store.base import FailedFilter, JobFilter, JobRow, MinuteCount, time_range_problem
 from carwash_jobs.types import JobId
 from endpoints.deps import QueueDep, StoreDep
 from endpoints.jobs import CURSOR_PATTERN, JobIdPath
@@ -330,12 +330,19 @@ def _list_query(params: Mapping[str, str]) -> ListQuery:
     cursor = params.get("cursor") or None
     if cursor is not None and re.fullmatch(CURSOR_PATTERN, cursor) is None:
         raise BadFilter("cursor: not a cursor this page gave out")
+    after = _form_time(form["created_after"], "created_after")
+    before = _form_time(form["created_before"], "created_before")
+    _check_range("created_after", after, "created_before", before)
     flt = JobFilter(
         status=status, task_type=form["task_type"] or None, tag=form["tag"] or None,
-        queue=form["queue"] or None, created_after=_form_time(form["created_after"], "created_after"),
-        created_before=_form_time(form["created_before"], "created_before"),
+        queue=form["queue"] or None, created_after=after, created_before=before,
     )
     return ListQuery(form, flt, limit, cursor)
+
+
+def _check_range(after_name: str, after: datetime | None, before_name: str, before: datetime | None) -> None:
+    if problem := time_range_problem(after_name, after, before):
+        raise BadFilter(f"{before_name}: {problem}")
 
 
 def _form_time(text: str, name: str) -> datetime | None:
@@ -399,14 +406,14 @@ async def bulk_retry(request: UiRequest, job_queue: QueueDep, data: FormData) ->
     _check_csrf(request, data)
     task_type = data.get("task_type", "").strip() or None
     try:
-        flt = FailedFilter(
-            task_type=task_type,
-            failed_after=_form_time(data.get("failed_after", "").strip(), "failed_after"),
-            failed_before=_form_time(data.get("failed_before", "").strip(), "failed_before"),
-        )
+        after = _form_time(data.get("failed_after", "").strip(), "failed_after")
+        before = _form_time(data.get("failed_before", "").strip(), "failed_before")
+        _check_range("failed_after", after, "failed_before", before)
     except BadFilter as exc:
         return Response(str(exc), status_code=HTTP_400_BAD_REQUEST, media_type="text/plain")
-    ids = await job_queue.retry_failed(flt)
+    ids = await job_queue.retry_failed(
+        FailedFilter(task_type=task_type, failed_after=after, failed_before=before)
+    )
     back = {"status": JobStatus.failed.value, **({"task_type": task_type} if task_type else {})}
     return Redirect(f"/ui/jobs?{urlencode({**back, 'retried': len(ids)})}", status_code=HTTP_303_SEE_OTHER)
 

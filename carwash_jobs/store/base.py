@@ -323,6 +323,16 @@ class FailedFilter:
     after_id: JobId | None = None
 
 
+def time_range_problem(after_name: str, after: datetime | None, before: datetime | None) -> str | None:
+    """What is wrong with the end (exclusive) of a time filter that is not later than its
+    start, or None; the caller names the end. Such a range holds nothing: its sender swapped or
+    mistyped the two, and an empty answer would read as "no such jobs" (for a bulk retry,
+    "nothing to retry")."""
+    if after is not None and before is not None and before <= after:
+        return f"must be later than {after_name}"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     items: Sequence[JobRow]

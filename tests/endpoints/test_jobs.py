@@ -114,6 +114,10 @@ async def test_list_filters_are_anded(client: AsyncTestClient[Litestar], runtime
     ({"cursor": "0" * 32 + "\n"}, "cursor"),  # the pattern's $ matches before a last newline
     ({"cursor": "garbage", "tag": "vip"}, "cursor"),
     ({"cursor": "garbage", "created_after": "2020-01-01T00:00:00Z"}, "cursor"),
+    # a range that holds nothing: swapped ends read as "no such jobs"
+    ({"created_after": "2030-01-02T00:00:00Z", "created_before": "2030-01-01T00:00:00Z"}, "created_before"),
+    ({"created_after": "2030-01-01T01:00:00+01:00", "created_before": "2030-01-01T00:00:00Z"},
+     "created_before"),
 ])
 async def test_list_with_bad_parameters_gets_400(
     client: AsyncTestClient[Litestar], params: dict[str, Any], field: str
@@ -164,6 +168,8 @@ async def test_retry_failed_filters(client: AsyncTestClient[Litestar], runtime: 
     # a misspelt filter, ignored, would have retried every failed job
     ({"idz": ["x"]}, "idz"),
     ({"task_type": "echo", "failed_since": "2030-01-01T00:00:00Z"}, "failed_since"),
+    # swapped ends: "nothing to retry" would hide the mistake
+    ({"failed_after": "2030-01-02T00:00:00Z", "failed_before": "2030-01-01T00:00:00Z"}, "failed_before"),
 ])
 async def test_retry_failed_with_a_bad_body_gets_400(
     client: AsyncTestClient[Litestar], body: dict[str, Any], field: str

@@ -269,7 +269,8 @@ async def test_the_list_pages_with_its_cursor(browser: AsyncTestClient[Litestar]
     ("params", "named"),
     [({"status": "exploded"}, "status"), ({"created_after": "yesterday"}, "created_after"),
      ({"limit": "7"}, "limit"), ({"cursor": "../../etc"}, "cursor"),
-     ({"cursor": "garbage"}, "cursor")],
+     ({"cursor": "garbage"}, "cursor"),
+     ({"created_after": "2030-01-02", "created_before": "2030-01-01"}, "created_before")],
 )
 async def test_a_bad_filter_is_a_400_naming_it(
     browser: AsyncTestClient[Litestar], params: dict[str, str], named: str
@@ -379,6 +380,22 @@ async def test_bulk_retry_retries_the_failed_jobs_of_the_filter(
         assert "retried" in [e["event"] for e in events.json()["items"]]
     page = (await browser.get(response.headers["location"])).text
     assert "3 failed jobs retried." in page
+
+
+async def test_bulk_retry_with_swapped_times_is_a_400_and_retries_nothing(
+    browser: AsyncTestClient[Litestar], runtime: Runtime
+) -> None:
+    job_id = await enqueue(browser, "fail", {})
+    idle(browser, runtime)
+    token = await csrf_of(browser, "/ui/jobs?status=failed")
+
+    response = await browser.post("/ui/jobs/retry-failed", data={
+        "csrf_token": token, "failed_after": "2000-01-02", "failed_before": "2000-01-01",
+    })
+
+    assert response.status_code == 400
+    assert "failed_before: must be later than failed_after" in response.text
+    assert await status_of(browser, job_id) == "failed"
 
 
 async def test_follow_ups_named_in_the_result_are_linked(

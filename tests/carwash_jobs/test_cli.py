@@ -1,0 +1,100 @@
+"""The admin CLI's own parsing, run through `main` against a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import pytest
+
+from carwash_jobs import lifecycle
+from carwash_jobs.cli import _utc_time, main
+from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
+from carwash_jobs.store.base import NewJob
+from carwash_jobs.types import new_job_id
+from tests.carwash_jobs.support import OWNER, ManualClock, open_sqlite
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+FAILED_AT = datetime(2030, 1, 1, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def far_east(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local zone nine hours ahead of UTC: a time without an offset read as local
+    time would move by nine hours."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, db_url: str) -> str:
+    """`main` reads its settings from the environment, in a directory with no config file."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CARWASH_DATABASE_URL", db_url)
+    monkeypatch.setenv("CARWASH_LOG_LEVEL", "WARNING")
+    return db_url
+
+
+def failed_job(db_url: str) -> str:
+    """A job that failed at FAILED_AT, written by a store of its own (as another process would)."""
+
+    async def write() -> str:
+        clock = ManualClock(FAILED_AT)
+        store = await open_sqlite(db_url, clock=clock)
+        try:
+            job = NewJob(id=new_job_id(), task_type="noop", payload={}, status=JobStatus.queued,
+                         run_at=clock(), created_at=clock())
+            await store.insert([job])
+            (row,) = await store.claim([job.id], OWNER, clock() + timedelta(minutes=5))
+            await store.apply(lifecycle.fail(row.id, row.fence, "boom", None, AttemptOutcome.error, clock()))
+            return row.id
+        finally:
+            await store.close()
+
+    return asyncio.run(write())
+
+
+def test_a_time_without_an_offset_is_utc_whatever_the_local_zone(far_east: None) -> None:
+    assert _utc_time("2030-01-01T08:00") == FAILED_AT
+    assert _utc_time("2030-01-01T17:00+09:00") == FAILED_AT
+
+
+def test_retry_failed_reads_times_without_an_offset_as_utc(
+    far_east: None, cli_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_id = failed_job(cli_env)
+
+    assert main(["jobs", "retry-failed", "--failed-after", "2030-01-01T08:01"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"retried": 0, "ids": []}
+    assert main(["jobs", "retry-failed", "--failed-after", "2030-01-01T07:59"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"retried": 1, "ids": [job_id]}
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--failed-after", "2030-01-02", "--failed-before", "2030-01-01"],
+     "--failed-before must be later than --failed-after"),
+    (["--failed-after", "2030-01-01T08:00Z", "--failed-before", "2030-01-01T09:00+01:00"],
+     "--failed-before must be later than --failed-after"),
+    (["--failed-after", "yesterday"], "argument --failed-after: not an ISO 8601 time"),
+])
+def test_retry_failed_refuses_bad_times_before_touching_a_job(
+    cli_env: str, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
+) -> None:
+    job_id = failed_job(cli_env)
+
+    with pytest.raises(SystemExit) as exited:
+        main(["jobs", "retry-failed", *argv])
+
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err
+    assert main(["jobs", "show", job_id]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "failed"
