@@ -10,7 +10,8 @@ import os
 from bench import scenarios
 from bench.support import Report, versions
 
-SCENARIOS = ("throughput", "pickup", "ceiling", "http", "scale", "workers", "dashboard", "soak")
+SCENARIOS = ("throughput", "pickup", "ceiling", "retry", "http", "scale", "workers", "dashboard",
+             "soak")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -66,6 +67,8 @@ async def _engine_scenarios(report: Report, args: argparse.Namespace, pg_url: st
     e2e = None
     if "throughput" in chosen or "soak" in chosen:
         e2e = await scenarios.throughput(report, backend, pg_url, args.jobs)
+    if "retry" in chosen:
+        await scenarios.retry(report, backend, pg_url, args.jobs)
     if "pickup" in chosen:
         await scenarios.pickup(report, backend, pg_url)
         if backend == "postgres":

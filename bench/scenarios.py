@@ -25,6 +25,7 @@ from bench.support import (
     pg_dsn,
     timed,
 )
+from carwash_jobs.store.base import FailedFilter
 from carwash_jobs.store.sqlite import ts
 
 if TYPE_CHECKING:
@@ -332,6 +333,19 @@ async def _fill(url: str, backend: str, n: int, status: str) -> None:
         await conn2.execute("VACUUM ANALYZE worker_queue")
     finally:
         await conn2.close()
+
+
+async def retry(report: Report, backend: str, pg_url: str, jobs: int) -> None:
+    """A bulk retry of `jobs` failed jobs, as `POST /api/jobs/retry-failed` with no filter."""
+    async with fresh_database(backend, pg_url) as url:
+        await _fill(url, backend, jobs, status="failed")
+        async with engine(url, start=False) as e:
+            started = time.perf_counter()
+            retried = await e.queue.retry_failed(FailedFilter())
+            seconds = time.perf_counter() - started
+    if len(retried) != jobs:
+        raise RuntimeError(f"retried {len(retried)} of {jobs} failed jobs")
+    report.add("retry", backend, "retry_failed_jobs_per_s", jobs / seconds, "jobs/s")
 
 
 async def soak(report: Report, backend: str, pg_url: str, rate: float, seconds: float) -> None:

@@ -50,8 +50,11 @@ MAX_CONTEXT_BYTES = 4096
 PRIORITY_MAX = 2**31 - 1
 #: worker_queue.queue is a VARCHAR(64)
 QUEUE_NAME_MAX_LENGTH = 64
-#: failed jobs a bulk retry moves in one transaction (it goes on until none is left)
-RETRY_BATCH = 10_000
+#: failed jobs a bulk retry moves in one transaction (it goes on until none is left). Measured
+#: on 50,000: PostgreSQL 13,500 jobs/s in batches of 1,000 and 8,600 in batches of 10,000 (each
+#: job's change of the finished-jobs counter reaches that row through every version the
+#: transaction wrote before it); SQLite 29,000 either way, its writer held a tenth as long
+RETRY_BATCH = 1_000
 #: a job due within this many seconds waits on an in-process timer; later ones, for the reload
 TIMER_HORIZON_SECONDS = 300.0
 

@@ -10,14 +10,14 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, dataclass_transform
 
 from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from carwash_jobs.errors import InvalidPayload
-from carwash_jobs.lifecycle import Fence, JobStatus, Transition
+from carwash_jobs.lifecycle import TERMINAL, Fence, JobStatus, Transition
 
 if TYPE_CHECKING:
     from carwash_jobs.types import JobId
@@ -323,6 +323,26 @@ class FailedFilter:
     after_id: JobId | None = None
 
 
+def alike(transitions: Sequence[Transition]) -> Transition | None:
+    """The one change `transitions` make, when they differ by their job only and one statement
+    can write them all: nothing checked or recorded job by job (no fence, lease or attempt
+    history), no end (an end resolves each job's dependents), no job twice. A bulk retry's
+    batch is one (`python -m bench --scenario retry`, 20,000 failed jobs): a job at a time,
+    PostgreSQL retried 198 jobs/s (a savepoint and three round trips a job, and past 64
+    savepoints in one transaction it checks each row's visibility the slow way) and SQLite
+    3,950; by one statement a batch, 10,750 and 25,900."""
+    if len(transitions) < 2:
+        return None
+    first = transitions[0]
+    if (first.fence is not None or first.history is not None or first.attempts_delta
+            or first.running_attempt_outcome is not None or first.lease_expired_by is not None
+            or first.to_status in TERMINAL):
+        return None
+    if len({t.job_id for t in transitions}) < len(transitions):
+        return None
+    return first if all(replace(t, job_id=first.job_id) == first for t in transitions) else None
+
+
 def time_range_problem(after_name: str, after: datetime | None, before: datetime | None) -> str | None:
     """What is wrong with the end (exclusive) of a time filter that is not later than its
     start, or None; the caller names the end. Such a range holds nothing: its sender swapped or
@@ -566,7 +586,8 @@ class JobStore(Protocol):
         ...
 
     async def apply_many(self, transitions: Sequence[Transition]) -> list[Applied | Exception]:
-        """Apply many independent transitions in one commit; each succeeds or fails alone."""
+        """Apply many independent transitions in one commit; each succeeds or fails alone.
+        Transitions that differ by their job only (`alike`) are written by one statement."""
         ...
 
     async def complete_many(self, completions: Sequence[Completion]) -> Completed:

@@ -56,6 +56,7 @@ from carwash_jobs.store.base import (
     T,
     Tx,
     TxFn,
+    alike,
     cancel_inside_as_error,
     id_time,
     job_row,
@@ -631,7 +632,10 @@ class PostgresJobStore:
         results: list[Applied | Exception] = [IllegalTransition("", "", "")] * len(transitions)
         # in job id order, like the other many-row writes (EXTEND_LEASES): no lock cycles
         order = sorted(range(len(transitions)), key=lambda i: transitions[i].job_id)
+        same = alike(transitions)
         async with self.pool.acquire() as conn, conn.transaction():
+            if same is not None:
+                return await _apply_alike(conn, transitions, same, self._owner, now)
             for index in order:
                 try:
                     async with conn.transaction():  # a savepoint: one refusal spoils nothing
@@ -1039,8 +1043,54 @@ def _stored(job: NewJob, status: JobStatus, error: str | None, now: datetime) ->
 async def _apply(
     conn: asyncpg.Connection, t: Transition, owner: str, now: datetime
 ) -> Applied:
+    sql, params = _transition_sql(t, now, "id = :id")
+    text, args = numbered(sql, {**params, "id": t.job_id})
+    row = await conn.fetchrow(text, *args)
+    if row is None:
+        await _explain_refusal(conn, t)
+    job = row_to_job(row)
+    await conn.execute(INSERT_EVENT, job.id, now, t.event, job.status.value, job.attempts,
+                       owner, t.message)
+    if job.status == JobStatus.cancelled:
+        await conn.execute(NOTIFY, CHANNEL, json_text({"e": "cancel", "id": job.id, "from": owner}))
+    woken, cancelled = await _resolve_dependents(conn, job.id, job.status, owner, now)
+    return Applied(job, woken, cancelled)
+
+
+async def _apply_alike(
+    conn: asyncpg.Connection, transitions: Sequence[Transition], t: Transition, owner: str,
+    now: datetime,
+) -> list[Applied | Exception]:
+    """`transitions`, which all make the change `t` (see `alike`), by one statement that also
+    writes their events, the rows locked in id order as every many-row write takes them; then
+    the refusals explained as `_apply` would, from one read of the jobs left."""
+    ids = [x.job_id for x in transitions]
+    update, params = _transition_sql(
+        t, now, "id IN (SELECT id FROM worker_queue WHERE id = ANY(:ids::text[]) ORDER BY id FOR UPDATE)"
+    )
+    sql = f"""
+WITH moved AS ({update}),
+logged AS (
+  INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
+  SELECT id, :now, :event, status, attempts, :owner, :message FROM moved)
+SELECT * FROM moved"""
+    text, args = numbered(sql, {**params, "ids": ids, "now": now, "event": t.event,
+                                "owner": owner, "message": t.message})
+    rows = await conn.fetch(text, *args)
+    jobs = {job.id: job for job in map(row_to_job, rows)}
+    left = [i for i in ids if i not in jobs]
+    found = dict(await conn.fetch(SELECT_STATUSES, left)) if left else {}
+    return [
+        Applied(jobs[i]) if i in jobs
+        else IllegalTransition(i, found[i], t.action) if i in found else JobNotFound(i)
+        for i in ids
+    ]
+
+
+def _transition_sql(t: Transition, now: datetime, target: str) -> tuple[str, dict[str, Any]]:
+    """The UPDATE of `t` (with its RETURNING) for the jobs the condition `target` names."""
     sets = ["status = :to_status"]
-    params: dict[str, Any] = {"id": t.job_id, "to_status": t.to_status.value}
+    params: dict[str, Any] = {"to_status": t.to_status.value}
     for column, value in t.changes.items():
         cast = "::json" if column in JSON_COLUMNS else ""
         sets.append(f"{column} = :c_{column}{cast}")
@@ -1063,20 +1113,9 @@ async def _apply(
     if t.lease_expired_by is not None:
         where.append("lease_until < :lease_expired_by")
         params["lease_expired_by"] = t.lease_expired_by
-    text, args = numbered(
-        f"UPDATE worker_queue SET {', '.join(sets)} WHERE id = :id AND {' AND '.join(where)} "
-        f"RETURNING {_COLS}", params,
-    )
-    row = await conn.fetchrow(text, *args)
-    if row is None:
-        await _explain_refusal(conn, t)
-    job = row_to_job(row)
-    await conn.execute(INSERT_EVENT, job.id, now, t.event, job.status.value, job.attempts,
-                       owner, t.message)
-    if job.status == JobStatus.cancelled:
-        await conn.execute(NOTIFY, CHANNEL, json_text({"e": "cancel", "id": job.id, "from": owner}))
-    woken, cancelled = await _resolve_dependents(conn, job.id, job.status, owner, now)
-    return Applied(job, woken, cancelled)
+    sql = (f"UPDATE worker_queue SET {', '.join(sets)} WHERE {target} AND {' AND '.join(where)} "
+           f"RETURNING {_COLS}")
+    return sql, params
 
 
 async def _explain_refusal(conn: asyncpg.Connection, t: Transition) -> None:

@@ -54,6 +54,7 @@ from carwash_jobs.store.base import (
     T,
     Tx,
     TxFn,
+    alike,
     id_time,
     job_row,
     json_text,
@@ -273,7 +274,7 @@ RETURNING worker_queue.id, worker_queue.attempts
 #: one event row per id in :ids (a JSON array of [id, attempt]) in one statement
 INSERT_EVENTS_FOR = """
 INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
-SELECT e.value ->> '$[0]', :now, :event, :status, e.value ->> '$[1]', :owner, NULL
+SELECT e.value ->> '$[0]', :now, :event, :status, e.value ->> '$[1]', :owner, :message
 FROM json_each(:ids) AS e
 """
 WITH_DEPENDENTS = """
@@ -598,7 +599,11 @@ class SqliteJobStore:
     async def apply_many(self, transitions: Sequence[Transition]) -> list[Applied | Exception]:
         now = self._clock()
 
+        same = alike(transitions)
+
         def run(conn: sqlite3.Connection) -> list[Applied | Exception]:
+            if same is not None:
+                return _apply_alike(conn, transitions, same, self._owner, now)
             results: list[Applied | Exception] = []
             for transition in transitions:
                 conn.execute("SAVEPOINT one")
@@ -969,7 +974,7 @@ def _insert_plain(
 
 def _insert_events(
     conn: sqlite3.Connection, jobs: Sequence[tuple[str, int]], event: str, status: str,
-    owner: str, now: datetime,
+    owner: str, now: datetime, message: str | None = None,
 ) -> None:
     """One event (`event`, `status`) for each (job id, attempt) in `jobs`. Many in one
     statement reading them from a JSON array: 1.45 us a job against 2.0 for a prepared
@@ -978,10 +983,10 @@ def _insert_events(
     slower with it (measured, commits included)."""
     if len(jobs) == 1:
         ((job_id, attempt),) = jobs
-        conn.execute(INSERT_EVENT, (job_id, ts(now), event, status, attempt, owner, None))
+        conn.execute(INSERT_EVENT, (job_id, ts(now), event, status, attempt, owner, message))
     elif jobs:
-        conn.execute(INSERT_EVENTS_FOR, {"ids": _ids_text(jobs), "now": ts(now),
-                                         "event": event, "status": status, "owner": owner})
+        conn.execute(INSERT_EVENTS_FOR, {"ids": _ids_text(jobs), "now": ts(now), "event": event,
+                                         "status": status, "owner": owner, "message": message})
 
 
 def _ids_text(ids: Sequence[Any]) -> str:
@@ -1083,8 +1088,43 @@ def _second_precision(value: datetime) -> datetime:
 def _apply(
     conn: sqlite3.Connection, t: Transition, owner: str, now: datetime
 ) -> Applied:
+    sql, params = _transition_sql(t, now, "id = :id")
+    row = conn.execute(sql, {**params, "id": t.job_id}).fetchone()
+    if row is None:
+        _explain_refusal(conn, t)
+    job = row_to_job(row)
+    conn.execute(
+        INSERT_EVENT,
+        (job.id, ts(now), t.event, job.status.value, job.attempts, owner, t.message),
+    )
+    woken, cancelled = _resolve_dependents(conn, job.id, job.status, owner, now)
+    return Applied(job, woken, cancelled)
+
+
+def _apply_alike(
+    conn: sqlite3.Connection, transitions: Sequence[Transition], t: Transition, owner: str,
+    now: datetime,
+) -> list[Applied | Exception]:
+    """`transitions`, which all make the change `t` (see `alike`), by one statement; then the
+    refusals explained as `_apply` would, from one read of the jobs left."""
+    sql, params = _transition_sql(t, now, "id IN (SELECT value FROM json_each(:ids))")
+    ids = [x.job_id for x in transitions]
+    jobs = {job.id: job for job in map(row_to_job, conn.execute(sql, {**params, "ids": _ids_text(ids)}))}
+    _insert_events(conn, [(j.id, j.attempts) for j in jobs.values()], t.event, t.to_status.value,
+                   owner, now, t.message)
+    left = [i for i in ids if i not in jobs]
+    found = dict(conn.execute(SELECT_STATUSES.format(ids=_placeholders(len(left))), left)) if left else {}
+    return [
+        Applied(jobs[i]) if i in jobs
+        else IllegalTransition(i, found[i], t.action) if i in found else JobNotFound(i)
+        for i in ids
+    ]
+
+
+def _transition_sql(t: Transition, now: datetime, target: str) -> tuple[str, dict[str, Any]]:
+    """The UPDATE of `t` (with its RETURNING) for the jobs the condition `target` names."""
     sets = ["status = :to_status"]
-    params: dict[str, Any] = {"id": t.job_id, "to_status": t.to_status.value}
+    params: dict[str, Any] = {"to_status": t.to_status.value}
     for column, value in t.changes.items():
         sets.append(f"{column} = :c_{column}")
         params[f"c_{column}"] = _column_value(column, value)
@@ -1099,7 +1139,8 @@ def _apply(
         params.update(running_outcome=t.running_attempt_outcome.value,
                       now_iso=now.isoformat(), running_error=t.message)
     froms = sorted(s.value for s in t.from_statuses)
-    where = [f"status IN ({', '.join(f':f{i}' for i in range(len(froms)))})"]
+    # the unary +: the jobs are found by `target`'s id, not by a walk of a status index
+    where = [f"+status IN ({', '.join(f':f{i}' for i in range(len(froms)))})"]
     params.update({f"f{i}": s for i, s in enumerate(froms)})
     if t.fence is not None:
         where.append("attempts = :fence_attempt AND lease_owner = :fence_owner")
@@ -1107,18 +1148,9 @@ def _apply(
     if t.lease_expired_by is not None:
         where.append("lease_until < :lease_expired_by")
         params["lease_expired_by"] = ts(t.lease_expired_by)
-    sql = (f"UPDATE worker_queue SET {', '.join(sets)} WHERE id = :id AND "
+    sql = (f"UPDATE worker_queue SET {', '.join(sets)} WHERE {target} AND "
            f"{' AND '.join(where)} RETURNING {_COLS}")
-    row = conn.execute(sql, params).fetchone()
-    if row is None:
-        _explain_refusal(conn, t)
-    job = row_to_job(row)
-    conn.execute(
-        INSERT_EVENT,
-        (job.id, ts(now), t.event, job.status.value, job.attempts, owner, t.message),
-    )
-    woken, cancelled = _resolve_dependents(conn, job.id, job.status, owner, now)
-    return Applied(job, woken, cancelled)
+    return sql, params
 
 
 def _explain_refusal(conn: sqlite3.Connection, t: Transition) -> None:

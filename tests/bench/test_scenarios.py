@@ -1,4 +1,4 @@
-"""Tests for bench/scenarios.py: the raw ceiling times its two phases on a real SQLite file."""
+"""Tests for bench/scenarios.py, on real SQLite files."""
 
 from __future__ import annotations
 
@@ -29,3 +29,14 @@ async def test_the_sqlite_ceiling_reports_its_insert_drain_and_whole_rates(
     assert raw.drain > 0
     assert abs(1 / raw.end_to_end - (1 / raw.insert + 1 / raw.drain)) < 1e-12
     assert "raw_drain_jobs_per_s" in capsys.readouterr().out
+
+
+async def test_the_retry_scenario_retries_every_failed_job_and_reports_the_rate() -> None:
+    report = Report()
+
+    await scenarios.retry(report, "sqlite", "", jobs=2_500)  # three batches
+
+    (figure,) = report.figures
+    assert (figure["scenario"], figure["metric"], figure["unit"]) == (
+        "retry", "retry_failed_jobs_per_s", "jobs/s")
+    assert figure["value"] > 0

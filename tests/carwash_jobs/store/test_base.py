@@ -16,12 +16,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs import lifecycle
+from carwash_jobs.lifecycle import Fence, JobStatus
 from carwash_jobs.store.base import (
     JOB_COLUMNS,
     DueJob,
     JobRow,
     NewJob,
+    alike,
     job_row,
     json_text,
     json_types_text,
@@ -174,3 +176,28 @@ def test_json_value_reads_a_lone_surrogate_and_refuses_what_is_no_json() -> None
     assert _canonical(json_value(numbers)) == numbers
     with pytest.raises(json.JSONDecodeError):
         json_value('{"n": 1')
+
+
+# -- alike: the batches apply_many writes by one statement ---------------------------------------
+IDS = [JobId(f"{n:032x}") for n in range(3)]
+
+
+def test_a_bulk_retry_batch_is_one_change() -> None:
+    batch = [lifecycle.retry_failed(i, AT) for i in IDS]
+
+    assert alike(batch) == batch[0]
+
+
+@pytest.mark.parametrize(("why", "batch"), [
+    ("one job", [lifecycle.retry_failed(IDS[0], AT)]),
+    ("a job twice", [lifecycle.retry_failed(i, AT) for i in (IDS[0], IDS[1], IDS[0])]),
+    ("changes that differ", [lifecycle.retry_failed(IDS[0], AT),
+                             lifecycle.retry_failed(IDS[1], datetime(2031, 1, 1, tzinfo=UTC))]),
+    ("an end, which resolves each job's dependents", [lifecycle.cancel(i, AT) for i in IDS]),
+    ("a fence and a history to check and write job by job", [
+        lifecycle.release_expired_lease(i, Fence(1, "owner"), 1, 3, AT) for i in IDS]),
+])
+def test_transitions_that_need_a_statement_each_are_not_alike(
+    why: str, batch: list[lifecycle.Transition]
+) -> None:
+    assert alike(batch) is None, why

@@ -29,7 +29,7 @@ from carwash_jobs.errors import (
 )
 from carwash_jobs.lifecycle import AttemptOutcome, Fence, JobStatus
 from carwash_jobs.store import open_store
-from carwash_jobs.store.base import FailedFilter, JobFilter, NewJob
+from carwash_jobs.store.base import Applied, FailedFilter, JobFilter, NewJob
 from carwash_jobs.store.migrations import upgrade
 from carwash_jobs.types import JobId, new_job_id
 from tests.carwash_jobs.support import OWNER, ManualClock, copy_database
@@ -796,6 +796,39 @@ async def test_apply_many_applies_each_transition_alone(store: JobStore, clock: 
     assert (await store.get(queued.id)).status == S.cancelled
     assert (await store.get(another.id)).status == S.cancelled
     assert (await store.get(done.id)).status == S.completed
+
+
+async def test_apply_many_writes_a_batch_of_one_change_as_apply_writes_each(
+    store: JobStore, clock: ManualClock
+) -> None:
+    """A bulk retry's batch: transitions that differ by their job only go by one statement
+    (`alike`), with what `apply` writes for each job, each refusal explained as `apply` would."""
+    one = await failed(store, clock, max_attempts=1)
+    two = await failed(store, clock, max_attempts=1)
+    queued = await add(store, clock)
+    clock.advance(10)
+
+    results = await store.apply_many([
+        lifecycle.retry_failed(i, clock()) for i in (two.id, queued.id, JobId("e" * 32), one.id)
+    ])
+
+    assert [type(r).__name__ for r in results] == [
+        "Applied", "IllegalTransition", "JobNotFound", "Applied"
+    ]
+    for result, job in ((results[0], two), (results[3], one)):
+        assert isinstance(result, Applied)
+        retried = result.job
+        assert (retried.id, retried.status, retried.attempts, retried.run_at) == (
+            job.id, S.queued, 0, clock())
+        assert (retried.error, retried.error_traceback, retried.finished_at) == (None, None, None)
+        assert retried.attempt_history == job.attempt_history
+        assert await store.get(job.id) == retried
+        event = (await store.events(job.id))[-1]
+        assert (event.event, event.status, event.attempt, event.process, event.message) == (
+            "retried", "queued", 0, OWNER, "retried by request: attempts reset")
+    assert str(results[1]) == str(IllegalTransition(queued.id, "queued", "retry"))
+    assert set(ids_of_due(await store.due(clock(), 10))) == {one.id, two.id, queued.id}
+    assert (await store.stats()).by_status[S.failed] == 0  # the counts of finished jobs follow
 
 
 # -- progress and leases --------------------------------------------------------------------
