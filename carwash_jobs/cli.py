@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import signal
 import sys
 from datetime import UTC, datetime
@@ -20,9 +21,9 @@ from carwash_jobs.errors import CarwashError
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.queue import EnqueueOptions
 from carwash_jobs.settings import Settings, load_settings
-from carwash_jobs.store.base import FailedFilter, JobFilter, time_range_problem
+from carwash_jobs.store.base import MAX_PAGE, FailedFilter, JobFilter, time_range_problem
 from carwash_jobs.store.migrations import upgrade
-from carwash_jobs.types import JobId
+from carwash_jobs.types import JOB_ID_PATTERN, JobId
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -30,12 +31,17 @@ if TYPE_CHECKING:
     from carwash_jobs.runtime import Runtime
 
 
+#: the (start, end) options of a time filter, in the commands that take one
+TIME_RANGES = (("created_after", "created_before"), ("failed_after", "failed_before"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if problem := time_range_problem("--failed-after", getattr(args, "failed_after", None),
-                                     getattr(args, "failed_before", None)):
-        parser.error(f"--failed-before {problem}")
+    for after, before in TIME_RANGES:
+        if problem := time_range_problem(_flag(after), getattr(args, after, None),
+                                         getattr(args, before, None)):
+            parser.error(f"{_flag(before)} {problem}")
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -88,8 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", choices=[s.value for s in JobStatus])
     listing.add_argument("--task-type")
     listing.add_argument("--tag")
-    listing.add_argument("--limit", type=int, default=50)
-    listing.add_argument("--cursor")
+    listing.add_argument("--queue")
+    listing.add_argument("--created-after", type=_utc_time, metavar="ISO_TIME")
+    listing.add_argument("--created-before", type=_utc_time, metavar="ISO_TIME",
+                         help="a time without an offset is UTC")
+    listing.add_argument("--limit", type=_count(1, most=MAX_PAGE), default=50, metavar="N",
+                         help=f"page size, 1 to {MAX_PAGE} (default 50)")
+    listing.add_argument("--cursor", type=_cursor, help="the last page's next_cursor")
     listing.set_defaults(run=_jobs_list)
     for name, fn, text in (("show", _jobs_show, "one job"), ("rerun", _jobs_rerun, "clone a finished job"),
                            ("cancel", _jobs_cancel, "cancel a job"),
@@ -170,10 +181,11 @@ async def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _jobs_list(settings: Settings, args: argparse.Namespace) -> int:
     flt = JobFilter(status=JobStatus(args.status) if args.status else None,
-                    task_type=args.task_type, tag=args.tag)
+                    task_type=args.task_type, tag=args.tag, queue=args.queue,
+                    created_after=args.created_after, created_before=args.created_before)
 
     async def run(rt: Runtime) -> Any:
-        page = await rt.store.list_jobs(flt, min(args.limit, 500), args.cursor)
+        page = await rt.store.list_jobs(flt, args.limit, args.cursor)
         return {"items": [j.public() for j in page.items], "next_cursor": page.next_cursor}
 
     return await _with_runtime(settings, run)
@@ -228,14 +240,26 @@ def _utc_time(text: str) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _count(least: int) -> Callable[[str], int]:
+def _count(least: int, most: int | None = None) -> Callable[[str], int]:
     def count(text: str) -> int:
         value = int(text)
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least} (got {text})")
+        if value < least or (most is not None and value > most):
+            bounds = f"at least {least}" if most is None else f"{least} to {most}"
+            raise argparse.ArgumentTypeError(f"must be {bounds} (got {text})")
         return value
 
     return count
+
+
+def _cursor(text: str) -> str:
+    """A list's cursor is the id of the last page's last job: other text would restart the list."""
+    if re.fullmatch(JOB_ID_PATTERN, text) is None:
+        raise argparse.ArgumentTypeError(f"not a cursor a page gave out (got {text!r})")
+    return text
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 async def _public(row: Awaitable[Any]) -> Any:

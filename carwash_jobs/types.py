@@ -31,6 +31,10 @@ def utc_now() -> datetime:
 _next_stamp = 0
 
 
+#: the ids new_job_id makes: a list's cursor (the id of a page's last job) must be one
+JOB_ID_PATTERN = "^[0-9a-f]{32}$"
+
+
 def new_job_id() -> JobId:
     """A 32-hex-digit id that sorts by creation time: 48 bits of milliseconds, then a
     per-process sequence, then randomness, so ids made in one process sort in order."""

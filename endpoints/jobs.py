@@ -15,8 +15,8 @@ from litestar.params import Body, PathParameter, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from carwash_jobs.lifecycle import JobStatus
-from carwash_jobs.store.base import FailedFilter, JobFilter, time_range_problem
-from carwash_jobs.types import JobId
+from carwash_jobs.store.base import MAX_PAGE, FailedFilter, JobFilter, time_range_problem
+from carwash_jobs.types import JOB_ID_PATTERN, JobId
 from endpoints.deps import QueueDep, StoreDep
 from endpoints.errors import ConflictException, field_error
 from endpoints.schemas import (
@@ -30,10 +30,9 @@ from endpoints.schemas import (
     as_utc,
 )
 
-MAX_PAGE = 500
 #: a page's next_cursor is the id of its last job (32 hex digits, see types.new_job_id): any
 #: other text is refused, not read as a position (an id compared as text would restart the list)
-CURSOR_PATTERN = "^[0-9a-f]{32}$"
+CURSOR_PATTERN = JOB_ID_PATTERN
 JobIdPath = Annotated[str, PathParameter(description="The job's id.", min_length=1, max_length=100)]
 
 

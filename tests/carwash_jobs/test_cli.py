@@ -79,6 +79,40 @@ def test_retry_failed_reads_times_without_an_offset_as_utc(
     assert json.loads(capsys.readouterr().out) == {"retried": 1, "ids": [job_id]}
 
 
+def test_jobs_list_takes_the_filters_of_the_api(
+    cli_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_id = failed_job(cli_env)
+
+    def listed(*argv: str) -> list[str]:
+        assert main(["jobs", "list", *argv]) == 0
+        return [job["id"] for job in json.loads(capsys.readouterr().out)["items"]]
+
+    assert listed("--queue", "default", "--created-after", "2030-01-01T08:00") == [job_id]
+    assert listed("--created-before", "2030-01-01T08:00") == []
+    assert listed("--queue", "bulk") == []
+    assert listed("--limit", "1", "--cursor", job_id) == []
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--created-after", "2030-01-02", "--created-before", "2030-01-01"],
+     "--created-before must be later than --created-after"),
+    (["--limit", "0"], "argument --limit: must be 1 to 500"),
+    (["--limit", "501"], "argument --limit: must be 1 to 500"),
+    # a cursor is the id of a page's last job: other text would restart the list
+    (["--cursor", "garbage"], "argument --cursor: not a cursor a page gave out"),
+    (["--cursor", "0" * 32 + "\n"], "argument --cursor: not a cursor a page gave out"),
+])
+def test_jobs_list_refuses_bad_filters(
+    cli_env: str, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["jobs", "list", *argv])
+
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("argv", "named"), [
     (["--failed-after", "2030-01-02", "--failed-before", "2030-01-01"],
      "--failed-before must be later than --failed-after"),
