@@ -85,8 +85,10 @@ def _parser() -> argparse.ArgumentParser:
 
     enqueue = sub.add_parser("enqueue", help="enqueue one job")
     enqueue.add_argument("task_type")
-    enqueue.add_argument("--json", dest="payload", required=True, help="the payload, as JSON")
-    enqueue.add_argument("--options", default="{}", help="enqueue options, as JSON")
+    enqueue.add_argument("--json", dest="payload", type=_json_object, required=True,
+                         metavar="PAYLOAD", help="the payload, a JSON object")
+    enqueue.add_argument("--options", type=_json_object, default={},
+                         help="enqueue options, a JSON object")
     enqueue.set_defaults(run=_enqueue)
 
     jobs = sub.add_parser("jobs", help="inspect and steer jobs").add_subparsers(metavar="ACTION")
@@ -169,8 +171,8 @@ async def _with_runtime(settings: Settings, fn: Callable[[Runtime], Awaitable[An
 
 
 async def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
-    payload = json.loads(args.payload)
-    options = EnqueueOptions.from_mapping(json.loads(args.options))
+    payload = args.payload
+    options = EnqueueOptions.from_mapping(args.options)
 
     async def run(rt: Runtime) -> Any:
         name = args.task_type if args.task_type in rt.registry else rt.registry.by_slug(args.task_type).name
@@ -249,6 +251,16 @@ def _count(least: int, most: int | None = None) -> Callable[[str], int]:
         return value
 
     return count
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, not {type(value).__name__}")
+    return value
 
 
 def _cursor(text: str) -> str:

@@ -132,3 +132,34 @@ def test_retry_failed_refuses_bad_times_before_touching_a_job(
     assert named in capsys.readouterr().err
     assert main(["jobs", "show", job_id]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "failed"
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--json", "{bad"], "argument --json: not JSON: Expecting property name"),
+    (["--json", "[1]"], "argument --json: must be a JSON object, not list"),
+    (["--json", "{}", "--options", "7"], "argument --options: must be a JSON object, not int"),
+])
+def test_enqueue_refuses_what_is_no_json_object(
+    cli_env: str, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["enqueue", "email", *argv])
+
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err
+    assert main(["jobs", "list"]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == []
+
+
+def test_enqueue_writes_the_job_with_its_options(
+    cli_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    payload = {"recipients": [{"email": "a@example.com"}], "subject": "hi", "body_text": "x"}
+
+    assert main(["enqueue", "email", "--json", json.dumps(payload),
+                 "--options", '{"priority": 3, "tags": ["cli"]}']) == 0
+
+    job = json.loads(capsys.readouterr().out)
+    assert (job["task_type"], job["status"], job["priority"], job["tags"]) == (
+        "email", "queued", 3, ["cli"])
+    assert job["payload"]["subject"] == "hi"
