@@ -63,6 +63,14 @@ def failed_job(db_url: str) -> str:
     return asyncio.run(write())
 
 
+def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """What `main(argv)` says on stderr as it exits with argparse's usage error (2)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
 def test_a_time_without_an_offset_is_utc_whatever_the_local_zone(far_east: None) -> None:
     assert _utc_time("2030-01-01T08:00") == FAILED_AT
     assert _utc_time("2030-01-01T17:00+09:00") == FAILED_AT
@@ -106,11 +114,7 @@ def test_jobs_list_takes_the_filters_of_the_api(
 def test_jobs_list_refuses_bad_filters(
     cli_env: str, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
 ) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(["jobs", "list", *argv])
-
-    assert exited.value.code == 2
-    assert named in capsys.readouterr().err
+    assert named in usage_error(capsys, ["jobs", "list", *argv])
 
 
 @pytest.mark.parametrize(("argv", "named"), [
@@ -125,11 +129,7 @@ def test_retry_failed_refuses_bad_times_before_touching_a_job(
 ) -> None:
     job_id = failed_job(cli_env)
 
-    with pytest.raises(SystemExit) as exited:
-        main(["jobs", "retry-failed", *argv])
-
-    assert exited.value.code == 2
-    assert named in capsys.readouterr().err
+    assert named in usage_error(capsys, ["jobs", "retry-failed", *argv])
     assert main(["jobs", "show", job_id]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "failed"
 
@@ -142,11 +142,7 @@ def test_retry_failed_refuses_bad_times_before_touching_a_job(
 def test_enqueue_refuses_what_is_no_json_object(
     cli_env: str, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
 ) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(["enqueue", "email", *argv])
-
-    assert exited.value.code == 2
-    assert named in capsys.readouterr().err
+    assert named in usage_error(capsys, ["enqueue", "email", *argv])
     assert main(["jobs", "list"]) == 0
     assert json.loads(capsys.readouterr().out)["items"] == []
 
