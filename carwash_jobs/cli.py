@@ -21,7 +21,13 @@ from carwash_jobs.errors import CarwashError
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.queue import EnqueueOptions
 from carwash_jobs.settings import Settings, load_settings
-from carwash_jobs.store.base import MAX_PAGE, FailedFilter, JobFilter, time_range_problem
+from carwash_jobs.store.base import (
+    MAX_PAGE,
+    FailedFilter,
+    JobFilter,
+    as_utc,
+    time_range_problem,
+)
 from carwash_jobs.store.migrations import upgrade
 from carwash_jobs.types import JOB_ID_PATTERN, JobId
 
@@ -239,7 +245,10 @@ def _utc_time(text: str) -> datetime:
         raise argparse.ArgumentTypeError(
             f"not an ISO 8601 time, e.g. 2030-01-31T08:00 (got {text})"
         ) from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return as_utc(value.replace(tzinfo=UTC) if value.tzinfo is None else value, "the time")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (got {text})") from None
 
 
 def _count(least: int, most: int | None = None) -> Callable[[str], int]:

@@ -15,7 +15,7 @@ from litestar.params import Body, PathParameter, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from carwash_jobs.lifecycle import JobStatus
-from carwash_jobs.store.base import MAX_PAGE, FailedFilter, JobFilter, time_range_problem
+from carwash_jobs.store.base import MAX_PAGE, FailedFilter, JobFilter, as_utc, time_range_problem
 from carwash_jobs.types import JOB_ID_PATTERN, JobId
 from endpoints.deps import QueueDep, StoreDep
 from endpoints.errors import ConflictException, field_error
@@ -27,7 +27,6 @@ from endpoints.schemas import (
     JobPage,
     RetryFailedIn,
     RetryFailedOut,
-    as_utc,
 )
 
 #: a page's next_cursor is the id of its last job (32 hex digits, see types.new_job_id): any

@@ -8,7 +8,7 @@ import functools
 import json
 import types
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from litestar.datastructures import ResponseHeader
@@ -16,30 +16,15 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo
 
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.queue import PRIORITY_MAX, QUEUE_NAME_MAX_LENGTH, EnqueueOptions
-from carwash_jobs.store.base import EventRow, JobRow, Page, time_range_problem
+from carwash_jobs.store.base import EventRow, JobRow, Page, as_utc, time_range_problem
 from carwash_jobs.types import JobId
 
 #: the furthest ahead a delay may reach (ten years); beyond it datetime arithmetic overflows
 MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600
-#: the years a stored timestamp can hold (the store writes four-digit years)
-EARLIEST_YEAR, LATEST_YEAR = 1970, 9998
 #: documents the header of every 202 that creates a job
 LOCATION_HEADER = ResponseHeader(
     name="Location", description="/api/jobs/{id}: where to poll the job", documentation_only=True
 )
-
-
-def as_utc(value: datetime, field: str) -> datetime:
-    """`value` in UTC, or ValueError when it has no offset or falls outside what the store keeps."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{field} needs a UTC offset, e.g. 2030-01-01T08:00:00Z")
-    try:
-        utc = value.astimezone(UTC)
-    except OverflowError:
-        utc = None
-    if utc is None or not EARLIEST_YEAR <= utc.year <= LATEST_YEAR:
-        raise ValueError(f"{field} must lie between the years {EARLIEST_YEAR} and {LATEST_YEAR}")
-    return utc
 
 
 def reject_numbers(value: Any) -> Any:

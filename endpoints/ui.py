@@ -32,11 +32,17 @@ from litestar.types import ControllerRouterHandler
 from carwash_jobs.errors import CarwashError, JobNotFound
 from carwash_jobs.lifecycle import TERMINAL, JobStatus
 from carwash_jobs.registry import TaskRegistry
-from carwash_jobs.store.base import FailedFilter, JobFilter, JobRow, MinuteCount, time_range_problem
+from carwash_jobs.store.base import (
+    FailedFilter,
+    JobFilter,
+    JobRow,
+    MinuteCount,
+    as_utc,
+    time_range_problem,
+)
 from carwash_jobs.types import JobId
 from endpoints.deps import QueueDep, StoreDep
 from endpoints.jobs import CURSOR_PATTERN, JobIdPath
-from endpoints.schemas import as_utc
 from endpoints.ui_auth import CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE, SessionSigner, UiSession
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"

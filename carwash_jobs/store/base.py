@@ -347,6 +347,23 @@ def alike(transitions: Sequence[Transition]) -> Transition | None:
     return first if all(replace(t, job_id=first.job_id) == first for t in transitions) else None
 
 
+#: the years a stored timestamp can hold (the store writes four-digit years)
+EARLIEST_YEAR, LATEST_YEAR = 1970, 9998
+
+
+def as_utc(value: datetime, field: str) -> datetime:
+    """`value` in UTC, or ValueError when it has no offset or falls outside what the store keeps."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{field} needs a UTC offset, e.g. 2030-01-01T08:00:00Z")
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not EARLIEST_YEAR <= utc.year <= LATEST_YEAR:
+        raise ValueError(f"{field} must lie between the years {EARLIEST_YEAR} and {LATEST_YEAR}")
+    return utc
+
+
 def time_range_problem(after_name: str, after: datetime | None, before: datetime | None) -> str | None:
     """What is wrong with the end (exclusive) of a time filter that is not later than its
     start, or None; the caller names the end. Such a range holds nothing: its sender swapped or

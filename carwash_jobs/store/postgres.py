@@ -1065,6 +1065,22 @@ async def _apply_alike(
     writes their events, the rows locked in id order as every many-row write takes them; then
     the refusals explained as `_apply` would, from one read of the jobs left."""
     ids = [x.job_id for x in transitions]
+    rows = await conn.fetch(*alike_statement(t, ids, owner, now))
+    jobs = {job.id: job for job in map(row_to_job, rows)}
+    left = [i for i in ids if i not in jobs]
+    found = dict(await conn.fetch(SELECT_STATUSES, left)) if left else {}
+    return [
+        Applied(jobs[i]) if i in jobs
+        else IllegalTransition(i, found[i], t.action) if i in found else JobNotFound(i)
+        for i in ids
+    ]
+
+
+def alike_statement(
+    t: Transition, ids: Sequence[JobId], owner: str, now: datetime
+) -> tuple[Any, ...]:
+    """The statement and arguments of `_apply_alike`: the change `t` of the jobs `ids` and
+    their events."""
     update, params = _transition_sql(
         t, now, "id IN (SELECT id FROM worker_queue WHERE id = ANY(:ids::text[]) ORDER BY id FOR UPDATE)"
     )
@@ -1074,17 +1090,9 @@ logged AS (
   INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
   SELECT id, :now, :event, status, attempts, :owner, :message FROM moved)
 SELECT * FROM moved"""
-    text, args = numbered(sql, {**params, "ids": ids, "now": now, "event": t.event,
+    text, args = numbered(sql, {**params, "ids": list(ids), "now": now, "event": t.event,
                                 "owner": owner, "message": t.message})
-    rows = await conn.fetch(text, *args)
-    jobs = {job.id: job for job in map(row_to_job, rows)}
-    left = [i for i in ids if i not in jobs]
-    found = dict(await conn.fetch(SELECT_STATUSES, left)) if left else {}
-    return [
-        Applied(jobs[i]) if i in jobs
-        else IllegalTransition(i, found[i], t.action) if i in found else JobNotFound(i)
-        for i in ids
-    ]
+    return text, *args
 
 
 def _transition_sql(t: Transition, now: datetime, target: str) -> tuple[str, dict[str, Any]]:
@@ -1105,7 +1113,9 @@ def _transition_sql(t: Transition, now: datetime, target: str) -> tuple[str, dic
         sets.append(APPEND_RUNNING_ATTEMPT)
         params.update(running_outcome=t.running_attempt_outcome.value,
                       now_iso=now.isoformat(), running_error=t.message)
-    where = ["status = ANY(:froms::text[])"]
+    # `status || ''`, as in CLAIM_IDS: the jobs are found by `target`'s ids, never by a walk
+    # of a status index through every job in that status (a bulk retry after a mass failure)
+    where = ["status || '' = ANY(:froms::text[])"]
     params["froms"] = sorted(s.value for s in t.from_statuses)
     if t.fence is not None:
         where.append("attempts = :fence_attempt AND lease_owner = :fence_owner")

@@ -94,6 +94,8 @@ INSERT INTO job_events (job_id, at, event, status, attempt, process, message)
 VALUES (?, ?, ?, ?, ?, ?, ?)
 """
 SELECT_STATUSES = "SELECT id, status FROM worker_queue WHERE id IN ({ids})"
+#: the same for any number of ids (a JSON array), beyond the limit on a statement's parameters
+STATUSES_OF = "SELECT id, status FROM worker_queue WHERE id IN (SELECT value FROM json_each(?))"
 #: by id: the unary + keeps the planner on the primary key, not a scan of the due index
 CLAIM_IDS = f"""
 UPDATE worker_queue
@@ -155,6 +157,8 @@ WHERE id IN (
 RETURNING {_COLS}
 """
 SELECT_FENCE = "SELECT status FROM worker_queue WHERE id = ?"
+#: the jobs of a batch of one change (see `alike`), by id: :ids is a JSON array
+ALIKE_TARGET = "id IN (SELECT value FROM json_each(:ids))"
 APPEND_HISTORY = "attempt_history = json_insert(attempt_history, '$[#]', json(:history))"
 APPEND_RUNNING_ATTEMPT = """attempt_history = CASE WHEN status = 'running'
   THEN json_insert(attempt_history, '$[#]', json_object('attempt', attempts,
@@ -1107,13 +1111,13 @@ def _apply_alike(
 ) -> list[Applied | Exception]:
     """`transitions`, which all make the change `t` (see `alike`), by one statement; then the
     refusals explained as `_apply` would, from one read of the jobs left."""
-    sql, params = _transition_sql(t, now, "id IN (SELECT value FROM json_each(:ids))")
+    sql, params = _transition_sql(t, now, ALIKE_TARGET)
     ids = [x.job_id for x in transitions]
     jobs = {job.id: job for job in map(row_to_job, conn.execute(sql, {**params, "ids": _ids_text(ids)}))}
     _insert_events(conn, [(j.id, j.attempts) for j in jobs.values()], t.event, t.to_status.value,
                    owner, now, t.message)
     left = [i for i in ids if i not in jobs]
-    found = dict(conn.execute(SELECT_STATUSES.format(ids=_placeholders(len(left))), left)) if left else {}
+    found = dict(conn.execute(STATUSES_OF, (_ids_text(left),))) if left else {}
     return [
         Applied(jobs[i]) if i in jobs
         else IllegalTransition(i, found[i], t.action) if i in found else JobNotFound(i)

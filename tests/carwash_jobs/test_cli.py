@@ -123,6 +123,11 @@ def test_jobs_list_refuses_bad_filters(
     (["--failed-after", "2030-01-01T08:00Z", "--failed-before", "2030-01-01T09:00+01:00"],
      "--failed-before must be later than --failed-after"),
     (["--failed-after", "yesterday"], "argument --failed-after: not an ISO 8601 time"),
+    # beyond what the store keeps, or beyond what a datetime can hold once in UTC
+    (["--failed-before", "9999-12-31T23:00-05:00"],
+     "argument --failed-before: the time must lie between the years 1970 and 9998"),
+    (["--failed-after", "1969-12-31T23:00Z"],
+     "argument --failed-after: the time must lie between the years 1970 and 9998"),
 ])
 def test_retry_failed_refuses_bad_times_before_touching_a_job(
     cli_env: str, capsys: pytest.CaptureFixture[str], argv: list[str], named: str

@@ -1474,6 +1474,39 @@ async def test_postgres_claims_by_id_through_the_primary_key_once_queued_jobs_ar
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_postgres_retries_a_batch_through_the_primary_key_among_many_failed_jobs(
+    database_url: str, clock: ManualClock
+) -> None:
+    """A bulk retry's batch (apply_many, one statement) after a mass failure: read through a
+    status index, each batch of 1,000 would walk every failed job."""
+    from carwash_jobs.store.postgres import alike_statement
+
+    conn = await asyncpg.connect(_database_url(database_url, make_url(database_url).database or "",
+                                               driver="postgresql"))
+    try:
+        async with conn.transaction():  # without 102,000 calls of the count trigger
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            await conn.execute(
+                "INSERT INTO worker_queue (id, task_type, queue, status, priority, payload, tags, "
+                "attempts, max_attempts, run_at, created_at, finished_at, progress_done, "
+                "attempt_history, depends_on) SELECT lpad(to_hex(g), 32, '0'), 'noop', 'default', "
+                "CASE WHEN g % 50 = 0 THEN 'failed' ELSE 'completed' END, 0, '{}', '[]', 1, 5, "
+                "now(), now(), now(), 0, '[]', '[]' FROM generate_series(1, 100000) g"
+            )
+        await conn.execute("ANALYZE worker_queue")
+        failed = [f"{g:032x}" for g in range(50, 50_001, 50)]
+        sql, *args = alike_statement(lifecycle.retry_failed(JobId(failed[0]), clock()),
+                                     [JobId(i) for i in failed], OWNER, clock())
+        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *args))
+    finally:
+        await conn.close()
+
+    assert "worker_queue_pkey" in plan, plan
+    assert "ix_worker_queue_status" not in plan, plan
+    assert "ix_worker_queue_finished" not in plan, plan
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_postgres_a_callers_session_change_does_not_outlive_its_transaction(
     database_url: str, clock: ManualClock
 ) -> None:

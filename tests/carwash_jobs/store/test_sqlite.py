@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from carwash_jobs import lifecycle
 from carwash_jobs.errors import StoreUnavailable
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.store import open_store
 from carwash_jobs.store.base import FailedFilter, JobFilter, NewJob
 from carwash_jobs.store.sqlite import (
     ACTIVE_TAGGED_JOB,
+    ALIKE_TARGET,
     CLAIM_DUE,
     CLAIM_DUE_LIMITED,
     CLAIM_IDS_LIMITED,
@@ -27,6 +29,7 @@ from carwash_jobs.store.sqlite import (
     _failed_where,
     _list_sql,
     _list_where,
+    _transition_sql,
 )
 from carwash_jobs.types import new_job_id
 from tests.carwash_jobs.support import OWNER, count_rows, open_sqlite
@@ -386,6 +389,20 @@ async def test_the_claim_reads_the_ready_index_whatever_else_is_indexed(
 
     assert "ix_worker_queue_ready" in plan
     assert "TEMP B-TREE" not in plan
+
+
+async def test_a_batch_of_one_change_finds_its_jobs_by_id_among_many_failed(
+    store: SqliteJobStore,
+) -> None:
+    """A bulk retry's batch (apply_many, one statement): through a status index it would walk
+    every failed job for each batch."""
+    sql, params = _transition_sql(lifecycle.retry_failed(new_job_id(), datetime.now(UTC)),
+                                  datetime.now(UTC), ALIKE_TARGET)
+
+    plan = await _plan(store, sql, {**params, "ids": "[]"})
+
+    assert plan.startswith("SEARCH worker_queue USING INDEX sqlite_autoindex_worker_queue_1 (id=?)"), plan
+    assert "ix_worker_queue" not in plan, plan
 
 
 async def _plan(store: SqliteJobStore, sql: str, args: tuple[Any, ...] | dict[str, Any]) -> str:
