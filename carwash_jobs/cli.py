@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for after, before in TIME_RANGES:
         if problem := time_range_problem(_flag(after), getattr(args, after, None),
                                          getattr(args, before, None)):
-            parser.error(f"{_flag(before)} {problem}")
+            args.parser.error(f"{_flag(before)} {problem}")
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=_count(1, most=MAX_PAGE), default=50, metavar="N",
                          help=f"page size, 1 to {MAX_PAGE} (default 50)")
     listing.add_argument("--cursor", type=_cursor, help="the last page's next_cursor")
-    listing.set_defaults(run=_jobs_list)
+    listing.set_defaults(run=_jobs_list, parser=listing)
     for name, fn, text in (("show", _jobs_show, "one job"), ("rerun", _jobs_rerun, "clone a finished job"),
                            ("cancel", _jobs_cancel, "cancel a job"),
                            ("events", _jobs_events, "a job's timeline")):
@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--failed-after", type=_utc_time, metavar="ISO_TIME")
     retry.add_argument("--failed-before", type=_utc_time, metavar="ISO_TIME",
                        help="a time without an offset is UTC")
-    retry.set_defaults(run=_jobs_retry_failed)
+    retry.set_defaults(run=_jobs_retry_failed, parser=retry)
 
     demo = sub.add_parser("demo-data", help="fill the car-wash domain tables with sample data")
     for flag, default, least in (("--tenants", 3, 1), ("--customers", 300, 0),
@@ -246,7 +246,7 @@ def _utc_time(text: str) -> datetime:
             f"not an ISO 8601 time, e.g. 2030-01-31T08:00 (got {text})"
         ) from None
     try:
-        return as_utc(value.replace(tzinfo=UTC) if value.tzinfo is None else value, "the time")
+        return as_utc(value.replace(tzinfo=UTC) if value.tzinfo is None else value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{exc} (got {text})") from None
 

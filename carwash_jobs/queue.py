@@ -31,6 +31,7 @@ from carwash_jobs.store.base import (
     T,
     Tx,
     TxFn,
+    as_utc,
     json_types_text,
     nested_deeper_than,
 )
@@ -55,6 +56,12 @@ QUEUE_NAME_MAX_LENGTH = 64
 #: job's change of the finished-jobs counter reaches that row through every version the
 #: transaction wrote before it); SQLite 29,000 either way, its writer held a tenth as long
 RETRY_BATCH = 1_000
+#: the furthest ahead a delay may reach (ten years); beyond it datetime arithmetic overflows
+MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600
+#: worker_queue.idempotency_key is a VARCHAR(255)
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
+#: a job a dependency names is looked up by id: a job id has 32 characters; room for others'
+DEPENDENCY_ID_MAX_LENGTH = 100
 #: a job due within this many seconds waits on an in-process timer; later ones, for the reload
 TIMER_HORIZON_SECONDS = 300.0
 
@@ -75,9 +82,17 @@ class EnqueueOptions:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> EnqueueOptions:
+        """The options given as plain data (a handler's follow-up, the CLI's JSON): `run_at` may
+        be ISO 8601 text. The values are checked where they are used, as any options are."""
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise InvalidPayload(sorted(unknown)[0], "unknown enqueue option")
+        run_at = values.get("run_at")
+        if isinstance(run_at, str):
+            try:
+                values = {**values, "run_at": datetime.fromisoformat(run_at)}
+            except ValueError:
+                raise InvalidPayload("run_at", "not an ISO 8601 time, e.g. 2030-01-31T08:00Z") from None
         return cls(**values)
 
 
@@ -179,7 +194,8 @@ class JobQueue:
         max_attempts = _max_attempts(options, self.registry.max_attempts(task_type))
         tags = tuple(_tags(options.tags))
         context = _context(options.context)
-        depends_on = tuple(dict.fromkeys(options.depends_on))
+        depends_on = _depends_on(options)
+        idempotency_key = _idempotency_key(options)
         return [
             NewJob(
                 id=job_id, task_type=task_type.name, payload=payload,
@@ -187,7 +203,7 @@ class JobQueue:
                 run_at=run_at, created_at=now, queue=queue, priority=priority,
                 max_attempts=max_attempts, tags=tags,
                 context=None if context is None else dict(context),  # one per job: a dict is mutable
-                idempotency_key=options.idempotency_key, rerun_of=rerun_of, depends_on=depends_on,
+                idempotency_key=idempotency_key, rerun_of=rerun_of, depends_on=depends_on,
             )
             for job_id, payload in zip(new_job_ids(len(payloads)), payloads, strict=True)
         ]
@@ -494,15 +510,35 @@ def _cancelled_while_running(job: JobRow) -> bool:
 def _run_at(options: EnqueueOptions, now: datetime) -> datetime:
     if options.run_at is not None and options.delay_seconds is not None:
         raise InvalidPayload("run_at", "give run_at or delay_seconds, not both")
-    if options.delay_seconds is not None:
-        if options.delay_seconds < 0:
-            raise InvalidPayload("delay_seconds", "must be >= 0")
-        return now + timedelta(seconds=options.delay_seconds)
+    delay = options.delay_seconds
+    if delay is not None:
+        if (not isinstance(delay, int | float) or isinstance(delay, bool) or not math.isfinite(delay)
+                or not 0 <= delay <= MAX_DELAY_SECONDS):
+            raise InvalidPayload("delay_seconds", f"must be a number from 0 to {MAX_DELAY_SECONDS}")
+        return now + timedelta(seconds=delay)
     if options.run_at is not None:
-        if options.run_at.tzinfo is None:
-            raise InvalidPayload("run_at", "needs a UTC offset")
-        return options.run_at
+        if not isinstance(options.run_at, datetime):
+            raise InvalidPayload("run_at", "must be a time with a UTC offset")
+        try:
+            return as_utc(options.run_at)
+        except ValueError as exc:
+            raise InvalidPayload("run_at", str(exc)) from None
     return now
+
+
+def _idempotency_key(options: EnqueueOptions) -> str | None:
+    key = options.idempotency_key
+    most = IDEMPOTENCY_KEY_MAX_LENGTH
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= most):
+        raise InvalidPayload("idempotency_key", f"must be a text of 1 to {most} characters")
+    return key
+
+
+def _depends_on(options: EnqueueOptions) -> tuple[JobId, ...]:
+    ids, most = options.depends_on, DEPENDENCY_ID_MAX_LENGTH
+    if isinstance(ids, str) or not all(isinstance(i, str) and 1 <= len(i) <= most for i in ids):
+        raise InvalidPayload("depends_on", f"must be a list of job ids of 1 to {most} characters")
+    return tuple(dict.fromkeys(ids))
 
 
 def _max_attempts(options: EnqueueOptions, task_type_default: int) -> int:

@@ -51,9 +51,9 @@ def _utc_query(text: str | None, name: str) -> datetime | None:
     except ValueError:
         raise _query_error(name, f"{name} is not an ISO 8601 datetime") from None
     try:
-        return as_utc(value, name)
+        return as_utc(value)
     except ValueError as exc:
-        raise _query_error(name, str(exc)) from None
+        raise _query_error(name, f"{name} {exc}") from None
 
 
 def _query_error(name: str, problem: str) -> ValidationException:

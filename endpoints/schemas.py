@@ -15,12 +15,17 @@ from litestar.datastructures import ResponseHeader
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from carwash_jobs.lifecycle import JobStatus
-from carwash_jobs.queue import PRIORITY_MAX, QUEUE_NAME_MAX_LENGTH, EnqueueOptions
+from carwash_jobs.queue import (
+    DEPENDENCY_ID_MAX_LENGTH,
+    IDEMPOTENCY_KEY_MAX_LENGTH,
+    MAX_DELAY_SECONDS,
+    PRIORITY_MAX,
+    QUEUE_NAME_MAX_LENGTH,
+    EnqueueOptions,
+)
 from carwash_jobs.store.base import EventRow, JobRow, Page, as_utc, time_range_problem
 from carwash_jobs.types import JobId
 
-#: the furthest ahead a delay may reach (ten years); beyond it datetime arithmetic overflows
-MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600
 #: documents the header of every 202 that creates a job
 LOCATION_HEADER = ResponseHeader(
     name="Location", description="/api/jobs/{id}: where to poll the job", documentation_only=True
@@ -215,13 +220,13 @@ class EnqueueOptionsIn(BaseModel):
         default_factory=list, max_length=50, description="Labels to find the job by."
     )
     idempotency_key: str | None = Field(
-        default=None, min_length=1, max_length=255,
+        default=None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX_LENGTH,
         description="A second enqueue with the same key returns the existing job (200) instead.",
     )
     context: dict[str, Any] | None = Field(
         default=None, description="A small JSON object (at most 4 KiB) handed to the handler."
     )
-    depends_on: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+    depends_on: list[Annotated[str, Field(min_length=1, max_length=DEPENDENCY_ID_MAX_LENGTH)]] = Field(
         default_factory=list, max_length=100,
         description="Job ids this job waits for; if one fails or is cancelled, this one is cancelled.",
     )
@@ -234,7 +239,7 @@ class EnqueueOptionsIn(BaseModel):
     @field_validator("run_at")
     @classmethod
     def _run_at_storable(cls, value: datetime | None) -> datetime | None:
-        return None if value is None else as_utc(value, "run_at")
+        return None if value is None else as_utc(value)
 
     @field_validator("delay_seconds")
     @classmethod
@@ -310,8 +315,8 @@ class RetryFailedIn(BaseModel):
 
     @field_validator("failed_after", "failed_before")
     @classmethod
-    def _storable(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
-        return None if value is None else as_utc(value, str(info.field_name))
+    def _storable(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else as_utc(value)
 
     @field_validator("failed_before")
     @classmethod

@@ -362,9 +362,9 @@ def _form_time(text: str, name: str) -> datetime | None:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     try:
-        return as_utc(value, name)
+        return as_utc(value)
     except ValueError as exc:
-        raise BadFilter(str(exc)) from None
+        raise BadFilter(f"{name}: {exc}") from None
 
 
 async def _jobs_context(

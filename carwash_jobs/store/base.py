@@ -299,7 +299,8 @@ class Notice:
     job_id: JobId | None = None
 
 
-#: the largest page of a job list (API, dashboard, CLI): 500 jobs' JSON takes about 30 ms
+#: the largest page of a job list (API and CLI; the dashboard's page sizes stay below it): 500
+#: jobs' JSON takes about 30 ms
 MAX_PAGE = 500
 
 
@@ -351,16 +352,17 @@ def alike(transitions: Sequence[Transition]) -> Transition | None:
 EARLIEST_YEAR, LATEST_YEAR = 1970, 9998
 
 
-def as_utc(value: datetime, field: str) -> datetime:
-    """`value` in UTC, or ValueError when it has no offset or falls outside what the store keeps."""
+def as_utc(value: datetime) -> datetime:
+    """`value` in UTC, or ValueError when it has no offset or falls outside what the store keeps
+    (the message leaves the value's name to the caller)."""
     if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{field} needs a UTC offset, e.g. 2030-01-01T08:00:00Z")
+        raise ValueError("needs a UTC offset, e.g. 2030-01-01T08:00:00Z")
     try:
         utc = value.astimezone(UTC)
     except OverflowError:
         utc = None
     if utc is None or not EARLIEST_YEAR <= utc.year <= LATEST_YEAR:
-        raise ValueError(f"{field} must lie between the years {EARLIEST_YEAR} and {LATEST_YEAR}")
+        raise ValueError(f"must lie between the years {EARLIEST_YEAR} and {LATEST_YEAR}")
     return utc
 
 

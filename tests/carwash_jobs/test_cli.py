@@ -97,6 +97,8 @@ def test_jobs_list_takes_the_filters_of_the_api(
         return [job["id"] for job in json.loads(capsys.readouterr().out)["items"]]
 
     assert listed("--queue", "default", "--created-after", "2030-01-01T08:00") == [job_id]
+    assert listed("--created-after", "2030-01-01T08:01") == []
+    assert listed("--created-before", "2030-01-01T08:01") == [job_id]
     assert listed("--created-before", "2030-01-01T08:00") == []
     assert listed("--queue", "bulk") == []
     assert listed("--limit", "1", "--cursor", job_id) == []
@@ -114,7 +116,9 @@ def test_jobs_list_takes_the_filters_of_the_api(
 def test_jobs_list_refuses_bad_filters(
     cli_env: str, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
 ) -> None:
-    assert named in usage_error(capsys, ["jobs", "list", *argv])
+    said = usage_error(capsys, ["jobs", "list", *argv])
+    assert named in said
+    assert said.startswith("usage: carwash-jobs jobs list")  # the command's own usage
 
 
 @pytest.mark.parametrize(("argv", "named"), [
@@ -125,9 +129,9 @@ def test_jobs_list_refuses_bad_filters(
     (["--failed-after", "yesterday"], "argument --failed-after: not an ISO 8601 time"),
     # beyond what the store keeps, or beyond what a datetime can hold once in UTC
     (["--failed-before", "9999-12-31T23:00-05:00"],
-     "argument --failed-before: the time must lie between the years 1970 and 9998"),
+     "argument --failed-before: must lie between the years 1970 and 9998"),
     (["--failed-after", "1969-12-31T23:00Z"],
-     "argument --failed-after: the time must lie between the years 1970 and 9998"),
+     "argument --failed-after: must lie between the years 1970 and 9998"),
 ])
 def test_retry_failed_refuses_bad_times_before_touching_a_job(
     cli_env: str, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
@@ -164,3 +168,21 @@ def test_enqueue_writes_the_job_with_its_options(
     assert (job["task_type"], job["status"], job["priority"], job["tags"]) == (
         "email", "queued", 3, ["cli"])
     assert job["payload"]["subject"] == "hi"
+
+
+def test_enqueue_options_are_checked_by_the_engine_and_run_at_read_from_text(
+    cli_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    payload = json.dumps({"recipients": [{"email": "a@example.com"}], "subject": "hi", "body_text": "x"})
+
+    assert main(["enqueue", "email", "--json", payload,
+                 "--options", '{"run_at": "2030-01-01T08:00+01:00"}']) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert (job["status"], job["run_at"]) == ("scheduled", "2030-01-01T07:00:00+00:00")
+
+    for options, said in (('{"delay_seconds": 1e300}', "delay_seconds: must be a number"),
+                          ('{"run_at": "tomorrow"}', "run_at: not an ISO 8601 time")):
+        assert main(["enqueue", "email", "--json", payload, "--options", options]) == 1
+        assert f"carwash-jobs: {said}" in capsys.readouterr().err
+    assert main(["jobs", "list"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["items"]) == 1

@@ -5,7 +5,7 @@ in its ReadyQueue."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -123,7 +123,13 @@ async def test_a_context_as_deep_as_allowed_is_written(idle: Harness) -> None:
     ("options", "field"),
     [
         ({"delay_seconds": -1}, "delay_seconds"),
+        # beyond what a datetime holds, or no number: an OverflowError or a TypeError before
+        ({"delay_seconds": 1e300}, "delay_seconds"),
+        ({"delay_seconds": float("nan")}, "delay_seconds"),
+        ({"delay_seconds": "5"}, "delay_seconds"),
         ({"run_at": datetime(2030, 1, 1), "delay_seconds": None}, "run_at"),
+        ({"run_at": "2030-01-01T00:00Z"}, "run_at"),  # text is for from_mapping to read
+        ({"run_at": datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5)))}, "run_at"),
         ({"run_at": datetime(2030, 1, 1, tzinfo=UTC), "delay_seconds": 5}, "run_at"),
         ({"max_attempts": 0}, "max_attempts"),
         ({"max_attempts": "3"}, "max_attempts"),
@@ -135,6 +141,13 @@ async def test_a_context_as_deep_as_allowed_is_written(idle: Harness) -> None:
         ({"queue": 5}, "queue"),
         ({"queue": "q" * 65}, "queue"),
         ({"tags": "vip"}, "tags"),
+        # a number or a long key would fail the insert (a VARCHAR(255) on PostgreSQL)
+        ({"idempotency_key": 5}, "idempotency_key"),
+        ({"idempotency_key": "k" * 256}, "idempotency_key"),
+        ({"idempotency_key": ""}, "idempotency_key"),
+        # a text would be read as one dependency per character
+        ({"depends_on": "0" * 32}, "depends_on"),
+        ({"depends_on": [7]}, "depends_on"),
         ({"context": {"blob": "x" * MAX_CONTEXT_BYTES}}, "context"),
         ({"context": {"when": datetime(2030, 1, 1, tzinfo=UTC)}}, "context"),
         ({"context": {"ratio": float("nan")}}, "context"),
@@ -181,6 +194,16 @@ def test_unknown_enqueue_options_are_named() -> None:
     with pytest.raises(InvalidPayload) as caught:
         EnqueueOptions.from_mapping({"priority": 1, "prio": 2})
     assert caught.value.field == "prio"
+
+
+def test_options_from_plain_data_read_run_at_from_iso_text() -> None:
+    """A handler's follow-up options or the CLI's JSON: JSON has no time type."""
+    options = EnqueueOptions.from_mapping({"run_at": "2030-01-01T08:00+01:00"})
+    assert options.run_at == datetime(2030, 1, 1, 7, tzinfo=UTC)
+
+    with pytest.raises(InvalidPayload) as caught:
+        EnqueueOptions.from_mapping({"run_at": "tomorrow"})
+    assert caught.value.field == "run_at"
 
 
 async def test_a_second_enqueue_with_the_same_idempotency_key_returns_the_existing_job(

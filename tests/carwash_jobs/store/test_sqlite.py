@@ -394,8 +394,8 @@ async def test_the_claim_reads_the_ready_index_whatever_else_is_indexed(
 async def test_a_batch_of_one_change_finds_its_jobs_by_id_among_many_failed(
     store: SqliteJobStore,
 ) -> None:
-    """A bulk retry's batch (apply_many, one statement): through a status index it would walk
-    every failed job for each batch."""
+    """A bulk retry's batch (apply_many, one statement) goes by its ids: the plan is pinned here
+    as the other hot statements' are (a status index would walk every failed job each batch)."""
     sql, params = _transition_sql(lifecycle.retry_failed(new_job_id(), datetime.now(UTC)),
                                   datetime.now(UTC), ALIKE_TARGET)
 
