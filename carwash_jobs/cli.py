@@ -13,7 +13,6 @@ import logging
 import re
 import signal
 import sys
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from carwash_jobs import app, gc_tuning
@@ -25,14 +24,15 @@ from carwash_jobs.store.base import (
     MAX_PAGE,
     FailedFilter,
     JobFilter,
-    as_utc,
     time_range_problem,
+    utc_from_text,
 )
 from carwash_jobs.store.migrations import upgrade
 from carwash_jobs.types import JOB_ID_PATTERN, JobId
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
+    from datetime import datetime
 
     from carwash_jobs.runtime import Runtime
 
@@ -240,13 +240,7 @@ async def _demo_data(settings: Settings, args: argparse.Namespace) -> int:
 def _utc_time(text: str) -> datetime:
     """An ISO 8601 time; without an offset it is UTC, as on the dashboard (not the local zone)."""
     try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not an ISO 8601 time, e.g. 2030-01-31T08:00 (got {text})"
-        ) from None
-    try:
-        return as_utc(value.replace(tzinfo=UTC) if value.tzinfo is None else value)
+        return utc_from_text(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{exc} (got {text})") from None
 

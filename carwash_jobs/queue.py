@@ -189,13 +189,15 @@ class JobQueue:
     ) -> list[NewJob]:
         now = self._clock()
         run_at = _run_at(options, now)
-        queue = _queue_name(options) or task_type.options.queue
+        queue = _bounded_text("queue", options.queue, QUEUE_NAME_MAX_LENGTH) or task_type.options.queue
         priority = _priority(options, task_type.options.priority)
         max_attempts = _max_attempts(options, self.registry.max_attempts(task_type))
         tags = tuple(_tags(options.tags))
         context = _context(options.context)
         depends_on = _depends_on(options)
-        idempotency_key = _idempotency_key(options)
+        idempotency_key = _bounded_text(
+            "idempotency_key", options.idempotency_key, IDEMPOTENCY_KEY_MAX_LENGTH
+        )
         return [
             NewJob(
                 id=job_id, task_type=task_type.name, payload=payload,
@@ -526,12 +528,11 @@ def _run_at(options: EnqueueOptions, now: datetime) -> datetime:
     return now
 
 
-def _idempotency_key(options: EnqueueOptions) -> str | None:
-    key = options.idempotency_key
-    most = IDEMPOTENCY_KEY_MAX_LENGTH
-    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= most):
-        raise InvalidPayload("idempotency_key", f"must be a text of 1 to {most} characters")
-    return key
+def _bounded_text(field: str, value: str | None, most: int) -> str | None:
+    """An optional text option that a column of `most` characters stores."""
+    if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= most):
+        raise InvalidPayload(field, f"must be a text of 1 to {most} characters")
+    return value
 
 
 def _depends_on(options: EnqueueOptions) -> tuple[JobId, ...]:
@@ -559,12 +560,6 @@ def _priority(options: EnqueueOptions, task_type_default: int) -> int:
     return options.priority
 
 
-def _queue_name(options: EnqueueOptions) -> str | None:
-    if options.queue is None:
-        return None
-    if not isinstance(options.queue, str) or not 1 <= len(options.queue) <= QUEUE_NAME_MAX_LENGTH:
-        raise InvalidPayload("queue", f"must be a text of 1 to {QUEUE_NAME_MAX_LENGTH} characters")
-    return options.queue
 
 
 def _is_int(value: object) -> bool:

@@ -37,8 +37,8 @@ from carwash_jobs.store.base import (
     JobFilter,
     JobRow,
     MinuteCount,
-    as_utc,
     time_range_problem,
+    utc_from_text,
 )
 from carwash_jobs.types import JobId
 from endpoints.deps import QueueDep, StoreDep
@@ -356,13 +356,7 @@ def _form_time(text: str, name: str) -> datetime | None:
     if not text:
         return None
     try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise BadFilter(f"{name}: not an ISO 8601 date or time, e.g. 2030-01-31T08:00") from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    try:
-        return as_utc(value)
+        return utc_from_text(text)
     except ValueError as exc:
         raise BadFilter(f"{name}: {exc}") from None
 

@@ -366,6 +366,16 @@ def as_utc(value: datetime) -> datetime:
     return utc
 
 
+def utc_from_text(text: str) -> datetime:
+    """An ISO 8601 time a person typed (the dashboard's filters, the CLI's options): without an
+    offset it is UTC, not the machine's zone; ValueError as `as_utc` raises it."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError("not an ISO 8601 time, e.g. 2030-01-31T08:00") from None
+    return as_utc(value.replace(tzinfo=UTC) if value.tzinfo is None else value)
+
+
 def time_range_problem(after_name: str, after: datetime | None, before: datetime | None) -> str | None:
     """What is wrong with the end (exclusive) of a time filter that is not later than its
     start, or None; the caller names the end. Such a range holds nothing: its sender swapped or

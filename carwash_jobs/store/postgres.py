@@ -630,13 +630,12 @@ class PostgresJobStore:
     async def apply_many(self, transitions: Sequence[Transition]) -> list[Applied | Exception]:
         now = self._clock()
         results: list[Applied | Exception] = [IllegalTransition("", "", "")] * len(transitions)
-        # in job id order, like the other many-row writes (EXTEND_LEASES): no lock cycles
-        order = sorted(range(len(transitions)), key=lambda i: transitions[i].job_id)
         same = alike(transitions)
         async with self.pool.acquire() as conn, conn.transaction():
             if same is not None:
                 return await _apply_alike(conn, transitions, same, self._owner, now)
-            for index in order:
+            # in job id order, like the other many-row writes (EXTEND_LEASES): no lock cycles
+            for index in sorted(range(len(transitions)), key=lambda i: transitions[i].job_id):
                 try:
                     async with conn.transaction():  # a savepoint: one refusal spoils nothing
                         results[index] = await _apply(conn, transitions[index], self._owner, now)
