@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from pydantic import BaseModel
 
-from carwash_jobs import gc_tuning
+from carwash_jobs import gc_tuning, heap_trim
 from carwash_jobs.processor import ProcessorConfig, QueueProcessor
 from carwash_jobs.queue import JobQueue
 from carwash_jobs.ready import ReadyQueue
@@ -229,6 +229,7 @@ async def engine(
         await processor.start()
     thresholds = gc.get_threshold()
     gc_tuning.settle_after_startup()  # as `serve` does once it has started
+    heap_trim.start_trimming()
     try:
         try:
             yield Engine(store, queue, processor)

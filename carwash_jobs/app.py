@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from carwash_jobs import gc_tuning
+from carwash_jobs import gc_tuning, heap_trim
 from carwash_jobs.errors import CarwashError, ConfigurationError
 from carwash_jobs.registry import TaskDefaults, TaskRegistry
 from carwash_jobs.runtime import Role, Runtime
@@ -227,6 +227,9 @@ async def serve_http(settings: Settings, *, role: Role, host: str, port: int) ->
         )
     served = create_app(settings, role=role)
     served.on_startup.append(lambda _app: gc_tuning.settle_after_startup())  # after the runtime's
+    served.on_startup.append(
+        lambda _app: heap_trim.start_trimming(settings.heap_trim_interval_seconds)
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             served, host=host, port=port, lifespan="on", log_config=None,

@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
-from carwash_jobs import app, gc_tuning
+from carwash_jobs import app, gc_tuning, heap_trim
 from carwash_jobs.errors import CarwashError
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.queue import EnqueueOptions
@@ -156,6 +156,7 @@ async def _run_worker(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with runtime:
         gc_tuning.settle_after_startup()
+        heap_trim.start_trimming(settings.heap_trim_interval_seconds)
         logging.getLogger(__name__).info("worker %s processing", runtime.owner)
         await stop.wait()
         logging.getLogger(__name__).info("stopping: running jobs get %.0fs to finish",

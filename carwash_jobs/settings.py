@@ -19,6 +19,7 @@ from pydantic_settings import (
 )
 
 from carwash_jobs.errors import ConfigurationError
+from carwash_jobs.heap_trim import TRIM_INTERVAL_SECONDS
 
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
@@ -163,6 +164,11 @@ class Settings(BaseSettings):
     )
     prune_interval_seconds: float = Field(
         default=300.0, gt=0, description="How often the scheduler prunes jobs past their retention."
+    )
+    heap_trim_interval_seconds: float = Field(
+        default=TRIM_INTERVAL_SECONDS, ge=0,
+        description="How often a served process hands memory it freed back to the system "
+        "(glibc's malloc_trim); 0 turns it off.",
     )
     log_level: str = Field(default="INFO", description="One of DEBUG, INFO, WARNING, ERROR, CRITICAL.")
     log_format: Literal["text", "json"] = Field(

@@ -125,3 +125,12 @@ def test_sigterm_while_busy_leaves_no_job_stranded_in_running(cluster: Cluster) 
     assert set(runs) == {(job_id, 1) for job_id in ids}
     assert {r.pid for r in cluster.records()} <= {w.pid for w in [*stopped, last]}
     assert _stop(last) < EXIT_WITHIN_SECONDS
+
+
+def test_a_worker_trims_its_heap_and_still_stops_at_once(cluster: Cluster) -> None:
+    worker = cluster.start_worker(**SETTINGS, CARWASH_HEAP_TRIM_INTERVAL_SECONDS="0.05")
+    worker.wait_ready()
+    time.sleep(0.2)  # a few trims
+
+    assert _stop(worker) < EXIT_WITHIN_SECONDS  # the trimmer thread holds nothing open
+    assert "every 0.05s (malloc_trim)" in worker.log_text()

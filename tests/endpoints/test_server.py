@@ -112,6 +112,7 @@ def test_serve_generates_a_token_and_serves_every_route(server: Server) -> None:
     assert stdout.count(token) == 1  # printed once, at generation
     assert token not in stderr  # never logged
     assert "Application shutdown complete" in stderr
+    assert "every 30s (malloc_trim)" in stderr  # a served process hands freed memory back
 
 
 def walk_every_route(api: httpx.Client, anonymous: httpx.Client, wrong: httpx.Client) -> None:
