@@ -26,6 +26,7 @@ from carwash_jobs.processor import ProcessorConfig, QueueProcessor
 from carwash_jobs.queue import JobQueue
 from carwash_jobs.ready import ReadyQueue
 from carwash_jobs.registry import TaskOptions, TaskRegistry, TaskType
+from carwash_jobs.settings import load_settings
 from carwash_jobs.store import open_store
 from carwash_jobs.store.migrations import upgrade
 
@@ -212,6 +213,8 @@ class Engine:
     store: JobStore
     queue: JobQueue
     processor: QueueProcessor
+    #: hands freed memory back as a served process does; None when the setting is 0
+    trimmer: heap_trim.Trimmer | None
 
 
 @contextlib.asynccontextmanager
@@ -229,15 +232,17 @@ async def engine(
         await processor.start()
     thresholds = gc.get_threshold()
     gc_tuning.settle_after_startup()  # as `serve` does once it has started
-    heap_trim.start_trimming()
+    # the interval a served process would use (config/carwash.toml, CARWASH_HEAP_TRIM_...)
+    trimmer = heap_trim.start_trimming(load_settings().heap_trim_interval_seconds)
     try:
         try:
-            yield Engine(store, queue, processor)
+            yield Engine(store, queue, processor, trimmer)
         finally:
             await processor.stop()
             queue.close()
             await store.close()
-    finally:  # however the scenario ended, the next one starts with the collector as it was
+    finally:  # however the scenario ended, the next one starts as the process was
+        heap_trim.stop_trimming()
         gc.unfreeze()
         gc.set_threshold(*thresholds)
 

@@ -166,9 +166,9 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="How often the scheduler prunes jobs past their retention."
     )
     heap_trim_interval_seconds: float = Field(
-        default=TRIM_INTERVAL_SECONDS, ge=0,
+        default=TRIM_INTERVAL_SECONDS, ge=0, le=86_400,
         description="How often a served process hands memory it freed back to the system "
-        "(glibc's malloc_trim); 0 turns it off.",
+        "(glibc's malloc_trim), 1 to 86400 seconds; 0 turns it off.",
     )
     log_level: str = Field(default="INFO", description="One of DEBUG, INFO, WARNING, ERROR, CRITICAL.")
     log_format: Literal["text", "json"] = Field(
@@ -262,6 +262,14 @@ class Settings(BaseSettings):
         for name, weight in value.items():
             if weight <= 0:
                 raise ValueError(f"queue {name!r} has {weight}; every weight must be > 0")
+        return value
+
+    @field_validator("heap_trim_interval_seconds")
+    @classmethod
+    def _trim_off_or_at_most_once_a_second(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError(f"must be 0 (off) or at least 1 second (got {value}): each trim "
+                             "holds the allocator's locks while it walks the free memory")
         return value
 
     @field_validator("log_level")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import pytest
 
 from bench import scenarios
 from bench.support import Report
-
-if TYPE_CHECKING:
-    import pytest
+from carwash_jobs import heap_trim
 
 
 async def test_the_sqlite_ceiling_reports_its_insert_drain_and_whole_rates(
@@ -40,3 +38,20 @@ async def test_the_retry_scenario_retries_every_failed_job_and_reports_the_rate(
     assert (figure["scenario"], figure["metric"], figure["unit"]) == (
         "retry", "retry_failed_jobs_per_s", "jobs/s")
     assert figure["value"] > 0
+
+
+@pytest.mark.skipif(heap_trim.libc_malloc_trim() is None, reason="the C library has no malloc_trim")
+async def test_the_soak_reports_its_memory_and_what_its_heap_trims_cost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CARWASH_HEAP_TRIM_INTERVAL_SECONDS", "1")
+    report = Report()
+
+    await scenarios.soak(report, "sqlite", "", rate=500, seconds=2.5)
+
+    figures = {f["metric"]: f["value"] for f in report.figures}
+    assert figures["soak_jobs"] == 1250  # 50 every tenth of a second
+    assert figures["soak_rss_start_mb"] > 0
+    assert figures["soak_rss_end_mb"] > 0
+    assert figures["soak_heap_trims"] >= 2
+    assert 0 < figures["soak_longest_trim_ms"] < 1000

@@ -4,13 +4,11 @@ raw figures; the engine's settling."""
 from __future__ import annotations
 
 import gc
-from typing import TYPE_CHECKING
+
+import pytest
 
 from bench.support import Ceiling, Report, engine, fresh_database
-from carwash_jobs import gc_tuning
-
-if TYPE_CHECKING:
-    import pytest
+from carwash_jobs import gc_tuning, heap_trim
 
 
 def test_repeated_runs_give_each_figure_its_median_and_print_its_range(
@@ -42,6 +40,23 @@ async def test_the_engine_settles_the_collector_as_serve_does_and_gives_it_back(
         assert gc.get_threshold()[0] == gc_tuning.YOUNG_THRESHOLD
     assert gc.get_freeze_count() == 0  # the next scenario's objects can be collected
     assert gc.get_threshold() == before
+
+
+@pytest.mark.skipif(heap_trim.libc_malloc_trim() is None, reason="the C library has no malloc_trim")
+async def test_the_engine_trims_the_heap_on_the_served_interval_and_stops_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CARWASH_HEAP_TRIM_INTERVAL_SECONDS", "7")
+    async with fresh_database("sqlite", "") as url, engine(url, start=False) as e:
+        assert e.trimmer is not None
+        assert e.trimmer.interval_seconds == 7
+        assert not e.trimmer.stopped.is_set()
+    assert e.trimmer.stopped.is_set()
+    assert heap_trim.stop_trimming() is None  # none left running for the next scenario
+
+    monkeypatch.setenv("CARWASH_HEAP_TRIM_INTERVAL_SECONDS", "0")
+    async with fresh_database("sqlite", "") as url, engine(url, start=False) as e:
+        assert e.trimmer is None
 
 
 def test_each_rate_is_given_as_a_fraction_of_the_raw_figure_it_compares_with(
