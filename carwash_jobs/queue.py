@@ -514,8 +514,9 @@ def _run_at(options: EnqueueOptions, now: datetime) -> datetime:
         raise InvalidPayload("run_at", "give run_at or delay_seconds, not both")
     delay = options.delay_seconds
     if delay is not None:
-        if (not isinstance(delay, int | float) or isinstance(delay, bool) or not math.isfinite(delay)
-                or not 0 <= delay <= MAX_DELAY_SECONDS):
+        # NaN and the infinities fail the range: NaN compares false, an infinity lies beyond it
+        number = isinstance(delay, int | float) and not isinstance(delay, bool)
+        if not number or not 0 <= delay <= MAX_DELAY_SECONDS:
             raise InvalidPayload("delay_seconds", f"must be a number from 0 to {MAX_DELAY_SECONDS}")
         return now + timedelta(seconds=delay)
     if options.run_at is not None:
@@ -558,8 +559,6 @@ def _priority(options: EnqueueOptions, task_type_default: int) -> int:
     if not _is_int(options.priority) or not -PRIORITY_MAX <= options.priority <= PRIORITY_MAX:
         raise InvalidPayload("priority", f"must be an integer from -{PRIORITY_MAX} to {PRIORITY_MAX}")
     return options.priority
-
-
 
 
 def _is_int(value: object) -> bool:

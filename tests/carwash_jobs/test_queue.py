@@ -126,6 +126,7 @@ async def test_a_context_as_deep_as_allowed_is_written(idle: Harness) -> None:
         # beyond what a datetime holds, or no number: an OverflowError or a TypeError before
         ({"delay_seconds": 1e300}, "delay_seconds"),
         ({"delay_seconds": float("nan")}, "delay_seconds"),
+        ({"delay_seconds": float("inf")}, "delay_seconds"),
         ({"delay_seconds": "5"}, "delay_seconds"),
         ({"run_at": datetime(2030, 1, 1), "delay_seconds": None}, "run_at"),
         ({"run_at": "2030-01-01T00:00Z"}, "run_at"),  # text is for from_mapping to read
