@@ -1,5 +1,5 @@
 """`python -m bench [--scenario NAME] [--backend sqlite|postgres] [--jobs N] [--repeat N]
-[--json]`."""
+[--soak-seconds S] [--soak-rate JOBS_PER_S] [--json]`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=1_000_000,
                         help="finished (and due) jobs for the scale and dashboard scenarios")
     parser.add_argument("--soak-seconds", type=float, default=1200.0)
+    parser.add_argument("--soak-rate", type=_positive_rate, metavar="JOBS_PER_S",
+                        help="the soak's steady load; default: half the end to end just measured")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run it all N times; then each figure's median (and --json gives it)")
     parser.add_argument("--json", action="store_true", help="end with one JSON object per figure")
@@ -36,6 +38,17 @@ def main() -> None:
     summary = runs[0] if args.repeat == 1 else Report.median_of(runs)
     if args.json:
         summary.dump_json()
+
+
+def _positive_rate(text: str) -> float:
+    """A soak rate given by hand, so runs on machines of different speed can be compared."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= rate <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be 1-1,000,000 jobs/s, not {text}")
+    return rate
 
 
 async def repeat(args: argparse.Namespace, pg_url: str) -> list[Report]:
@@ -65,7 +78,7 @@ async def _engine_scenarios(report: Report, args: argparse.Namespace, pg_url: st
                             chosen: list[str]) -> float | None:
     """The engine in one process; returns the end-to-end rate (the soak runs at half of it)."""
     e2e = None
-    if "throughput" in chosen or "soak" in chosen:
+    if "throughput" in chosen or ("soak" in chosen and args.soak_rate is None):
         e2e = await scenarios.throughput(report, backend, pg_url, args.jobs)
     if "retry" in chosen:
         await scenarios.retry(report, backend, pg_url, args.jobs)
@@ -95,7 +108,8 @@ async def _system_scenarios(report: Report, args: argparse.Namespace, pg_url: st
 
         await dashboard.run(report, backend, pg_url, args.history)
     if "soak" in chosen:
-        await scenarios.soak(report, backend, pg_url, (e2e or 1000) / 2, args.soak_seconds)
+        rate = args.soak_rate or (e2e or 1000) / 2
+        await scenarios.soak(report, backend, pg_url, rate, args.soak_seconds)
 
 if __name__ == "__main__":
     main()

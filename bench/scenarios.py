@@ -369,6 +369,7 @@ async def soak(report: Report, backend: str, pg_url: str, rate: float, seconds: 
             await asyncio.sleep(max(0.0, tick - (time.perf_counter() - began)))
         await e.processor.run_until_idle(timeout=120)
         end_rss = current_rss_mb()
+    report.add("soak", backend, "soak_rate_jobs_per_s", rate, "jobs/s")
     report.add("soak", backend, "soak_jobs", sent, "jobs")
     if e.trimmer is not None:  # what handing freed memory back cost: the longest pause
         report.add("soak", backend, "soak_heap_trims", e.trimmer.trims, "trims")

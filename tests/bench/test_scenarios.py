@@ -50,6 +50,7 @@ async def test_the_soak_reports_its_memory_and_what_its_heap_trims_cost(
     await scenarios.soak(report, "sqlite", "", rate=500, seconds=2.5)
 
     figures = {f["metric"]: f["value"] for f in report.figures}
+    assert figures["soak_rate_jobs_per_s"] == 500
     assert figures["soak_jobs"] % 50 == 0  # 50 every tenth of a second,
     assert 0 < figures["soak_jobs"] <= 1300  # for 2.5 s (fewer ticks on a busy machine)
     assert figures["soak_rss_start_mb"] > 0
