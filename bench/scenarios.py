@@ -374,6 +374,7 @@ async def soak(report: Report, backend: str, pg_url: str, rate: float, seconds: 
     if e.trimmer is not None:  # what handing freed memory back cost: the longest pause
         report.add("soak", backend, "soak_heap_trims", e.trimmer.trims, "trims")
         report.add("soak", backend, "soak_longest_trim_ms", e.trimmer.longest_seconds * 1000, "ms")
+    report.add("soak", backend, "soak_vacuums", e.vacuums, "vacuums")
     report.add("soak", backend, "soak_rss_start_mb", start_rss, "MB")
     report.add("soak", backend, "soak_rss_end_mb", end_rss, "MB")
     report.add("soak", backend, "soak_rss_growth_pct", (end_rss / start_rss - 1) * 100, "%")

@@ -215,6 +215,8 @@ class Engine:
     processor: QueueProcessor
     #: hands freed memory back as a served process does; None when the setting is 0
     trimmer: heap_trim.Trimmer | None
+    #: how often the store vacuumed its tables, as a served process's scheduler has it do
+    vacuums: int = 0
 
 
 @contextlib.asynccontextmanager
@@ -232,12 +234,19 @@ async def engine(
         await processor.start()
     thresholds = gc.get_threshold()
     gc_tuning.settle_after_startup()  # as `serve` does once it has started
-    # the interval a served process would use (config/carwash.toml, CARWASH_HEAP_TRIM_...)
-    trimmer = heap_trim.start_trimming(load_settings().heap_trim_interval_seconds)
+    # the intervals a served process would use (config/carwash.toml, CARWASH_HEAP_TRIM_...,
+    # CARWASH_VACUUM_INTERVAL_SECONDS)
+    settings = load_settings()
+    trimmer = heap_trim.start_trimming(settings.heap_trim_interval_seconds)
+    e = Engine(store, queue, processor, trimmer)
+    vacuuming = asyncio.create_task(_vacuum_every(e, settings.vacuum_interval_seconds))
     try:
         try:
-            yield Engine(store, queue, processor, trimmer)
+            yield e
         finally:
+            vacuuming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await vacuuming
             await processor.stop()
             queue.close()
             await store.close()
@@ -245,6 +254,13 @@ async def engine(
         heap_trim.stop_trimming()
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+async def _vacuum_every(e: Engine, seconds: float) -> None:
+    """The scheduler's vacuum duty (runtime.py), which the engine alone does not run."""
+    while seconds > 0:
+        await asyncio.sleep(seconds)
+        e.vacuums += await e.store.vacuum()
 
 
 async def timed(coro: Any) -> float:

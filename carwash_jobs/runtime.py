@@ -105,6 +105,9 @@ class Runtime:
                 failed_retention=timedelta(days=settings.retention_failed_days),
             )
             self.scheduler.add_duty("prune", self.pruner.prune, settings.prune_interval_seconds)
+            if settings.vacuum_interval_seconds > 0:
+                self.scheduler.add_duty("vacuum", self.store.vacuum,
+                                        settings.vacuum_interval_seconds)
 
     async def start(self, *, migrate: bool = True) -> None:
         if migrate:

@@ -170,6 +170,12 @@ class Settings(BaseSettings):
         description="How often a served process hands memory it freed back to the system "
         "(glibc's malloc_trim), 1 to 86400 seconds; 0 turns it off.",
     )
+    vacuum_interval_seconds: float = Field(
+        default=30.0, ge=0, le=86_400,
+        description="How often the scheduler vacuums the queue's tables on a PostgreSQL server "
+        "whose autovacuum is off, 1 to 86400 seconds; 0 turns it off. With autovacuum on it "
+        "leaves them to the server.",
+    )
     log_level: str = Field(default="INFO", description="One of DEBUG, INFO, WARNING, ERROR, CRITICAL.")
     log_format: Literal["text", "json"] = Field(
         default="text", description="text for people, json for log collectors."
@@ -264,12 +270,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"queue {name!r} has {weight}; every weight must be > 0")
         return value
 
-    @field_validator("heap_trim_interval_seconds")
+    @field_validator("heap_trim_interval_seconds", "vacuum_interval_seconds")
     @classmethod
-    def _trim_off_or_at_most_once_a_second(cls, value: float) -> float:
+    def _off_or_at_most_once_a_second(cls, value: float) -> float:
         if 0 < value < 1:
-            raise ValueError(f"must be 0 (off) or at least 1 second (got {value}): each trim "
-                             "holds the allocator's locks while it walks the free memory")
+            raise ValueError(f"must be 0 (off) or at least 1 second (got {value}): each run "
+                             "walks memory or tables whose size does not shrink with the interval")
         return value
 
     @field_validator("log_level")

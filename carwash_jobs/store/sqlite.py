@@ -857,6 +857,9 @@ class SqliteJobStore:
         ]
 
     # -- retention -----------------------------------------------------------------------
+    async def vacuum(self) -> bool:
+        return False
+
     async def prune(
         self, completed_before: datetime, failed_before: datetime, limit: int
     ) -> list[PrunedJob]:
