@@ -58,6 +58,11 @@ class Scheduler:
         """Another periodic duty (cron firing, pruning) run by the same scheduler."""
         self._duties.append((name, fn, seconds))
 
+    @property
+    def duties(self) -> dict[str, float]:
+        """Each duty's name and interval in seconds."""
+        return {name: seconds for name, _, seconds in self._duties}
+
     async def start(self) -> None:
         self._scheduler = AsyncIOScheduler(timezone="UTC")
         for name, fn, seconds in self._duties:

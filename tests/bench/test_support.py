@@ -3,8 +3,11 @@ raw figures; the engine's settling."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import os
 
+import asyncpg
 import pytest
 
 from bench.support import Ceiling, Report, engine, fresh_database
@@ -89,3 +92,23 @@ def test_each_rate_is_given_as_a_fraction_of_the_raw_figure_it_compares_with(
     }
     assert all(f["scenario"] == "ceiling" and f["unit"] == "x" for f in report.figures[9:])
     assert "enqueue_bulk_fraction_of_raw_insert" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.environ.get("CARWASH_TEST_POSTGRES_URL"),
+                    reason="CARWASH_TEST_POSTGRES_URL is not set")
+async def test_the_engine_vacuums_on_the_served_interval_as_a_served_scheduler_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = os.environ["CARWASH_TEST_POSTGRES_URL"]
+    conn = await asyncpg.connect(server)
+    try:
+        if await conn.fetchval("SELECT current_setting('autovacuum')::bool"):
+            pytest.skip("the server's autovacuum is on: the store leaves its tables to it")
+    finally:
+        await conn.close()
+    monkeypatch.setenv("CARWASH_VACUUM_INTERVAL_SECONDS", "1")
+    async with fresh_database("postgres", server) as url, engine(url, start=False) as e:
+        async with asyncio.timeout(20):
+            while e.vacuums == 0:  # noqa: ASYNC110 - the engine's loop has no event to await
+                await asyncio.sleep(0.1)
+

@@ -3,11 +3,13 @@ process left running (in-process; the SIGKILL/SIGTERM flows live in tests/accept
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+import asyncpg
 import pytest
 
 from carwash_jobs.lifecycle import JobStatus
@@ -15,7 +17,9 @@ from carwash_jobs.registry import TaskHooks
 from carwash_jobs.runtime import Runtime
 from carwash_jobs.settings import load_settings
 from carwash_jobs.store.base import NewJob
+from carwash_jobs.store.postgres import dsn_of
 from carwash_jobs.types import JobId, new_job_id
+from tests.carwash_jobs.store import test_contract as contract
 from tests.carwash_jobs.support import (
     ManualClock,
     noop,
@@ -33,6 +37,9 @@ if TYPE_CHECKING:
     from carwash_jobs.store.base import JobRow, JobStore
 
 S = JobStatus
+# the store contract suite's adapter fixtures, for the tests that need PostgreSQL
+database_url = contract.database_url
+postgres_template = contract.postgres_template
 
 
 @pytest.fixture(autouse=True)
@@ -173,3 +180,41 @@ async def test_recover_leftovers_finds_nothing_when_every_owner_is_alive(
         assert await runtime.recover_leftovers() == 0
     finally:
         await runtime.store.close()
+
+
+@pytest.mark.parametrize(("interval", "duties"), [
+    (30.0, {"reload", "release-expired-leases", "prune", "vacuum"}),
+    (0.0, {"reload", "release-expired-leases", "prune"}),
+])
+async def test_the_scheduler_vacuums_on_its_interval_unless_it_is_zero(
+    db_url: str, interval: float, duties: set[str]
+) -> None:
+    settings = load_settings(database_url=db_url, vacuum_interval_seconds=interval)
+
+    runtime = Runtime(settings, registry_with())
+
+    assert runtime.scheduler is not None
+    assert set(runtime.scheduler.duties) == duties
+    if interval:
+        assert runtime.scheduler.duties["vacuum"] == interval
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_worker_on_postgresql_vacuums_the_queue_tables_while_autovacuum_is_off(
+    database_url: str,
+) -> None:
+    conn = await asyncpg.connect(dsn_of(database_url))
+    try:
+        if await conn.fetchval("SELECT current_setting('autovacuum')::bool"):
+            pytest.skip("the server's autovacuum is on: the store leaves its tables to it")
+        settings = load_settings(database_url=database_url, concurrency=2,
+                                 shutdown_grace_seconds=0.1, vacuum_interval_seconds=1)
+        async with Runtime(settings, registry_with()), asyncio.timeout(20):
+            # the server's statistics have no event to wait on
+            while not await conn.fetchval(
+                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'worker_queue'"
+            ):
+                await asyncio.sleep(0.2)
+                await conn.execute("SELECT pg_stat_clear_snapshot()")
+    finally:
+        await conn.close()

@@ -334,3 +334,11 @@ def test_nothing_is_created_at_import_time() -> None:
     instances = [value for value in vars(module).values() if isinstance(value, Settings)]
 
     assert instances == []
+
+
+def test_the_vacuum_interval_is_zero_for_off_or_one_second_to_a_day() -> None:
+    assert load_settings(vacuum_interval_seconds=0).vacuum_interval_seconds == 0
+    assert load_settings(vacuum_interval_seconds=1).vacuum_interval_seconds == 1
+    for refused in (-1, 0.5, 86_401, float("inf"), float("nan")):
+        with pytest.raises(ConfigurationError, match="vacuum_interval_seconds"):
+            load_settings(vacuum_interval_seconds=refused)

@@ -29,7 +29,7 @@ from carwash_jobs.errors import (
 )
 from carwash_jobs.lifecycle import AttemptOutcome, Fence, JobStatus
 from carwash_jobs.store import open_store
-from carwash_jobs.store.base import Applied, FailedFilter, JobFilter, NewJob
+from carwash_jobs.store.base import Applied, Completion, FailedFilter, JobFilter, NewJob
 from carwash_jobs.store.migrations import upgrade
 from carwash_jobs.types import JobId, new_job_id
 from tests.carwash_jobs.support import OWNER, ManualClock, copy_database
@@ -290,8 +290,6 @@ async def test_a_completion_batch_with_a_nan_result_is_refused_whole(
 ) -> None:
     """The processor checks each result before it joins a batch (a NaN fails its own job);
     the store refuses a batch that holds one before it writes any of it."""
-    from carwash_jobs.store.base import Completion
-
     jobs = [await claimed(store, clock) for _ in range(2)]
     with pytest.raises(ValueError, match="not JSON compliant"):
         await store.complete_many([Completion(jobs[0].id, jobs[0].fence, 1),
@@ -1559,3 +1557,27 @@ async def test_a_fire_is_skipped_while_the_schedules_last_job_is_unfinished(
     await store.apply(lifecycle.cancel(first.job.id, clock()))
     clock.advance(600)
     assert (await fire()).outcome == "fired"
+
+
+# -- vacuum ------------------------------------------------------------------------------------
+async def test_a_vacuum_leaves_every_job_and_its_history_as_it_was(
+    store: JobStore, clock: ManualClock
+) -> None:
+    running = await claimed(store, clock)
+    done = await claimed(store, clock)
+    await store.complete_many([Completion(done.id, done.fence, {"ok": 1})])
+    queued = await add(store, clock)
+    before = await store.get_many([running.id, done.id, queued.id])
+
+    vacuumed = await store.vacuum()
+
+    assert vacuumed == (store.dialect == "postgresql" and await _autovacuum_is_off(store))
+    assert await store.get_many([running.id, done.id, queued.id]) == before
+    assert await event_names(store, done.id) == ["enqueued", "claimed", "completed"]
+
+
+async def _autovacuum_is_off(store: JobStore) -> bool:
+    from carwash_jobs.store.postgres import PostgresJobStore
+
+    assert isinstance(store, PostgresJobStore)
+    return not await store.pool.fetchval("SELECT current_setting('autovacuum')::bool")

@@ -97,3 +97,82 @@ async def test_only_the_json_encoders_refusal_becomes_its_own_error(
     assert not isinstance(refused.value, asyncpg.DataError)
     with pytest.raises(asyncpg.DataError, match=r"query argument \$4"):
         await store.save_progress(row.id, row.fence, done="seven")  # type: ignore[arg-type]
+
+
+# -- vacuum (a server whose autovacuum is off) --------------------------------------------------
+VACUUM_COUNTS = """
+SELECT relname, vacuum_count FROM pg_stat_user_tables
+WHERE relname IN ('worker_queue', 'job_counts')
+"""
+
+
+async def _vacuum_counts(database_url: str) -> dict[str, int]:
+    """From a new connection: a session caches the statistics it read for its transaction."""
+    conn = await asyncpg.connect(dsn_of(database_url))
+    try:
+        return {r["relname"]: r["vacuum_count"] for r in await conn.fetch(VACUUM_COUNTS)}
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def autovacuum_off(database_url: str) -> None:
+    conn = await asyncpg.connect(dsn_of(database_url))
+    try:
+        if await conn.fetchval("SELECT current_setting('autovacuum')::bool"):
+            pytest.skip("the server's autovacuum is on: the store leaves its tables to it")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.usefixtures("autovacuum_off")
+async def test_the_queue_tables_are_vacuumed_when_the_servers_autovacuum_is_off(
+    database_url: str, store: JobStore, clock: ManualClock,
+) -> None:
+    row = await claimed(store, clock)
+    await store.complete_many([Completion(row.id, row.fence, None)])
+    before = await _vacuum_counts(database_url)
+
+    assert await store.vacuum()
+
+    after = await _vacuum_counts(database_url)
+    assert after == {table: n + 1 for table, n in before.items()}
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_the_queue_tables_are_left_to_a_servers_autovacuum_that_is_on(
+    database_url: str, store: JobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server's setting cannot be changed from a test (it is the whole server's): the
+    store's question about it is answered here instead."""
+    from carwash_jobs.store import postgres
+
+    monkeypatch.setattr(postgres, "AUTOVACUUM_ON", "SELECT true")
+    before = await _vacuum_counts(database_url)
+
+    assert not await store.vacuum()
+
+    assert await _vacuum_counts(database_url) == before
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.usefixtures("autovacuum_off")
+async def test_a_vacuum_skips_a_table_it_cannot_lock_at_once_instead_of_waiting(
+    database_url: str, store: JobStore,
+) -> None:
+    """A second process's vacuum (or a migration) holds the table: the lock VACUUM takes
+    conflicts with itself. Waiting would hold a pool connection, and the scheduler's duty, for
+    as long as the other one runs."""
+    holder = await asyncpg.connect(dsn_of(database_url))
+    try:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE worker_queue IN SHARE UPDATE EXCLUSIVE MODE")
+            before = await _vacuum_counts(database_url)
+            async with asyncio.timeout(10):
+                assert await store.vacuum()
+            after = await _vacuum_counts(database_url)
+    finally:
+        await holder.close()
+    assert after == {"worker_queue": before["worker_queue"],
+                     "job_counts": before["job_counts"] + 1}
