@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import os
 import platform
 import resource
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
     from carwash_jobs.context import JobContext
     from carwash_jobs.store.base import JobStore
+
+log = logging.getLogger(__name__)
 
 #: a ~200-byte JSON payload, as in the peers' figures the issue quotes
 PAYLOAD_TEXT = "x" * 160
@@ -215,7 +218,7 @@ class Engine:
     processor: QueueProcessor
     #: hands freed memory back as a served process does; None when the setting is 0
     trimmer: heap_trim.Trimmer | None
-    #: how often the store vacuumed its tables, as a served process's scheduler has it do
+    #: how many times the store vacuumed its tables, as a served process's scheduler has it do
     vacuums: int = 0
 
 
@@ -257,10 +260,14 @@ async def engine(
 
 
 async def _vacuum_every(e: Engine, seconds: float) -> None:
-    """The scheduler's vacuum duty (runtime.py), which the engine alone does not run."""
+    """The scheduler's vacuum duty (runtime.py), which the engine alone does not run. As the
+    scheduler does, a failed run is logged and the next one comes at the next interval."""
     while seconds > 0:
         await asyncio.sleep(seconds)
-        e.vacuums += await e.store.vacuum()
+        try:
+            e.vacuums += await e.store.vacuum()
+        except Exception:
+            log.exception("vacuum failed; it runs again in %gs", seconds)
 
 
 async def timed(coro: Any) -> float:

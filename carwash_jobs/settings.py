@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -66,6 +73,14 @@ def _check_database_url(value: str) -> str:
         scheme = value.split("://", 1)[0] if "://" in value else value[:20]
         raise ValueError(f"must start with {' or '.join(DATABASE_SCHEMES)} (got {scheme!r})")
     return value
+
+
+#: why an interval of under a second is refused, per setting
+WHY_AT_MOST_ONCE_A_SECOND = {
+    "heap_trim_interval_seconds": "each trim holds the allocator's locks while it walks the "
+    "free memory",
+    "vacuum_interval_seconds": "each vacuum reads the tables' changed pages and their indexes",
+}
 
 
 class Settings(BaseSettings):
@@ -272,10 +287,10 @@ class Settings(BaseSettings):
 
     @field_validator("heap_trim_interval_seconds", "vacuum_interval_seconds")
     @classmethod
-    def _off_or_at_most_once_a_second(cls, value: float) -> float:
+    def _off_or_at_most_once_a_second(cls, value: float, info: ValidationInfo) -> float:
         if 0 < value < 1:
-            raise ValueError(f"must be 0 (off) or at least 1 second (got {value}): each run "
-                             "walks memory or tables whose size does not shrink with the interval")
+            why = WHY_AT_MOST_ONCE_A_SECOND[info.field_name or ""]
+            raise ValueError(f"must be 0 (off) or at least 1 second (got {value}): {why}")
         return value
 
     @field_validator("log_level")

@@ -747,8 +747,9 @@ class JobStore(Protocol):
 
     async def vacuum(self) -> bool:
         """Reclaim the queue's dead row versions where nothing else will; returns whether it
-        did. Every claim and completion leaves one behind on PostgreSQL, with an entry in each
-        index the change touched; a server whose autovacuum is off keeps them all, and claims
-        and completions slow down as they wade through them (a steady 3,600 jobs/s fell to 900
+        ran (a table it cannot lock at once is skipped for this run, with a warning). Every
+        claim and completion leaves one behind on PostgreSQL, with an entry in each index the
+        change touched; a server whose autovacuum is off keeps them all, and claims and
+        completions slow down as they wade through them (a steady 3,600 jobs/s fell to 900
         within two minutes, measured). SQLite reuses freed pages itself: nothing to do."""
         ...

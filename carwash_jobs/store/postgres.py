@@ -867,13 +867,27 @@ class PostgresJobStore:
 
     # -- retention -----------------------------------------------------------------------
     async def vacuum(self) -> bool:
+        skipped: list[str] = []
+
+        def on_notice(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
+            # SKIP_LOCKED (or a table this role does not own) skips a table with a WARNING,
+            # which asyncpg drops unless someone listens
+            if message.message.startswith("skipping"):
+                skipped.append(message.message)
+
         async with self.pool.acquire() as conn:
             if await conn.fetchval(AUTOVACUUM_ON):
                 return False
             started = time.perf_counter()
-            await conn.execute(VACUUM_QUEUE_TABLES)
-        log.info("vacuumed the queue's tables in %.2fs (the server's autovacuum is off)",
-                 time.perf_counter() - started)
+            conn.add_log_listener(on_notice)
+            try:
+                await conn.execute(VACUUM_QUEUE_TABLES)
+            finally:
+                conn.remove_log_listener(on_notice)
+        for message in skipped:
+            log.warning("vacuum of the queue's tables: %s", message)
+        log.debug("vacuumed the queue's tables in %.2fs (the server's autovacuum is off)",
+                  time.perf_counter() - started)
         return True
 
     async def prune(

@@ -112,3 +112,23 @@ async def test_the_engine_vacuums_on_the_served_interval_as_a_served_scheduler_d
             while e.vacuums == 0:  # noqa: ASYNC110 - the engine's loop has no event to await
                 await asyncio.sleep(0.1)
 
+
+async def test_a_failed_vacuum_is_logged_and_the_next_one_still_comes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No PostgreSQL server can be made to fail a vacuum on cue: the store's call is replaced."""
+    calls: list[int] = []
+
+    async def failing_then_vacuuming() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("connection lost")
+        return True
+
+    monkeypatch.setenv("CARWASH_VACUUM_INTERVAL_SECONDS", "1")
+    async with fresh_database("sqlite", "") as url, engine(url, start=False) as e:
+        monkeypatch.setattr(e.store, "vacuum", failing_then_vacuuming)
+        async with asyncio.timeout(10):
+            while e.vacuums == 0:  # noqa: ASYNC110 - the engine's loop has no event to await
+                await asyncio.sleep(0.1)
+    assert any("vacuum failed" in r.getMessage() for r in caplog.records)
