@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=1_000_000,
                         help="finished (and due) jobs for the scale and dashboard scenarios")
     parser.add_argument("--soak-seconds", type=float, default=1200.0)
-    parser.add_argument("--soak-rate", type=_positive_rate, metavar="JOBS_PER_S",
+    parser.add_argument("--soak-rate", type=_soak_rate, metavar="JOBS_PER_S",
                         help="the soak's steady load; default: half the end to end just measured")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run it all N times; then each figure's median (and --json gives it)")
@@ -40,7 +40,7 @@ def main() -> None:
         summary.dump_json()
 
 
-def _positive_rate(text: str) -> float:
+def _soak_rate(text: str) -> float:
     """A soak rate given by hand, so runs on machines of different speed can be compared."""
     try:
         rate = float(text)
