@@ -7,11 +7,11 @@ import asyncio
 import gc
 import os
 
-import asyncpg
 import pytest
 
 from bench.support import Ceiling, Report, engine, fresh_database
 from carwash_jobs import gc_tuning, heap_trim
+from tests.carwash_jobs.support import skip_unless_autovacuum_is_off
 
 
 def test_repeated_runs_give_each_figure_its_median_and_print_its_range(
@@ -100,12 +100,7 @@ async def test_the_engine_vacuums_on_the_served_interval_as_a_served_scheduler_d
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     server = os.environ["CARWASH_TEST_POSTGRES_URL"]
-    conn = await asyncpg.connect(server)
-    try:
-        if await conn.fetchval("SELECT current_setting('autovacuum')::bool"):
-            pytest.skip("the server's autovacuum is on: the store leaves its tables to it")
-    finally:
-        await conn.close()
+    await skip_unless_autovacuum_is_off(server)
     monkeypatch.setenv("CARWASH_VACUUM_INTERVAL_SECONDS", "1")
     async with fresh_database("postgres", server) as url, engine(url, start=False) as e:
         async with asyncio.timeout(20):

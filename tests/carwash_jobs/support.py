@@ -267,3 +267,20 @@ class Gate:
             await self.release.wait()
         finally:
             self.inside -= 1
+
+
+async def skip_unless_autovacuum_is_off(dsn: str) -> None:
+    """Skip the calling test where the server vacuums the tables itself: the store then leaves
+    them alone, and there is no vacuum of its own to see."""
+    import asyncpg
+    import pytest
+
+    from carwash_jobs.store.postgres import AUTOVACUUM_ON
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        autovacuum_on = await conn.fetchval(AUTOVACUUM_ON)
+    finally:
+        await conn.close()
+    if autovacuum_on:
+        pytest.skip("the server's autovacuum is on: the store leaves its tables to it")

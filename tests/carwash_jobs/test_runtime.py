@@ -26,6 +26,7 @@ from tests.carwash_jobs.support import (
     open_sqlite,
     outcomes,
     registry_with,
+    skip_unless_autovacuum_is_off,
     sqlite_url,
     task_type,
 )
@@ -203,10 +204,9 @@ async def test_the_scheduler_vacuums_on_its_interval_unless_it_is_zero(
 async def test_a_worker_on_postgresql_vacuums_the_queue_tables_while_autovacuum_is_off(
     database_url: str,
 ) -> None:
+    await skip_unless_autovacuum_is_off(dsn_of(database_url))
     conn = await asyncpg.connect(dsn_of(database_url))
     try:
-        if await conn.fetchval("SELECT current_setting('autovacuum')::bool"):
-            pytest.skip("the server's autovacuum is on: the store leaves its tables to it")
         settings = load_settings(database_url=database_url, concurrency=2,
                                  shutdown_grace_seconds=0.1, vacuum_interval_seconds=1)
         async with Runtime(settings, registry_with()), asyncio.timeout(20):

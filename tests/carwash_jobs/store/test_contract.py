@@ -1577,7 +1577,7 @@ async def test_a_vacuum_leaves_every_job_and_its_history_as_it_was(
 
 
 async def _autovacuum_is_off(store: JobStore) -> bool:
-    from carwash_jobs.store.postgres import PostgresJobStore
+    from carwash_jobs.store.postgres import AUTOVACUUM_ON, PostgresJobStore
 
     assert isinstance(store, PostgresJobStore)
-    return not await store.pool.fetchval("SELECT current_setting('autovacuum')::bool")
+    return not await store.pool.fetchval(AUTOVACUUM_ON)

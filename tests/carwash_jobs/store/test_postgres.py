@@ -14,6 +14,7 @@ from carwash_jobs.store.base import Completion
 from carwash_jobs.store.postgres import dsn_of
 from tests.carwash_jobs.store import test_contract as contract
 from tests.carwash_jobs.store.test_contract import claimed, new_job, waiting_for_locks
+from tests.carwash_jobs.support import skip_unless_autovacuum_is_off
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -118,12 +119,7 @@ async def _vacuum_counts(database_url: str) -> dict[str, int]:
 
 @pytest.fixture
 async def autovacuum_off(database_url: str) -> None:
-    conn = await asyncpg.connect(dsn_of(database_url))
-    try:
-        if await conn.fetchval("SELECT current_setting('autovacuum')::bool"):
-            pytest.skip("the server's autovacuum is on: the store leaves its tables to it")
-    finally:
-        await conn.close()
+    await skip_unless_autovacuum_is_off(dsn_of(database_url))
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
