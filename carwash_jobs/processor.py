@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from carwash_jobs import lifecycle, retry
 from carwash_jobs.batcher import Batcher
-from carwash_jobs.context import AttemptState, JobContext, JobLogger
+from carwash_jobs.context import AttemptState, JobContext
 from carwash_jobs.errors import (
     IllegalTransition,
     JobNotFound,
@@ -483,7 +483,7 @@ class QueueProcessor:
         try:
             task_type = self._registry.get(job.task_type)
             payload = task_type.validate_payload(job.payload)
-            ctx = self._context(job, state)
+            ctx = JobContext(job, self._config.services, state)
             timeout = self._registry.timeout(task_type)
             # no scope for a task type without a timeout: asyncio.timeout(None) costs 1.7 us a
             # job, a null context 0.3 (measured)
@@ -621,15 +621,6 @@ class QueueProcessor:
         }.get(job.status)
         if counter is not None:
             counter.labels(job.task_type).inc()
-
-    def _context(self, job: JobRow, state: AttemptState) -> JobContext:
-        logger = JobLogger(log, {"job_id": job.id, "task_type": job.task_type,
-                                 "attempt": job.attempts})
-        return JobContext(
-            job_id=job.id, attempt=job.attempts, task_type=job.task_type, logger=logger,
-            checkpoint=job.checkpoint, context=job.context or {}, job=job,
-            services=self._config.services, _state=state,
-        )
 
     def _build_follow_up(
         self, task_type: str, payload: Mapping[str, Any], options: Mapping[str, Any]

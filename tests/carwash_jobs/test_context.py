@@ -39,12 +39,7 @@ def make_context(h: Harness, row: JobRow) -> JobContext:
     def build(task_type: str, payload: Mapping[str, Any], options: Mapping[str, Any]) -> NewJob:
         return h.queue.build(task_type, payload, EnqueueOptions.from_mapping(options))
 
-    state = AttemptState(h.store, row.fence, build)
-    logger = JobLogger(logging.getLogger("test"), {"job_id": row.id, "task_type": row.task_type,
-                                                   "attempt": row.attempts})
-    return JobContext(job_id=row.id, attempt=row.attempts, task_type=row.task_type,
-                      logger=logger, checkpoint=row.checkpoint, context=row.context or {},
-                      job=row, services={}, _state=state)
+    return JobContext(row, {}, AttemptState(h.store, row.fence, build))
 
 
 async def test_progress_is_written_for_the_running_attempt(idle: Harness, clock: ManualClock) -> None:
