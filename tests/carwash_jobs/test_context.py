@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -152,3 +153,39 @@ async def test_the_context_exposes_the_row_and_the_enqueuers_context(
     assert (ctx.job_id, ctx.attempt, ctx.task_type) == (row.id, 1, "noop")
     assert ctx.checkpoint is None
     assert ctx.job.status == JobStatus.running
+
+
+async def test_a_job_without_context_gets_an_empty_one_no_handler_can_change(
+    idle: Harness, clock: ManualClock
+) -> None:
+    """The empty context is shared by every such job: a handler writing to it would otherwise
+    hand its keys to the next job."""
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    assert ctx.context == {}
+    with pytest.raises(TypeError):
+        ctx.context["leak"] = 1  # type: ignore[index]
+    assert make_context(idle, row).context == {}
+
+
+async def test_the_contexts_logger_is_made_once_and_names_the_attempt(
+    idle: Harness, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    assert ctx.logger is ctx.logger
+    with caplog.at_level(logging.INFO, logger="carwash_jobs.processor"):
+        ctx.logger.info("washed")
+    (record,) = caplog.records
+    assert record.getMessage() == f"[{row.id} noop#1] washed"
+
+
+async def test_the_context_is_frozen(idle: Harness, clock: ManualClock) -> None:
+    """What it reads from the row cannot be set either. (Python 3.11's frozen slots dataclass
+    refuses a name that is not a field with a TypeError from its own super() call.)"""
+    ctx = make_context(idle, await running_job(idle, clock))
+    with pytest.raises((AttributeError, TypeError)):
+        ctx.job_id = ctx.job.id  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.job = ctx.job  # type: ignore[misc]
+    assert ctx.job_id == ctx.job.id
