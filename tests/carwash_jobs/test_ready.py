@@ -7,6 +7,8 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from carwash_jobs.ready import ReadyQueue
 from carwash_jobs.store.base import DueJob
@@ -164,3 +166,33 @@ def test_jobs_sharing_a_run_at_share_its_timestamp_and_keep_their_order() -> Non
     assert [job.run_at for job in taken] == [
         T0 + timedelta(seconds=1), batch_at, batch_at, batch_at, later,
     ]
+
+
+#: a put (priority, seconds after T0) or a take of n
+_STEPS = st.lists(st.one_of(
+    st.tuples(st.just("put"), st.integers(-2, 2), st.integers(0, 5)),
+    st.tuples(st.just("take"), st.integers(1, 4), st.just(0)),
+), max_size=60)
+
+
+@given(_STEPS)
+def test_whatever_the_order_of_puts_and_takes_jobs_come_out_in_dispatch_order(
+    steps: list[tuple[str, int, int]],
+) -> None:
+    """Each take gives the waiting jobs of highest priority, then earliest run_at, then oldest
+    id, whatever order they came in, and however takes and puts
+    interleave."""
+    ready = ReadyQueue()
+    waiting: list[tuple[int, int, str]] = []
+    for n, (op, a, b) in enumerate(steps):
+        if op == "put":
+            job_id = f"{n:04d}"
+            ready.put(due(job_id, priority=a, age=b))
+            waiting.append((-a, b, job_id))
+        else:
+            waiting.sort()
+            expected, waiting = waiting[:a], waiting[a:]
+            assert names(ready.take(a, always)) == [job_id for _, _, job_id in expected]
+    waiting.sort()
+    assert names(ready.take(len(waiting) + 1, always)) == [job_id for _, _, job_id in waiting]
+    assert len(ready) == 0
