@@ -261,11 +261,12 @@ async def engine(
 
 async def _vacuum_every(e: Engine, seconds: float) -> None:
     """The scheduler's vacuum duty (runtime.py), which the engine alone does not run. As the
-    scheduler does, a failed run is logged and the next one comes at the next interval."""
+    scheduler does, a failed run is logged and the next one comes at the next interval; and as
+    the duty does, another process's vacuum within half the interval stands for this one's."""
     while seconds > 0:
         await asyncio.sleep(seconds)
         try:
-            e.vacuums += await e.store.vacuum()
+            e.vacuums += await e.store.vacuum(skip_if_vacuumed_within=seconds / 2)
         except Exception:
             log.exception("vacuum failed; it runs again in %gs", seconds)
 

@@ -401,6 +401,15 @@ PRUNE_DELETES = (
 PRUNED_STATUSES = ("completed", "cancelled", "failed")
 #: the server's own vacuuming; store.vacuum leaves the tables to it when it is on
 AUTOVACUUM_ON = "SELECT current_setting('autovacuum')::bool"
+#: one vacuum at a time in the fleet: a session lock (VACUUM cannot run in a transaction), tried,
+#: never waited for
+VACUUM_LOCK = "SELECT pg_try_advisory_lock(hashtext('carwash_jobs.vacuum'))"
+VACUUM_UNLOCK = "SELECT pg_advisory_unlock(hashtext('carwash_jobs.vacuum'))"
+#: how long ago the queue's table was last vacuumed, by anyone (NULL: never)
+SECONDS_SINCE_VACUUM = """
+SELECT EXTRACT(EPOCH FROM clock_timestamp() - GREATEST(last_vacuum, last_autovacuum))::float8
+FROM pg_stat_user_tables WHERE relid = 'worker_queue'::regclass
+"""
 #: every table whose rows the engine updates or deletes. SKIP_LOCKED: a table that another
 #: process is vacuuming (or a migration holds) is left to it, not waited for
 VACUUM_QUEUE_TABLES = """
@@ -866,7 +875,25 @@ class PostgresJobStore:
         return [MinuteCount(r[0], r[1], r[2]) for r in rows]
 
     # -- retention -----------------------------------------------------------------------
-    async def vacuum(self) -> bool:
+    async def vacuum(self, skip_if_vacuumed_within: float = 0.0) -> bool:
+        async with self.pool.acquire() as conn:
+            if await conn.fetchval(AUTOVACUUM_ON):
+                return False
+            if not await conn.fetchval(VACUUM_LOCK):
+                log.debug("another process is vacuuming the queue's tables: not this one")
+                return False
+            try:
+                since = await conn.fetchval(SECONDS_SINCE_VACUUM)
+                if since is not None and since < skip_if_vacuumed_within:
+                    log.debug("the queue's tables were vacuumed %.1fs ago: not again yet", since)
+                    return False
+                await self._vacuum_tables(conn)
+            finally:
+                await conn.fetchval(VACUUM_UNLOCK)
+        return True
+
+    @staticmethod
+    async def _vacuum_tables(conn: asyncpg.Connection) -> None:
         skipped: list[str] = []
 
         def on_notice(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
@@ -875,20 +902,16 @@ class PostgresJobStore:
             if message.message.startswith("skipping"):
                 skipped.append(message.message)
 
-        async with self.pool.acquire() as conn:
-            if await conn.fetchval(AUTOVACUUM_ON):
-                return False
-            started = time.perf_counter()
-            conn.add_log_listener(on_notice)
-            try:
-                await conn.execute(VACUUM_QUEUE_TABLES)
-            finally:
-                conn.remove_log_listener(on_notice)
+        started = time.perf_counter()
+        conn.add_log_listener(on_notice)
+        try:
+            await conn.execute(VACUUM_QUEUE_TABLES)
+        finally:
+            conn.remove_log_listener(on_notice)
         for message in skipped:
             log.warning("vacuum of the queue's tables: %s", message)
         log.debug("vacuumed the queue's tables in %.2fs (the server's autovacuum is off)",
                   time.perf_counter() - started)
-        return True
 
     async def prune(
         self, completed_before: datetime, failed_before: datetime, limit: int

@@ -852,7 +852,7 @@ class SqliteJobStore:
         ]
 
     # -- retention -----------------------------------------------------------------------
-    async def vacuum(self) -> bool:
+    async def vacuum(self, skip_if_vacuumed_within: float = 0.0) -> bool:
         return False
 
     async def prune(

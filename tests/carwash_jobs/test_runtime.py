@@ -218,3 +218,28 @@ async def test_a_worker_on_postgresql_vacuums_the_queue_tables_while_autovacuum_
                 await conn.execute("SELECT pg_stat_clear_snapshot()")
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_workers_vacuum_leaves_it_to_another_workers_within_half_the_interval(
+    database_url: str,
+) -> None:
+    """Two workers with an interval of 60 s: the second one's duty, 30 s or less after the
+    first one's vacuum, vacuums nothing. (The duty the scheduler runs, `_vacuum`, is called
+    here, not waited for.)"""
+    await skip_unless_autovacuum_is_off(dsn_of(database_url))
+    settings = load_settings(database_url=database_url, vacuum_interval_seconds=60)
+    first, second = Runtime(settings, registry_with()), Runtime(settings, registry_with())
+    conn = await asyncpg.connect(dsn_of(database_url))
+    count = "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'worker_queue'"
+    try:
+        for runtime in (first, second):
+            await runtime.store.open()
+        await first._vacuum()
+        assert await conn.fetchval(count) == 1
+        await second._vacuum()
+        assert await conn.fetchval(count) == 1
+    finally:
+        await conn.close()
+        for runtime in (first, second):
+            await runtime.store.close()

@@ -156,6 +156,51 @@ async def test_the_queue_tables_are_left_to_a_servers_autovacuum_that_is_on(
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 @pytest.mark.usefixtures("autovacuum_off")
+async def test_another_processs_recent_vacuum_stands_for_this_ones(
+    database_url: str, store: JobStore, other_store: JobStore,
+) -> None:
+    """Every worker of a fleet asks on its own timer: within the window, the first one's
+    vacuum is the fleet's, and the others' return at once. Past it, or with no window, the
+    next one runs."""
+    assert await other_store.vacuum(skip_if_vacuumed_within=60)
+    before = await _vacuum_counts(database_url)
+
+    assert not await store.vacuum(skip_if_vacuumed_within=60)
+    assert await _vacuum_counts(database_url) == before
+
+    assert await store.vacuum(skip_if_vacuumed_within=0)
+    assert await _vacuum_counts(database_url) == {t: n + 1 for t, n in before.items()}
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.usefixtures("autovacuum_off")
+async def test_one_vacuum_at_a_time_in_the_fleet_and_the_others_do_not_wait(
+    database_url: str, store: JobStore,
+) -> None:
+    """Another process is vacuuming (it holds the fleet's vacuum lock): this one returns at
+    once, vacuuming nothing, and vacuums again once the lock is free."""
+    from carwash_jobs.store.postgres import VACUUM_LOCK
+
+    holder = await asyncpg.connect(dsn_of(database_url))
+    try:
+        assert await holder.fetchval(VACUUM_LOCK)
+        before = await _vacuum_counts(database_url)
+        async with asyncio.timeout(10):
+            assert not await store.vacuum()
+        assert await _vacuum_counts(database_url) == before
+    finally:
+        await holder.close()
+    assert await store.vacuum()
+    # and it gave the lock back: a session of its own can take it
+    probe = await asyncpg.connect(dsn_of(database_url))
+    try:
+        assert await probe.fetchval(VACUUM_LOCK)
+    finally:
+        await probe.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.usefixtures("autovacuum_off")
 async def test_a_vacuum_skips_a_table_it_cannot_lock_at_once_instead_of_waiting(
     database_url: str, store: JobStore, caplog: pytest.LogCaptureFixture,
 ) -> None:
