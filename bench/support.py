@@ -266,7 +266,7 @@ async def _vacuum_every(e: Engine, seconds: float) -> None:
     while seconds > 0:
         await asyncio.sleep(seconds)
         try:
-            e.vacuums += await e.store.vacuum(skip_if_vacuumed_within=seconds / 2)
+            e.vacuums += await e.store.vacuum(skip_if_vacuumed_within_seconds=seconds / 2)
         except Exception:
             log.exception("vacuum failed; it runs again in %gs", seconds)
 

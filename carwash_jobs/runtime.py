@@ -148,7 +148,8 @@ class Runtime:
         """The scheduler's vacuum duty. Another worker's vacuum within half the interval
         stands for this one's: whatever the phases of the workers' timers, the fleet then
         vacuums once or twice an interval, not once a worker."""
-        await self.store.vacuum(skip_if_vacuumed_within=self.settings.vacuum_interval_seconds / 2)
+        half = self.settings.vacuum_interval_seconds / 2
+        await self.store.vacuum(skip_if_vacuumed_within_seconds=half)
 
     # -- membership of the fleet ---------------------------------------------------------
     async def announce(self) -> None:

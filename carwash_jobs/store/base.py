@@ -745,15 +745,14 @@ class JobStore(Protocol):
         transaction short, so enqueues and claims never wait long behind a prune."""
         ...
 
-    async def vacuum(self, skip_if_vacuumed_within: float = 0.0) -> bool:
+    async def vacuum(self, skip_if_vacuumed_within_seconds: float = 0.0) -> bool:
         """Reclaim the queue's dead row versions where nothing else will; returns whether it
         ran (a table it cannot lock at once is skipped for this run, with a warning). Every
         claim and completion leaves one behind on PostgreSQL, with an entry in each index the
         change touched; a server whose autovacuum is off keeps them all, and claims and
         completions slow down as they wade through them (a steady 3,600 jobs/s fell to 900
         within two minutes, measured). Every worker of a fleet asks on its own timer: one
-        vacuum runs at a time (the others return at once), and none when the queue's table
-        was vacuumed less than `skip_if_vacuumed_within` seconds ago, by anyone, so a fleet
-        vacuums about as often as one worker would. SQLite reuses freed pages itself: nothing
-        to do."""
+        vacuum runs at a time (the others return at once), and none when the queue's table was
+        vacuumed by anyone less than `skip_if_vacuumed_within_seconds` ago. SQLite reuses freed
+        pages itself: nothing to do."""
         ...

@@ -405,13 +405,16 @@ AUTOVACUUM_ON = "SELECT current_setting('autovacuum')::bool"
 #: never waited for
 VACUUM_LOCK = "SELECT pg_try_advisory_lock(hashtext('carwash_jobs.vacuum'))"
 VACUUM_UNLOCK = "SELECT pg_advisory_unlock(hashtext('carwash_jobs.vacuum'))"
-#: how long ago the queue's table was last vacuumed, by anyone (NULL: never)
+#: how long ago the queue's table was last vacuumed, by anyone (NULL: never). worker_queue stands
+#: for the eight: a vacuum of it alone (by hand, or the server's against wraparound, which runs
+#: even with autovacuum off) makes the fleet leave the others for one window
 SECONDS_SINCE_VACUUM = """
 SELECT EXTRACT(EPOCH FROM clock_timestamp() - GREATEST(last_vacuum, last_autovacuum))::float8
 FROM pg_stat_user_tables WHERE relid = 'worker_queue'::regclass
 """
-#: every table whose rows the engine updates or deletes. SKIP_LOCKED: a table that another
-#: process is vacuuming (or a migration holds) is left to it, not waited for
+#: every table whose rows the engine updates or deletes. SKIP_LOCKED: a table that a session
+#: outside the fleet is vacuuming (or a migration holds) is left to it, not waited for (the
+#: fleet's own vacuums take turns through VACUUM_LOCK)
 VACUUM_QUEUE_TABLES = """
 VACUUM (SKIP_LOCKED) worker_queue, job_counts, job_events, job_tags, job_dependencies,
   rate_limits, processes, cron_fires
@@ -467,9 +470,10 @@ def _json_parameter(value: Any) -> str:
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """The pool's reset on release: none. asyncpg's default (RESET ALL, UNLISTEN *, CLOSE ALL,
     advisory unlocks) is one more round trip on every write, for session state the store's own
-    statements never leave (their locks are transaction locks; LISTEN has a connection of its
-    own). An open transaction is still rolled back by the pool itself; a caller's transaction,
-    which runs its own SQL, gets the full reset (see transaction)."""
+    statements never leave (their locks are transaction locks, bar the vacuum's session lock,
+    which vacuum() lets go itself or ends the session; LISTEN has a connection of its own). An
+    open transaction is still rolled back by the pool itself; a caller's transaction, which runs
+    its own SQL, gets the full reset (see transaction)."""
 
 
 @contextlib.contextmanager
@@ -875,21 +879,27 @@ class PostgresJobStore:
         return [MinuteCount(r[0], r[1], r[2]) for r in rows]
 
     # -- retention -----------------------------------------------------------------------
-    async def vacuum(self, skip_if_vacuumed_within: float = 0.0) -> bool:
+    async def vacuum(self, skip_if_vacuumed_within_seconds: float = 0.0) -> bool:
         async with self.pool.acquire() as conn:
             if await conn.fetchval(AUTOVACUUM_ON):
                 return False
-            if not await conn.fetchval(VACUUM_LOCK):
-                log.debug("another process is vacuuming the queue's tables: not this one")
-                return False
             try:
+                if not await conn.fetchval(VACUUM_LOCK):
+                    log.debug("another worker is vacuuming the queue's tables: not this one")
+                    return False
                 since = await conn.fetchval(SECONDS_SINCE_VACUUM)
-                if since is not None and since < skip_if_vacuumed_within:
+                if since is not None and since < skip_if_vacuumed_within_seconds:
                     log.debug("the queue's tables were vacuumed %.1fs ago: not again yet", since)
+                    await conn.fetchval(VACUUM_UNLOCK)
                     return False
                 await self._vacuum_tables(conn)
-            finally:
                 await conn.fetchval(VACUUM_UNLOCK)
+            except BaseException:
+                # the session may hold the fleet's vacuum lock (a cancel can land after the
+                # server granted it, or cut the vacuum or the unlock short), and the pool never
+                # unlocks on release (_keep_session): ending the session lets the lock go
+                conn.terminate()
+                raise
         return True
 
     @staticmethod

@@ -114,7 +114,7 @@ async def test_a_failed_vacuum_is_logged_and_the_next_one_still_comes(
     """No PostgreSQL server can be made to fail a vacuum on cue: the store's call is replaced."""
     calls: list[int] = []
 
-    async def failing_then_vacuuming(skip_if_vacuumed_within: float = 0.0) -> bool:
+    async def failing_then_vacuuming(skip_if_vacuumed_within_seconds: float = 0.0) -> bool:
         calls.append(1)
         if len(calls) == 1:
             raise OSError("connection lost")

@@ -150,6 +150,8 @@ async def test_the_context_exposes_the_row_and_the_enqueuers_context(
     (row,) = await idle.store.claim([job.id], OWNER, clock() + LEASE)
     ctx = make_context(idle, row)
     assert ctx.context == {"requested_by": "admin"}
+    with pytest.raises(TypeError):  # read-only, as the row is
+        ctx.context["requested_by"] = "someone else"  # type: ignore[index]
     assert (ctx.job_id, ctx.attempt, ctx.task_type) == (row.id, 1, "noop")
     assert ctx.checkpoint is None
     assert ctx.job.status == JobStatus.running

@@ -154,6 +154,26 @@ async def test_the_queue_tables_are_left_to_a_servers_autovacuum_that_is_on(
     assert await _vacuum_counts(database_url) == before
 
 
+async def _lock_is_free(database_url: str) -> bool:
+    """Whether a session of its own can take the fleet's vacuum lock (and it lets it go)."""
+    from carwash_jobs.store.postgres import VACUUM_LOCK
+
+    probe = await asyncpg.connect(dsn_of(database_url))
+    try:
+        return bool(await probe.fetchval(VACUUM_LOCK))
+    finally:
+        await probe.close()
+
+
+async def _until_lock_is_free(database_url: str) -> None:
+    """The server lets a session's locks go once it sees the session end, a moment after."""
+    for _ in range(200):  # nothing to wait on but the server itself: ask every 50 ms, 10 s at most
+        if await _lock_is_free(database_url):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the fleet's vacuum lock was still held 10 s after the vacuum ended")
+
+
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 @pytest.mark.usefixtures("autovacuum_off")
 async def test_another_processs_recent_vacuum_stands_for_this_ones(
@@ -162,14 +182,18 @@ async def test_another_processs_recent_vacuum_stands_for_this_ones(
     """Every worker of a fleet asks on its own timer: within the window, the first one's
     vacuum is the fleet's, and the others' return at once. Past it, or with no window, the
     next one runs."""
-    assert await other_store.vacuum(skip_if_vacuumed_within=60)
+    assert await other_store.vacuum(skip_if_vacuumed_within_seconds=60)
     before = await _vacuum_counts(database_url)
 
-    assert not await store.vacuum(skip_if_vacuumed_within=60)
+    assert not await store.vacuum(skip_if_vacuumed_within_seconds=60)
     assert await _vacuum_counts(database_url) == before
 
-    assert await store.vacuum(skip_if_vacuumed_within=0)
+    assert await store.vacuum(skip_if_vacuumed_within_seconds=0)
     assert await _vacuum_counts(database_url) == {t: n + 1 for t, n in before.items()}
+
+    await asyncio.sleep(0.3)  # past a window of 0.2 s
+    assert await other_store.vacuum(skip_if_vacuumed_within_seconds=0.2)
+    assert await _vacuum_counts(database_url) == {t: n + 2 for t, n in before.items()}
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -191,12 +215,52 @@ async def test_one_vacuum_at_a_time_in_the_fleet_and_the_others_do_not_wait(
     finally:
         await holder.close()
     assert await store.vacuum()
-    # and it gave the lock back: a session of its own can take it
-    probe = await asyncpg.connect(dsn_of(database_url))
-    try:
-        assert await probe.fetchval(VACUUM_LOCK)
-    finally:
-        await probe.close()
+    assert await _lock_is_free(database_url)  # it gave the lock back
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.usefixtures("autovacuum_off")
+async def test_a_vacuum_that_fails_lets_the_fleets_vacuum_lock_go(
+    database_url: str, store: JobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool keeps a session's locks on release: a vacuum that raised with the lock held
+    would otherwise keep every other worker from vacuuming for as long as its connection
+    lived. (No server fails a vacuum on cue: its statement is replaced.)"""
+    from carwash_jobs.store.postgres import PostgresJobStore
+
+    async def failing(_conn: object) -> None:
+        raise OSError("connection lost")
+
+    monkeypatch.setattr(PostgresJobStore, "_vacuum_tables", staticmethod(failing))
+    with pytest.raises(OSError, match="connection lost"):
+        await store.vacuum()
+
+    await _until_lock_is_free(database_url)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.usefixtures("autovacuum_off")
+async def test_a_vacuum_cancelled_midway_lets_the_fleets_vacuum_lock_go(
+    database_url: str, store: JobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker's stop cancels its scheduler's duties, a vacuum among them."""
+    from carwash_jobs.store.postgres import PostgresJobStore
+
+    vacuuming = asyncio.Event()
+
+    async def endless(_conn: object) -> None:
+        vacuuming.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(PostgresJobStore, "_vacuum_tables", staticmethod(endless))
+    task = asyncio.ensure_future(store.vacuum())
+    await vacuuming.wait()
+    assert not await _lock_is_free(database_url)  # held while it vacuums
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    await _until_lock_is_free(database_url)
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
