@@ -27,6 +27,7 @@ from carwash_jobs.processor import ProcessorConfig, QueueProcessor
 from carwash_jobs.queue import JobQueue
 from carwash_jobs.ready import ReadyQueue
 from carwash_jobs.registry import TaskOptions, TaskRegistry, TaskType
+from carwash_jobs.runtime import vacuum_duty
 from carwash_jobs.settings import load_settings
 from carwash_jobs.store import open_store
 from carwash_jobs.store.migrations import upgrade
@@ -260,13 +261,12 @@ async def engine(
 
 
 async def _vacuum_every(e: Engine, seconds: float) -> None:
-    """The scheduler's vacuum duty (runtime.py), which the engine alone does not run. As the
-    scheduler does, a failed run is logged and the next one comes at the next interval; and as
-    the duty does, another process's vacuum within half the interval stands for this one's."""
+    """The scheduler's vacuum duty (runtime.vacuum_duty), which the engine alone does not run.
+    As the scheduler does, a failed run is logged and the next one comes at the next interval."""
     while seconds > 0:
         await asyncio.sleep(seconds)
         try:
-            e.vacuums += await e.store.vacuum(skip_if_vacuumed_within_seconds=seconds / 2)
+            e.vacuums += await vacuum_duty(e.store, seconds)
         except Exception:
             log.exception("vacuum failed; it runs again in %gs", seconds)
 

@@ -32,10 +32,19 @@ if TYPE_CHECKING:
 
     from carwash_jobs.registry import TaskRegistry
     from carwash_jobs.settings import Settings
+    from carwash_jobs.store.base import JobStore
 
 Role = Literal["all", "api", "worker"]
 
 log = logging.getLogger(__name__)
+
+
+async def vacuum_duty(store: JobStore, interval_seconds: float) -> bool:
+    """A worker's vacuum every `interval_seconds`, as its scheduler runs it (and the benchmarks'
+    engine). Another worker's vacuum within half the interval stands for this one's: whatever
+    the phases of the workers' timers, the fleet then vacuums once or twice an interval, not
+    once a worker. Returns whether this one vacuumed."""
+    return await store.vacuum(skip_if_vacuumed_within_seconds=interval_seconds / 2)
 
 
 class Runtime:
@@ -145,11 +154,7 @@ class Runtime:
         await self.stop()
 
     async def _vacuum(self) -> None:
-        """The scheduler's vacuum duty. Another worker's vacuum within half the interval
-        stands for this one's: whatever the phases of the workers' timers, the fleet then
-        vacuums once or twice an interval, not once a worker."""
-        half = self.settings.vacuum_interval_seconds / 2
-        await self.store.vacuum(skip_if_vacuumed_within_seconds=half)
+        await vacuum_duty(self.store, self.settings.vacuum_interval_seconds)
 
     # -- membership of the fleet ---------------------------------------------------------
     async def announce(self) -> None:

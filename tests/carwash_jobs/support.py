@@ -269,18 +269,24 @@ class Gate:
             self.inside -= 1
 
 
-async def skip_unless_autovacuum_is_off(dsn: str) -> None:
-    """Skip the calling test where the server vacuums the tables itself: the store then leaves
-    them alone, and there is no vacuum of its own to see."""
+async def autovacuum_is_on(dsn: str) -> bool:
+    """Whether the PostgreSQL server at `dsn` vacuums the tables itself (the store then leaves
+    them alone), asked as the store asks it."""
     import asyncpg
-    import pytest
 
     from carwash_jobs.store.postgres import AUTOVACUUM_ON
 
     conn = await asyncpg.connect(dsn)
     try:
-        autovacuum_on = await conn.fetchval(AUTOVACUUM_ON)
+        return bool(await conn.fetchval(AUTOVACUUM_ON))
     finally:
         await conn.close()
-    if autovacuum_on:
+
+
+async def skip_unless_autovacuum_is_off(dsn: str) -> None:
+    """Skip the calling test where the server vacuums the tables itself: there is no vacuum
+    of the store's own to see."""
+    import pytest
+
+    if await autovacuum_is_on(dsn):
         pytest.skip("the server's autovacuum is on: the store leaves its tables to it")

@@ -32,7 +32,7 @@ from carwash_jobs.store import open_store
 from carwash_jobs.store.base import Applied, Completion, FailedFilter, JobFilter, NewJob
 from carwash_jobs.store.migrations import upgrade
 from carwash_jobs.types import JobId, new_job_id
-from tests.carwash_jobs.support import OWNER, ManualClock, copy_database
+from tests.carwash_jobs.support import OWNER, ManualClock, autovacuum_is_on, copy_database
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator, Sequence
@@ -1561,7 +1561,7 @@ async def test_a_fire_is_skipped_while_the_schedules_last_job_is_unfinished(
 
 # -- vacuum ------------------------------------------------------------------------------------
 async def test_a_vacuum_leaves_every_job_and_its_history_as_it_was(
-    store: JobStore, clock: ManualClock
+    database_url: str, store: JobStore, clock: ManualClock
 ) -> None:
     running = await claimed(store, clock)
     done = await claimed(store, clock)
@@ -1569,15 +1569,11 @@ async def test_a_vacuum_leaves_every_job_and_its_history_as_it_was(
     queued = await add(store, clock)
     before = await store.get_many([running.id, done.id, queued.id])
 
+    from carwash_jobs.store.postgres import dsn_of
+
     vacuumed = await store.vacuum()
 
-    assert vacuumed == (store.dialect == "postgresql" and await _autovacuum_is_off(store))
+    assert vacuumed == (store.dialect == "postgresql"
+                        and not await autovacuum_is_on(dsn_of(database_url)))
     assert await store.get_many([running.id, done.id, queued.id]) == before
     assert await event_names(store, done.id) == ["enqueued", "claimed", "completed"]
-
-
-async def _autovacuum_is_off(store: JobStore) -> bool:
-    from carwash_jobs.store.postgres import AUTOVACUUM_ON, PostgresJobStore
-
-    assert isinstance(store, PostgresJobStore)
-    return not await store.pool.fetchval(AUTOVACUUM_ON)
