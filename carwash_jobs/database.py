@@ -11,16 +11,18 @@ for `postgresql+asyncpg://...`. Small on purpose: no ORM, no engine, no retry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiosqlite
 import asyncpg
 
-from carwash_jobs.errors import ConfigurationError
-from carwash_jobs.sqltext import numbered
+from carwash_jobs.errors import ConfigurationError, TransactionAborted
+from carwash_jobs.store.postgres import PostgresTx
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
     from types import TracebackType
 
     from carwash_jobs.store.base import T, Tx, TxFn
@@ -39,7 +41,8 @@ class Database(Protocol):
         ...
 
     async def transaction(self, fn: TxFn[T]) -> T:
-        """Run `fn(tx)` in one transaction: committed if it returns, rolled back if it raises."""
+        """Run `fn(tx)` in one transaction: committed if it returns, rolled back if it raises or
+        if one of its statements failed (then TransactionAborted, as in the job store)."""
         ...
 
     async def close(self) -> None: ...
@@ -81,22 +84,38 @@ class _Closing:
 
 
 class _SqliteTx:
+    """Keeps its first failed statement (`failed`): the transaction then fails as a whole,
+    as the job store's do (see carwash_jobs.store.base.Tx)."""
+
     dialect = "sqlite"
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
+        self.failed: sqlite3.Error | None = None
+
+    @contextlib.contextmanager
+    def _noting_failure(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if self.failed is None:
+                self.failed = exc
+            raise
 
     async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
-        async with self._conn.execute(sql, params or {}) as cur:
-            return cur.rowcount
+        with self._noting_failure():
+            async with self._conn.execute(sql, params or {}) as cur:
+                return cur.rowcount
 
     async def executemany(self, sql: str, params: Sequence[Mapping[str, Any]]) -> None:
-        await self._conn.executemany(sql, params)
+        with self._noting_failure():
+            await self._conn.executemany(sql, params)
 
     async def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        async with self._conn.execute(sql, params or {}) as cur:
-            names = [d[0] for d in cur.description or ()]
-            return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+        with self._noting_failure():
+            async with self._conn.execute(sql, params or {}) as cur:
+                names = [d[0] for d in cur.description or ()]
+                return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
 
 
 class SqliteDatabase(_Closing):
@@ -115,8 +134,11 @@ class SqliteDatabase(_Closing):
     async def transaction(self, fn: TxFn[T]) -> T:
         async with self._lock:
             await self._conn.execute("BEGIN IMMEDIATE")
+            tx = _SqliteTx(self._conn)
             try:
-                result = await fn(_SqliteTx(self._conn))
+                result = await fn(tx)
+                if tx.failed is not None:  # a statement failed and the function went on
+                    raise TransactionAborted(tx.failed) from tx.failed
             except BaseException:
                 await self._conn.execute("ROLLBACK")
                 raise
@@ -125,29 +147,6 @@ class SqliteDatabase(_Closing):
 
     async def close(self) -> None:
         await self._conn.close()
-
-
-class _PostgresTx:
-    dialect = "postgresql"
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
-    async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
-        text, args = numbered(sql, params)
-        status: str = await self._conn.execute(text, *args)
-        last = status.rsplit(" ", 1)[-1]  # "UPDATE 3", "INSERT 0 1", "DELETE 0"
-        return int(last) if last.isdigit() else 0
-
-    async def executemany(self, sql: str, params: Sequence[Mapping[str, Any]]) -> None:
-        if not params:
-            return
-        text, _ = numbered(sql, params[0])
-        await self._conn.executemany(text, [numbered(sql, p)[1] for p in params])
-
-    async def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        text, args = numbered(sql, params)
-        return [dict(row) for row in await self._conn.fetch(text, *args)]
 
 
 class PostgresDatabase(_Closing):
@@ -160,11 +159,14 @@ class PostgresDatabase(_Closing):
 
     async def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         async with self._pool.acquire() as conn:
-            return await _PostgresTx(conn).fetch(sql, params)
+            return await PostgresTx(conn).fetch(sql, params)
 
     async def transaction(self, fn: TxFn[T]) -> T:
         async with self._pool.acquire() as conn, conn.transaction():
-            return await fn(_PostgresTx(conn))
+            tx = PostgresTx(conn)
+            result = await fn(tx)
+            tx.refuse_if_failed()
+            return result
 
     async def close(self) -> None:
         await self._pool.close()
@@ -172,6 +174,5 @@ class PostgresDatabase(_Closing):
 
 if TYPE_CHECKING:
     _sqlite_tx: type[Tx] = _SqliteTx
-    _postgres_tx: type[Tx] = _PostgresTx
     _sqlite: type[Database] = SqliteDatabase
     _postgres: type[Database] = PostgresDatabase

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from carwash_jobs.types import MAX_DELAY_SECONDS
+
 
 class CarwashError(Exception):
     """Something went wrong in carwash-jobs."""
@@ -72,14 +74,36 @@ class StoreUnavailable(CarwashError):
 
 class RetryLater(Exception):
     """Raised by a handler: try again after `delay_seconds`; the attempt is not held against it
-    unless `count_attempt` is true."""
+    unless `count_attempt` is true.
+
+    The delay is checked here, where the handler raises it: a delay that is not a number from
+    0 to MAX_DELAY_SECONDS (NaN, an infinity, one taken from a bad Retry-After header) would
+    only fail later, when the processor computes the next run time, and leave the job running
+    without a record until its lease ran out. Refused here, it is the handler's ValueError,
+    retried by the task type's policy with that error on the job."""
 
     def __init__(self, delay_seconds: float, reason: str = "retry requested",
                  *, count_attempt: bool = True) -> None:
+        number = isinstance(delay_seconds, int | float) and not isinstance(delay_seconds, bool)
+        # NaN and the infinities fail the range: NaN compares false, an infinity lies beyond it
+        if not number or not 0 <= delay_seconds <= MAX_DELAY_SECONDS:
+            raise ValueError(f"RetryLater: delay_seconds must be a number from 0 to "
+                             f"{MAX_DELAY_SECONDS}, not {delay_seconds!r}")
         super().__init__(reason)
         self.delay_seconds = delay_seconds
         self.reason = reason
         self.count_attempt = count_attempt
+
+
+class TransactionAborted(CarwashError):
+    """A statement of the transaction failed, so none of it was committed."""
+
+    def __init__(self, failed: BaseException) -> None:
+        super().__init__(
+            f"a statement of this transaction failed ({type(failed).__name__}: {failed}), so "
+            "none of it was committed, although the transaction's function went on after the "
+            "error"
+        )
 
 
 class PermanentError(Exception):

@@ -492,11 +492,18 @@ class QueueProcessor:
                 result = await chain(
                     self._config.middleware, ctx, lambda: task_type.handler(ctx, payload)
                 )
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if state.shutting_down:
                 return Released()
             if state.cancel_requested.is_set():
                 return Discarded("cancelled" if not state.lease_lost else "lease lost")
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():
+                # the handler awaited something that was cancelled (its own task was not): its
+                # failure, recorded as any error is. Raised on, it ended the attempt without a
+                # record, running until its lease ran out and then blamed on a lost worker
+                return Retryable(_describe(exc) or "CancelledError", traceback.format_exc(),
+                                 AttemptOutcome.error)
             raise
         except TimeoutError as exc:
             if deadline is None or not deadline.expired():  # the handler's own TimeoutError

@@ -35,7 +35,7 @@ from carwash_jobs.store.base import (
     json_types_text,
     nested_deeper_than,
 )
-from carwash_jobs.types import Clock, JobId, new_job_ids, utc_now
+from carwash_jobs.types import MAX_DELAY_SECONDS, Clock, JobId, new_job_ids, utc_now
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -56,8 +56,6 @@ QUEUE_NAME_MAX_LENGTH = 64
 #: job's change of the finished-jobs counter reaches that row through every version the
 #: transaction wrote before it); SQLite 29,000 either way, its writer held a tenth as long
 RETRY_BATCH = 1_000
-#: the furthest ahead a delay may reach (ten years); beyond it datetime arithmetic overflows
-MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600
 #: worker_queue.idempotency_key is a VARCHAR(255)
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 #: a job a dependency names is looked up by id: a job id has 32 characters; room for others'
@@ -462,13 +460,23 @@ class JobQueue:
 
     async def reload(self, limit: int = 10_000) -> int:
         """Load due rows this process does not hold yet (after a restart, a crash, a backoff
-        or another process's enqueue). Returns how many were new to memory."""
+        or another process's enqueue). Returns how many were new to memory.
+
+        The `limit` rows are read only of the task types this process can use now: those of
+        its registry (another kind of worker runs the rest), less those whose jobs are parked
+        at their concurrency limit (they run as slots of their type come free; later reloads
+        read more of them once none is parked). Rows it cannot use would otherwise fill the
+        window on every reload, and keep a job of another type from ever reaching memory."""
         if self.ready is None:
             return 0
         await self.store.promote_due(self._clock())
+        parked = self.ready.parked_task_types
+        usable = [name for name in self.registry.names() if name not in parked]
+        if not usable:
+            return 0
         loaded = 0
-        for due in await self.store.due(self._clock(), limit):
-            if due.task_type in self.registry and self.ready.put(due):
+        for due in await self.store.due(self._clock(), limit, task_types=usable):
+            if self.ready.put(due):
                 loaded += 1
         return loaded
 

@@ -107,6 +107,12 @@ class ReadyQueue:
     def parked(self) -> int:
         return sum(len(v) for v in self._parked.values())
 
+    @property
+    def parked_task_types(self) -> frozenset[str]:
+        """Task types at their concurrency limit with jobs parked here: a reload leaves them
+        out, since more of their jobs could only be parked too (unpark() lets them run)."""
+        return frozenset(self._parked)
+
     async def wait(self) -> None:
         """Until something may be taken."""
         while not self._heaps:

@@ -11,6 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import NewType, TypeAlias
 
+#: the furthest ahead a delay may reach (ten years); beyond it datetime arithmetic overflows
+MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600
+
 JobId = NewType("JobId", str)
 TaskTypeName = NewType("TaskTypeName", str)
 

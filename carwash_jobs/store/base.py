@@ -518,7 +518,10 @@ class Tx(Protocol):
     """A database transaction handed to user code: portable SQL with `:name` parameters.
 
     Statements run in the caller's order inside one transaction; nothing is visible to others
-    until it commits, and an exception rolls all of it back.
+    until it commits, and an exception rolls all of it back. So does a statement that fails,
+    even when the function catches its error and returns: the transaction then raises
+    TransactionAborted instead of committing, on both stores (PostgreSQL cannot commit a
+    transaction after a failed statement, and SQLite is made to agree).
     """
 
     @property
@@ -700,8 +703,14 @@ class JobStore(Protocol):
         """Newest first, keyset-paginated: `cursor` is the last page's next_cursor."""
         ...
 
-    async def due(self, now: datetime, limit: int) -> list[DueJob]:
-        """Queued jobs that are due, by priority then age: what a reload hands to memory."""
+    async def due(
+        self, now: datetime, limit: int, *, task_types: Sequence[str] | None = None
+    ) -> list[DueJob]:
+        """Queued jobs that are due, by priority then age: what a reload hands to memory.
+
+        `task_types` (None: all) keeps only jobs of those types, in the statement, before the
+        LIMIT: rows a reload could not use (task types another kind of worker runs, or types
+        whose jobs wait here at their concurrency limit) must not fill its window."""
         ...
 
     async def failed_ids(self, flt: FailedFilter, limit: int) -> list[JobId]: ...

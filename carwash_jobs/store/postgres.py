@@ -26,6 +26,7 @@ from carwash_jobs.errors import (
     JobNotFound,
     StaleLease,
     StoreUnavailable,
+    TransactionAborted,
     UnknownDependency,
 )
 from carwash_jobs.lifecycle import JobStatus, Transition
@@ -264,6 +265,12 @@ GET_JOBS = f"SELECT {_COLS} FROM worker_queue WHERE id = ANY($1::text[])"
 DUE_JOBS = """
 SELECT id, task_type, queue, priority, run_at FROM worker_queue
 WHERE status = 'queued' AND run_at <= $1 ORDER BY priority DESC, run_at, id LIMIT $2
+"""
+#: the same, only of the task types $3: the LIMIT counts only rows of these types
+DUE_JOBS_OF_TYPES = """
+SELECT id, task_type, queue, priority, run_at FROM worker_queue
+WHERE status = 'queued' AND run_at <= $1 AND task_type = ANY($3::text[])
+ORDER BY priority DESC, run_at, id LIMIT $2
 """
 JOB_EVENTS = """
 SELECT at, event, status, attempt, process, message FROM job_events
@@ -517,16 +524,38 @@ async def _reset_or_drop(conn: asyncpg.Connection) -> None:
 
 
 class PostgresTx:
-    """A caller's transaction on one pooled connection, with portable `:name` parameters."""
+    """A caller's transaction on one pooled connection, with portable `:name` parameters.
+
+    PostgreSQL aborts a transaction at its first failed statement, and a COMMIT of an aborted
+    transaction is answered as a ROLLBACK, without an error: a function that caught the error
+    and returned would be told its writes were committed. So the first failure is kept
+    (`failed`) and the transaction raises TransactionAborted instead of committing."""
 
     dialect = "postgresql"
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
+        self.failed: asyncpg.PostgresError | None = None
+
+    @contextlib.contextmanager
+    def noting_failure(self) -> Iterator[None]:
+        """Around every statement run on this transaction (the caller's and the engine's)."""
+        try:
+            yield
+        except asyncpg.PostgresError as exc:
+            if self.failed is None:
+                self.failed = exc
+            raise
+
+    def refuse_if_failed(self) -> None:
+        """Before the commit: a transaction with a failed statement cannot commit."""
+        if self.failed is not None:
+            raise TransactionAborted(self.failed) from self.failed
 
     async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
         text, args = numbered(sql, params)
-        status: str = await self.conn.execute(text, *args)
+        with self.noting_failure():
+            status: str = await self.conn.execute(text, *args)
         last = status.rsplit(" ", 1)[-1]
         return int(last) if last.isdigit() else 0
 
@@ -534,13 +563,15 @@ class PostgresTx:
         if not params:
             return
         text, _ = numbered(sql, params[0])
-        await self.conn.executemany(text, [numbered(sql, p)[1] for p in params])
+        with self.noting_failure():
+            await self.conn.executemany(text, [numbered(sql, p)[1] for p in params])
 
     async def fetch(
         self, sql: str, params: Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
         text, args = numbered(sql, params)
-        return [dict(r) for r in await self.conn.fetch(text, *args)]
+        with self.noting_failure():
+            return [dict(r) for r in await self.conn.fetch(text, *args)]
 
 
 class PostgresJobStore:
@@ -596,7 +627,8 @@ class PostgresJobStore:
         with _encoder_errors():
             if tx is not None:
                 assert isinstance(tx, PostgresTx), "a PostgresJobStore joins only its own transactions"
-                return await _insert(tx.conn, jobs, self._owner, self._clock())
+                with tx.noting_failure():
+                    return await _insert(tx.conn, jobs, self._owner, self._clock())
             async with self.pool.acquire() as conn, conn.transaction():
                 return await _insert(conn, jobs, self._owner, self._clock())
 
@@ -641,8 +673,10 @@ class PostgresJobStore:
         now = self._clock()
         async with _transaction(self.pool, callers_sql=before is not None) as conn:
             if before is not None:  # the caller's own SQL: its errors are its own
+                tx = PostgresTx(conn)
                 with cancel_inside_as_error():
-                    await before(PostgresTx(conn))
+                    await before(tx)
+                tx.refuse_if_failed()
             with _encoder_errors():
                 applied = await _apply(conn, transition, self._owner, now)
                 if not follow_ups:
@@ -749,8 +783,11 @@ class PostgresJobStore:
 
     async def transaction(self, fn: TxFn[T]) -> T:
         async with _transaction(self.pool, callers_sql=True) as conn:
+            tx = PostgresTx(conn)
             with cancel_inside_as_error():
-                return await fn(PostgresTx(conn))
+                result = await fn(tx)
+            tx.refuse_if_failed()
+            return result
 
     # -- reads -------------------------------------------------------------------------
     async def expired_leases(self, now: datetime, limit: int) -> list[JobRow]:
@@ -818,8 +855,13 @@ class PostgresJobStore:
         items = [row_to_job(r) for r in rows[:limit]]
         return Page(items, items[-1].id if len(rows) > limit else None)
 
-    async def due(self, now: datetime, limit: int) -> list[DueJob]:
-        rows = await self.pool.fetch(DUE_JOBS, now, limit)
+    async def due(
+        self, now: datetime, limit: int, *, task_types: Sequence[str] | None = None
+    ) -> list[DueJob]:
+        if task_types is None:
+            rows = await self.pool.fetch(DUE_JOBS, now, limit)
+        else:
+            rows = await self.pool.fetch(DUE_JOBS_OF_TYPES, now, limit, list(task_types))
         return [DueJob(JobId(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
 
     async def failed_ids(self, flt: FailedFilter, limit: int) -> list[JobId]:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from carwash_jobs.errors import StoreUnavailable
+from carwash_jobs.errors import StoreUnavailable, TransactionAborted
 from carwash_jobs.store.base import cancel_inside_as_error
 
 T = TypeVar("T")
@@ -47,24 +47,31 @@ class _Op(Generic[T]):
 
 
 class SqliteTx:
-    """The `Tx` of a caller's own transaction, running on the writer's connection."""
+    """The `Tx` of a caller's own transaction, running on the writer's connection.
+
+    It keeps the first statement that failed (`failed`): the transaction then fails as a
+    whole, even when the caller's function caught the error and went on (see _run_caller_tx).
+    SQLite alone would undo only that statement and commit the rest; PostgreSQL aborts the
+    whole transaction at its first failed statement. The same function must do the same on
+    both stores."""
 
     dialect = "sqlite"
 
     def __init__(self, writer: SqliteWriter) -> None:
         self._writer = writer
+        self.failed: sqlite3.Error | None = None
 
     async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
         def run(conn: sqlite3.Connection) -> int:
             return conn.execute(sql, params or {}).rowcount
 
-        return await self._writer.in_thread(run)
+        return await self.run_sync(run)
 
     async def executemany(self, sql: str, params: Sequence[Mapping[str, Any]]) -> None:
         def run(conn: sqlite3.Connection) -> None:
             conn.executemany(sql, params)
 
-        await self._writer.in_thread(run)
+        await self.run_sync(run)
 
     async def fetch(
         self, sql: str, params: Mapping[str, Any] | None = None
@@ -74,11 +81,16 @@ class SqliteTx:
             names = [d[0] for d in cur.description or ()]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
-        return await self._writer.in_thread(run)
+        return await self.run_sync(run)
 
     async def run_sync(self, fn: SyncFn[T]) -> T:
         """Run engine code (a function of the connection) inside this transaction."""
-        return await self._writer.in_thread(fn)
+        try:
+            return await self._writer.in_thread(fn)
+        except sqlite3.Error as exc:
+            if self.failed is None:
+                self.failed = exc
+            raise
 
 
 class SqliteWriter:
@@ -250,9 +262,12 @@ class SqliteWriter:
     async def _run_caller_tx(self, op: _Op[Any]) -> None:
         assert op.async_fn is not None
         await self.in_thread(lambda conn: conn.execute("SAVEPOINT op"))
+        tx = SqliteTx(self)
         try:
             with cancel_inside_as_error():  # a stop() cutting the writer off still passes
-                value = await op.async_fn(SqliteTx(self))
+                value = await op.async_fn(tx)
+            if tx.failed is not None:  # a statement failed and the function went on
+                raise TransactionAborted(tx.failed) from tx.failed
         except Exception as exc:
             await self.in_thread(_rollback_savepoint)
             op.outcome = (False, exc)

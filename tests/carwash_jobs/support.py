@@ -4,6 +4,9 @@ that wires a real SQLite store, a JobQueue and a QueueProcessor the way the Runt
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import secrets
 import shutil
 import sqlite3
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from carwash_jobs.store.sqlite import SqliteJobStore
 from carwash_jobs.types import Clock, JobId, utc_now
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
     from pathlib import Path
 
     from carwash_jobs.context import JobContext
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
     from carwash_jobs.store.base import JobRow
 
 OWNER = "test-host/1/0/owner"
+#: names the PostgreSQL server of the tests that need one; without it they are skipped
+POSTGRES_URL_ENV = "CARWASH_TEST_POSTGRES_URL"
 
 
 class ManualClock:
@@ -290,3 +295,63 @@ async def skip_unless_autovacuum_is_off(dsn: str) -> None:
 
     if await autovacuum_is_on(dsn):
         pytest.skip("the server's autovacuum is on: the store leaves its tables to it")
+
+
+# -- PostgreSQL databases of the tests' own ------------------------------------------------------
+def postgres_url(server_url: str, database: str, driver: str = "postgresql+asyncpg") -> str:
+    """`server_url` pointed at another database, with another driver if asked."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_url).set(drivername=driver, database=database)
+    return url.render_as_string(hide_password=False)
+
+
+async def on_postgres_server(server_url: str, *statements: str) -> None:
+    """Run statements (CREATE/DROP DATABASE) on the server's own database."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    database = make_url(server_url).database or "postgres"
+    conn = await asyncpg.connect(postgres_url(server_url, database, driver="postgresql"))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def migrated_postgres_template(prefix: str) -> Iterator[tuple[str, str] | None]:
+    """(server URL, template database): migrated once (for a session fixture), which each
+    test copies with CREATE DATABASE ... TEMPLATE (procrastinate's trick, far faster than
+    migrating); None when POSTGRES_URL_ENV names no server."""
+    from carwash_jobs.store.migrations import upgrade
+
+    server = os.environ.get(POSTGRES_URL_ENV)
+    if not server:
+        yield None
+        return
+    name = f"{prefix}_tpl_{secrets.token_hex(4)}"
+    asyncio.run(on_postgres_server(server, f'CREATE DATABASE "{name}"'))
+    try:
+        asyncio.run(upgrade(postgres_url(server, name)))
+        yield server, name
+    finally:
+        asyncio.run(on_postgres_server(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextlib.asynccontextmanager
+async def postgres_database_from(template: tuple[str, str] | None, prefix: str) -> AsyncIterator[str]:
+    """The URL of a fresh database copied from `template`, dropped afterwards; the calling test
+    is skipped without a server."""
+    import pytest
+
+    if template is None:
+        pytest.skip(f"{POSTGRES_URL_ENV} is not set")
+    server, template_name = template
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    await on_postgres_server(server, f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
+    try:
+        yield postgres_url(server, name)
+    finally:
+        await on_postgres_server(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -9,8 +9,6 @@ is unset). "Two processes" are two stores (two connections, two owners) on one d
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,8 +35,14 @@ from carwash_jobs.runtime import Runtime
 from carwash_jobs.settings import Settings, load_settings
 from carwash_jobs.store import open_store
 from carwash_jobs.store.base import CronFireRow, JobFilter
-from carwash_jobs.store.migrations import upgrade
-from tests.carwash_jobs.support import ManualClock, copy_database, registry_with, sqlite_url
+from tests.carwash_jobs.support import (
+    ManualClock,
+    copy_database,
+    migrated_postgres_template,
+    postgres_database_from,
+    registry_with,
+    sqlite_url,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator, Sequence
@@ -46,7 +50,6 @@ if TYPE_CHECKING:
     from carwash_jobs.store.base import CronFireResult, JobRow, JobStore
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-POSTGRES_URL_ENV = "CARWASH_TEST_POSTGRES_URL"
 OWNER_A = "host-a/1/0/a"
 OWNER_B = "host-b/2/0/b"
 NAME = "every-10"
@@ -68,41 +71,10 @@ def schedule(**fields: Any) -> Schedule:
 
 
 # -- databases and "processes" ----------------------------------------------------------------
-def _database_url(server_url: str, name: str, driver: str = "postgresql+asyncpg") -> str:
-    from sqlalchemy.engine import make_url
-
-    url = make_url(server_url).set(drivername=driver, database=name)
-    return url.render_as_string(hide_password=False)
-
-
-async def _admin(server_url: str, *statements: str) -> None:
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    server = make_url(server_url).set(drivername="postgresql")
-    admin = await asyncpg.connect(server.render_as_string(hide_password=False))
-    try:
-        for statement in statements:
-            await admin.execute(statement)
-    finally:
-        await admin.close()
-
-
 @pytest.fixture(scope="session")
 def postgres_template() -> Iterator[tuple[str, str] | None]:
-    """(server URL, template database), migrated once per session for the tests to copy; None
-    when no test server is named."""
-    server = os.environ.get(POSTGRES_URL_ENV)
-    if not server:
-        yield None
-        return
-    name = f"carwash_cron_tpl_{secrets.token_hex(4)}"
-    asyncio.run(_admin(server, f'CREATE DATABASE "{name}"'))
-    try:
-        asyncio.run(upgrade(_database_url(server, name)))
-        yield server, name
-    finally:
-        asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with migrated_postgres_template("carwash_cron") as template:
+        yield template
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -115,15 +87,8 @@ async def database_url(
     if request.param == "sqlite":
         yield copy_database(migrated_template, tmp_path / "cron.db")
         return
-    if postgres_template is None:
-        pytest.skip(f"{POSTGRES_URL_ENV} is not set")
-    server, template = postgres_template
-    name = f"carwash_cron_{secrets.token_hex(6)}"
-    await _admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    try:
-        yield _database_url(server, name)
-    finally:
-        await _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with postgres_database_from(postgres_template, "carwash_cron") as url:
+        yield url
 
 
 @pytest.fixture

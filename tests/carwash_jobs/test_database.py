@@ -4,6 +4,7 @@ PostgreSQL runs when CARWASH_TEST_POSTGRES_URL names a server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from carwash_jobs.database import open_database
-from carwash_jobs.errors import ConfigurationError
+from carwash_jobs.errors import ConfigurationError, TransactionAborted
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -84,6 +85,26 @@ async def test_an_exception_rolls_the_whole_transaction_back(database: Database)
         await database.transaction(fail_half_way)
 
     assert await database.fetch("SELECT COUNT(*) AS n FROM wash") == [{"n": 0}]
+
+
+async def test_a_failed_statement_rolls_the_whole_transaction_back_even_if_caught(
+    database: Database,
+) -> None:
+    """PostgreSQL answers the COMMIT of a transaction with a failed statement by a silent
+    ROLLBACK: the function that caught the error was told its writes were committed."""
+    await database.transaction(_schema)
+
+    async def best_effort(tx: Tx) -> str:
+        await tx.execute("INSERT INTO wash (id, package, cents) VALUES (1, 'Basic', 999)")
+        with contextlib.suppress(Exception):
+            await tx.execute("INSERT INTO wash (id, package, cents) VALUES (1, 'Basic', 999)")
+        return "done"
+
+    with pytest.raises(TransactionAborted, match="none of it was committed"):
+        await database.transaction(best_effort)
+
+    assert await database.fetch("SELECT COUNT(*) AS n FROM wash") == [{"n": 0}]
+    assert await database.transaction(lambda tx: tx.execute("DELETE FROM wash")) == 0
 
 
 async def test_execute_counts_the_rows_it_changed(database: Database) -> None:

@@ -21,6 +21,7 @@ from carwash_jobs.registry import TaskDefaults, TaskHooks, TaskOptions, TaskType
 from carwash_jobs.retry import RetryPolicy
 from carwash_jobs.store.base import MAX_JSON_DEPTH, DueJob, FailedFilter
 from carwash_jobs.store.sqlite import SqliteJobStore
+from carwash_jobs.types import MAX_DELAY_SECONDS
 from tests.carwash_jobs.support import (
     FAST_RETRY,
     OWNER,
@@ -904,6 +905,51 @@ async def test_retry_later_on_the_last_attempt_fails_the_job(harnesses: Harnesse
     await h.run_until_idle(include_timers=True)
     row = await h.get(job.id)
     assert (row.status, row.attempts, row.error) == (S.failed, 2, "still busy")
+
+
+@pytest.mark.parametrize("delay", [1e12, float("inf"), float("nan"), -1, "60"])
+async def test_retry_later_with_a_delay_out_of_range_is_the_handlers_error(
+    harnesses: Harnesses, delay: Any
+) -> None:
+    """Such a delay once failed only in the record (datetime overflow), which left the job
+    running without a record until its lease ran out."""
+    async def later(ctx: JobContext, payload: Item) -> None:
+        raise RetryLater(delay, "the server said so")
+
+    h = await harnesses.make(task_type("later", later, max_attempts=1))
+    job = await h.enqueue("later")
+    await h.run_until_idle(include_timers=True)
+    row = await h.get(job.id)
+    assert (row.status, row.lease_owner) == (S.failed, None)
+    assert (row.error or "").startswith("ValueError: RetryLater: delay_seconds must be a number")
+    assert outcomes(row) == ["error"]
+
+
+async def test_retry_later_takes_every_delay_an_enqueue_takes() -> None:
+    assert RetryLater(0).delay_seconds == 0
+    assert RetryLater(MAX_DELAY_SECONDS).delay_seconds == MAX_DELAY_SECONDS
+
+
+async def test_a_handler_awaiting_a_cancelled_task_fails_its_attempt_with_that_error(
+    harnesses: Harnesses,
+) -> None:
+    """The CancelledError is the handler's (its own task was not cancelled): recorded as its
+    error and retried by policy. It once ended the attempt without a record, and the job stayed
+    running until its lease ran out, then failed as a lost worker."""
+    async def awaits_a_cancelled_task(ctx: JobContext, payload: Item) -> None:
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        inner.cancel()
+        await inner
+
+    h = await harnesses.make(task_type("inner", awaits_a_cancelled_task, max_attempts=2))
+    job = await h.enqueue("inner")
+    await h.run_until_idle(include_timers=True)
+    row = await h.get(job.id)
+    assert (row.status, row.attempts, row.lease_owner) == (S.failed, 2, None)
+    assert row.error == "CancelledError"
+    assert "CancelledError" in (row.error_traceback or "")
+    assert outcomes(row) == ["error", "error"]
+    assert h.processor.running_ids == []
 
 
 async def test_a_permanent_error_fails_the_job_at_once_keeping_error_and_traceback(

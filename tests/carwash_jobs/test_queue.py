@@ -1,10 +1,11 @@
 """Tests for carwash_jobs/queue.py: the write-through enqueue and the admin operations, on a real
-SQLite file. The processor is not started here: what the queue hands to memory is inspected
-in its ReadyQueue."""
+SQLite file. The processor is not started here (but where a reload meets the jobs it parks):
+what the queue hands to memory is inspected in its ReadyQueue."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from carwash_jobs.queue import MAX_CONTEXT_BYTES, TIMER_HORIZON_SECONDS, Enqueue
 from carwash_jobs.registry import TaskType
 from carwash_jobs.store.base import MAX_JSON_DEPTH, FailedFilter, Inserted
 from carwash_jobs.types import JobId
-from tests.carwash_jobs.support import OWNER, Calls, Item, noop, task_type
+from tests.carwash_jobs.support import OWNER, Calls, Gate, Item, noop, task_type
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -589,6 +590,62 @@ async def test_reload_promotes_due_scheduled_rows_and_loads_what_memory_lacks(
     assert (await idle.get(far.id)).status == S.queued
     assert held(idle.queue, far.id)
     assert held(idle.queue, known.id)
+
+
+#: a reload window small enough to fill in a test (the scheduler's reload reads 10,000 rows)
+WINDOW = 20
+
+
+async def test_a_limited_backlog_parked_in_memory_does_not_fill_the_reload_window(
+    harnesses: Harnesses,
+) -> None:
+    """After a restart, more queued jobs of a type limited to one at a time than a reload reads:
+    the first reload loads them and all but the running one are parked. Later reloads leave
+    that type out, so a job of another type further down still reaches memory and runs in a
+    free slot; once none is parked, a reload brings the rest of the limited type."""
+    gate = Gate()
+    ran = asyncio.Event()  # the job of the other type ran
+
+    async def slow(ctx: JobContext, payload: Item) -> None:
+        await gate.hold()
+
+    async def quick(ctx: JobContext, payload: Item) -> None:
+        ran.set()
+
+    h = await harnesses.make(task_type("limited", slow, concurrency=1), task_type("quick", quick),
+                             concurrency=4)
+    ready = h.queue.ready
+    assert ready is not None
+    # rows an earlier process left: written, never offered to this one's memory
+    await h.store.insert(h.queue.build_many("limited", [{}] * (WINDOW + 1)))
+    (other,) = await h.store.insert([h.queue.build("quick", {})])
+    assert await h.queue.reload(limit=WINDOW) == WINDOW
+    await gate.entered.wait()
+    assert ready.parked == WINDOW - 1
+    assert await h.queue.reload(limit=WINDOW) == 1
+    assert held(h.queue, other.job.id)
+    await asyncio.wait_for(ran.wait(), 5)
+    assert gate.inside == 1  # the limited job still runs beside it
+    gate.release.set()
+    await h.run_until_idle()
+    assert (await h.get(other.job.id)).status == S.completed
+    assert await h.queue.reload(limit=WINDOW) == 1  # the last limited job, now that none waits
+    await h.run_until_idle()
+    assert (await h.store.stats()).by_status.get("queued", 0) == 0
+
+
+async def test_rows_of_task_types_this_process_does_not_know_do_not_fill_the_reload_window(
+    idle: Harness,
+) -> None:
+    """A mixed fleet: another kind of worker's jobs, ahead by priority, are not read."""
+    urgent = EnqueueOptions(priority=9)
+    theirs = [replace(idle.queue.build("noop", {}, urgent), task_type="elsewhere")
+              for _ in range(WINDOW)]
+    await idle.store.insert(theirs)
+    (mine,) = await idle.store.insert([idle.queue.build("noop", {})])
+    assert await idle.queue.reload(limit=WINDOW) == 1
+    assert held(idle.queue, mine.job.id)
+    assert not any(held(idle.queue, job.id) for job in theirs)
 
 
 async def test_stats_report_memory_and_database_counts(idle: Harness) -> None:

@@ -114,10 +114,12 @@ def test_jobs_of_a_type_without_room_are_parked_until_unparked() -> None:
     ready.put(due("n1", task_type="noop", age=2))
     assert names(ready.take(5, lambda t: t != "smtp")) == ["n1"]
     assert ready.parked == 2
+    assert ready.parked_task_types == {"smtp"}  # a reload leaves it out
     assert len(ready) == 2  # parked jobs are still held (the processor is not idle)
     assert ready.take(5, always) == []
     ready.unpark("smtp")
     assert ready.parked == 0
+    assert ready.parked_task_types == frozenset()
     assert names(ready.take(5, always)) == ["s1", "s2"]
 
 

@@ -9,8 +9,8 @@ PostgreSQL adapter). Tests speak only the JobStore protocol and portable SQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import secrets
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -25,14 +25,23 @@ from carwash_jobs.errors import (
     InvalidPayload,
     JobNotFound,
     StaleLease,
+    TransactionAborted,
     UnknownDependency,
 )
 from carwash_jobs.lifecycle import AttemptOutcome, Fence, JobStatus
 from carwash_jobs.store import open_store
 from carwash_jobs.store.base import Applied, Completion, FailedFilter, JobFilter, NewJob
-from carwash_jobs.store.migrations import upgrade
 from carwash_jobs.types import JobId, new_job_id
-from tests.carwash_jobs.support import OWNER, ManualClock, autovacuum_is_on, copy_database
+from tests.carwash_jobs.support import (
+    OWNER,
+    POSTGRES_URL_ENV,
+    ManualClock,
+    autovacuum_is_on,
+    copy_database,
+    migrated_postgres_template,
+    postgres_database_from,
+    postgres_url,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator, Sequence
@@ -41,7 +50,6 @@ if TYPE_CHECKING:
 
     from carwash_jobs.store.base import DueJob, JobRow, JobStore, Tx
 
-POSTGRES_URL_ENV = "CARWASH_TEST_POSTGRES_URL"
 POSTGRES_SKIP_REASON = "CARWASH_TEST_POSTGRES_URL is not set"
 OTHER_OWNER = "other-host/2/0/b"
 LEASE = timedelta(seconds=60)
@@ -57,37 +65,16 @@ def _has_adapter(url: str) -> bool:
     return True
 
 
-def _database_url(server_url: str, name: str, driver: str = "postgresql+asyncpg") -> str:
-    url = make_url(server_url).set(drivername=driver, database=name)
-    return url.render_as_string(hide_password=False)
-
-
-async def _admin(server_url: str, *statements: str) -> None:
-    """Run statements on the server's own database (CREATE/DROP DATABASE)."""
-    database = make_url(server_url).database or "postgres"
-    conn = await asyncpg.connect(_database_url(server_url, database, driver="postgresql"))
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="session")
 def postgres_template() -> Iterator[tuple[str, str] | None]:
-    """(server URL, template name): one database migrated per session, which each test copies
-    with CREATE DATABASE ... TEMPLATE (procrastinate's trick); None when there is no server."""
+    """One database migrated per session, which each test copies; None without a server (or
+    without its adapter)."""
     server = os.environ.get(POSTGRES_URL_ENV)
-    if not server or not _has_adapter(_database_url(server, "postgres")):
+    if server and not _has_adapter(postgres_url(server, "postgres")):
         yield None
         return
-    name = f"carwash_tpl_{secrets.token_hex(4)}"
-    asyncio.run(_admin(server, f'CREATE DATABASE "{name}"'))
-    try:
-        asyncio.run(upgrade(_database_url(server, name)))
-        yield server, name
-    finally:
-        asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with migrated_postgres_template("carwash") as template:
+        yield template
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -98,15 +85,8 @@ async def database_url(
     if request.param == "sqlite":
         yield copy_database(migrated_template, tmp_path / "contract.db")
         return
-    if postgres_template is None:
-        pytest.skip(POSTGRES_SKIP_REASON)
-    server, template = postgres_template
-    name = f"t_{secrets.token_hex(6)}"
-    await _admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    try:
-        yield _database_url(server, name)
-    finally:
-        await _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with postgres_database_from(postgres_template, "t") as url:
+        yield url
 
 
 @pytest.fixture
@@ -944,6 +924,48 @@ async def test_a_cancel_raised_inside_a_transaction_is_an_error_and_rolls_it_bac
     assert await store.transaction(lambda tx: tx.execute("DELETE FROM grants")) == 0
 
 
+async def test_a_failed_statement_fails_the_transaction_even_when_the_function_goes_on(
+    store: JobStore, clock: ManualClock
+) -> None:
+    """PostgreSQL aborts the whole transaction at a failed statement and answers its COMMIT
+    with a silent ROLLBACK: the function that caught the error was once told its writes were
+    committed, and they were not. SQLite alone would keep the other writes. Both now refuse."""
+    await _make_table(store)
+    job = new_job(clock)
+
+    async def write(tx: Tx) -> str:
+        await tx.execute("INSERT INTO grants (job_id, amount) VALUES ('a', 1)")
+        await store.insert([job], tx=tx)
+        with contextlib.suppress(Exception):  # "it was only a best effort"
+            await tx.execute("INSERT INTO no_such_table (x) VALUES (1)")
+        return "done"
+
+    with pytest.raises(TransactionAborted, match="no_such_table") as caught:
+        await store.transaction(write)
+    assert "none of it was committed" in caught.value.message
+    assert await _grants(store) == []
+    with pytest.raises(JobNotFound):
+        await store.get(job.id)
+    assert await store.transaction(lambda tx: tx.execute("DELETE FROM grants")) == 0
+
+
+async def test_a_failed_statement_of_an_on_complete_write_fails_the_completion(
+    store: JobStore, clock: ManualClock
+) -> None:
+    await _make_table(store)
+    job = await claimed(store, clock)
+
+    async def before(tx: Tx) -> None:
+        await tx.execute("INSERT INTO grants (job_id, amount) VALUES ('a', 1)")
+        with contextlib.suppress(Exception):
+            await tx.execute("INSERT INTO no_such_table (x) VALUES (1)")
+
+    with pytest.raises(TransactionAborted):
+        await store.apply(lifecycle.complete(job.id, job.fence, None, clock()), before=before)
+    assert await _grants(store) == []
+    assert (await store.get(job.id)).status == S.running
+
+
 async def test_an_insert_joined_to_a_transaction_commits_with_it(
     store: JobStore, clock: ManualClock
 ) -> None:
@@ -1062,6 +1084,26 @@ async def test_due_lists_queued_due_jobs_by_priority_then_age(
     assert ids_of_due(due) == [urgent.id, old.id]
     assert (due[0].task_type, due[0].queue, due[0].priority) == ("order", "critical", 9)
     assert ids_of_due(await store.due(clock(), 1)) == [urgent.id]
+
+
+async def test_due_of_some_task_types_leaves_the_others_out_before_the_limit(
+    store: JobStore, clock: ManualClock
+) -> None:
+    old = await add(store, clock)
+    clock.advance(1)
+    elsewhere = [await add(store, clock, priority=9, task_type="elsewhere") for _ in range(3)]
+    order = await add(store, clock, priority=1, queue="critical", task_type="order")
+    await claimed(store, clock, task_type="order")
+    await add(store, clock, run_at=clock() + timedelta(seconds=60), task_type="order")
+    due = await store.due(clock(), 2, task_types=["noop", "order"])
+    assert ids_of_due(due) == [order.id, old.id]
+    assert (due[0].task_type, due[0].queue, due[0].priority, due[0].run_at) == (
+        "order", "critical", 1, clock()
+    )
+    assert ids_of_due(await store.due(clock(), 10, task_types=["order", "unknown"])) == [order.id]
+    assert await store.due(clock(), 10, task_types=[]) == []
+    everything = await store.due(clock(), 10, task_types=None)
+    assert ids_of_due(everything) == [*ids(elsewhere), order.id, old.id]
 
 
 async def test_failed_ids_filters_by_ids_task_type_and_failure_time(
@@ -1328,6 +1370,35 @@ async def test_completed_results_read_back_the_same_whatever_their_text(
     ]
 
 
+BARE_NUMBERS = [10**30, 2**63 + 1, -(2**70), 2.0, -0.0, 1e20, 0.1, 7]
+
+
+@pytest.mark.parametrize("how", ["batch", "transition"])
+async def test_a_bare_number_result_reads_back_as_it_was_returned(
+    store: JobStore, clock: ManualClock, how: str
+) -> None:
+    """SQLite once stored it as JSON text in a column of NUMERIC affinity, which made 2.0 the
+    integer 2 and 10**30 an approximate float; PostgreSQL kept it. Now both keep it."""
+    from carwash_jobs.store.base import Completion
+
+    jobs = [await claimed(store, clock) for _ in BARE_NUMBERS]
+    if how == "batch":  # with a result of another shape and none beside them
+        extra = [await claimed(store, clock) for _ in range(2)]
+        done = await store.complete_many(
+            [Completion(j.id, j.fence, r) for j, r in zip(jobs, BARE_NUMBERS, strict=True)]
+            + [Completion(extra[0].id, extra[0].fence, {"n": 2.0}),
+               Completion(extra[1].id, extra[1].fence, None)])
+        assert len(done.completed) == len(BARE_NUMBERS) + 2
+        assert [r.result for r in await store.get_many([e.id for e in extra])] == [{"n": 2.0}, None]
+    else:
+        for job, result in zip(jobs, BARE_NUMBERS, strict=True):
+            applied = await store.apply(lifecycle.complete(job.id, job.fence, result, clock()))
+            assert (applied.job.result, type(applied.job.result)) == (result, type(result))
+    rows = {row.id: row for row in await store.get_many([j.id for j in jobs])}
+    assert [(rows[j.id].result, type(rows[j.id].result)) for j in jobs] == [
+        (r, type(r)) for r in BARE_NUMBERS]
+
+
 async def test_a_claim_under_a_limit_records_its_claimed_event(
     store: JobStore, clock: ManualClock
 ) -> None:
@@ -1365,7 +1436,7 @@ async def test_postgres_a_dependency_added_while_a_completion_waits_for_a_lock_i
     from carwash_jobs.store.base import Completion
 
     job = await claimed(store, clock)
-    conn = await asyncpg.connect(_database_url(database_url, make_url(database_url).database or "",
+    conn = await asyncpg.connect(postgres_url(database_url, make_url(database_url).database or "",
                                                driver="postgresql"))
     try:
         lock = conn.transaction()
@@ -1447,7 +1518,7 @@ async def test_postgres_claims_by_id_through_the_primary_key_once_queued_jobs_ar
     read the (status, id) index and walk every queued job to find the hundred asked for."""
     from carwash_jobs.store.postgres import CLAIM_IDS
 
-    conn = await asyncpg.connect(_database_url(database_url, make_url(database_url).database or "",
+    conn = await asyncpg.connect(postgres_url(database_url, make_url(database_url).database or "",
                                                driver="postgresql"))
     try:
         async with conn.transaction():  # the history, without 50,000 calls of the count trigger
@@ -1479,7 +1550,7 @@ async def test_postgres_retries_a_batch_through_the_primary_key_among_many_faile
     status index, each batch of 1,000 would walk every failed job."""
     from carwash_jobs.store.postgres import alike_statement
 
-    conn = await asyncpg.connect(_database_url(database_url, make_url(database_url).database or "",
+    conn = await asyncpg.connect(postgres_url(database_url, make_url(database_url).database or "",
                                                driver="postgresql"))
     try:
         async with conn.transaction():  # without 102,000 calls of the count trigger
