@@ -1,6 +1,7 @@
 """`route_handlers`: the single list of every route the app serves.
 
-/api/* sits behind the bearer-token guard; /health (and /metrics unless configured otherwise)
+/api/* sits behind the bearer-token guard (and the guard that refuses NUL in path and query
+parameters, endpoints/text.py); /health (and /metrics unless configured otherwise)
 stays open; /ui (the dashboard) takes the same token once, at its login, for a session cookie.
 The per-task-type routes are generated from the registry.
 """
@@ -15,6 +16,7 @@ from endpoints.health import health, metrics_route
 from endpoints.jobs import JobController
 from endpoints.queue import QueueController
 from endpoints.tasks import task_routes
+from endpoints.text import refuse_nul_params
 from endpoints.ui import ui_routes
 
 
@@ -27,7 +29,7 @@ def route_handlers(
     api = Router(
         "/api",
         route_handlers=[*task_routes(registry, settings), JobController, QueueController],
-        guards=[guard],
+        guards=[guard, refuse_nul_params],  # in this order: no token is a 401 whatever else
         security=[{SECURITY_SCHEME: []}],
     )
     return [api, health, metrics_route([] if settings.metrics_public else [guard]),

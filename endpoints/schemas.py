@@ -6,25 +6,36 @@ client sees of a job, so the API and the CLI cannot drift apart.
 
 import functools
 import json
+import re
 import types
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
 from litestar.datastructures import ResponseHeader
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.queue import (
     DEPENDENCY_ID_MAX_LENGTH,
     IDEMPOTENCY_KEY_MAX_LENGTH,
-    MAX_DELAY_SECONDS,
     PRIORITY_MAX,
     QUEUE_NAME_MAX_LENGTH,
     EnqueueOptions,
 )
 from carwash_jobs.store.base import EventRow, JobRow, Page, as_utc, time_range_problem
-from carwash_jobs.types import JobId
+from carwash_jobs.types import MAX_DELAY_SECONDS, JobId
+from endpoints.text import NUL_PROBLEM, nul_location
 
 #: documents the header of every 202 that creates a job
 LOCATION_HEADER = ResponseHeader(
@@ -32,10 +43,22 @@ LOCATION_HEADER = ResponseHeader(
 )
 
 
-def reject_numbers(value: Any) -> Any:
-    """Datetimes come as ISO 8601 text; a number would otherwise pass as a Unix timestamp."""
-    if isinstance(value, (int, float)):
-        raise ValueError("must be an ISO 8601 datetime text with a UTC offset")
+#: how ISO 8601 date-time text begins: a calendar date, "T" (or a space, as RFC 3339 allows),
+#: hours and minutes; pydantic parses the rest (seconds, fraction, offset) as before
+_ISO_DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}")
+
+
+def is_iso_datetime_text(value: Any) -> bool:
+    """Whether `value` is text in the shape of an ISO 8601 date-time. Pydantic's lax parsing
+    also takes a number, or text of digits, as a Unix timestamp: "2030" became
+    1970-01-01T00:33:50Z and "0" 1970, so a datetime must look like one before it is parsed."""
+    return isinstance(value, str) and _ISO_DATE_TIME.match(value) is not None
+
+
+def iso_datetime_text(value: Any) -> Any:
+    """A before-validator for every datetime the API takes: ISO 8601 date-time text only."""
+    if value is not None and not is_iso_datetime_text(value):
+        raise ValueError("must be ISO 8601 date-time text, e.g. 2030-01-01T08:00:00Z")
     return value
 
 
@@ -67,11 +90,16 @@ def _scalar_kind(annotation: Any) -> Any:
     return annotation if annotation in _SCALARS else None
 
 
+def holds_datetime(annotation: Any) -> bool:
+    """Whether a field holds a datetime (optionally None)."""
+    return _scalar_kind(annotation) is datetime
+
+
 def _json_type_matches(kind: Any, value: Any) -> bool:
     if kind is bool:
         return isinstance(value, bool)
     if kind is datetime:
-        return isinstance(value, str)
+        return is_iso_datetime_text(value)
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -81,11 +109,11 @@ def _item_matches(kind: Any, item: Any) -> bool:
 
 
 def json_scalars_only(cls: type[BaseModel], data: Any) -> Any:
-    """A JSON body says what type a value is: `true` is not 1, `"5"` is not 5 and `0` is not
-    1970-01-01. Pydantic's lax mode would convert them (a form, all text, needs that), so in a
-    JSON model a top-level value of the wrong JSON type, or an item of the wrong JSON type in a
-    top-level list of scalars (`customer_ids: [true]` is not customer 1), is refused, naming its
-    field or item."""
+    """A JSON body says what type a value is: `true` is not 1, `"5"` is not 5 and `0` (or
+    `"0"`) is not 1970-01-01. Pydantic's lax mode would convert them (a form, all text, needs
+    that), so in a JSON model a top-level value of the wrong JSON type, or an item of the wrong
+    JSON type in a top-level list of scalars (`customer_ids: [true]` is not customer 1), is
+    refused, naming its field or item."""
     if not isinstance(data, dict):
         return data
     fixed: dict[str, Any] | None = None
@@ -190,8 +218,25 @@ class EventPage(BaseModel):
     items: list[EventOut]
 
 
-# -- enqueue options ------------------------------------------------------------------------------
-class EnqueueOptionsIn(BaseModel):
+# -- request bodies --------------------------------------------------------------------------------
+class NulFree(BaseModel):
+    """Base of every request model: no text in it, at any depth, holds NUL (endpoints/text.py
+    says why). Checked on the validated values, as they will be stored: the form's JSON fields
+    decoded, nested payload models and a payload's extra fields included."""
+
+    @model_validator(mode="after")
+    def _no_nul(self) -> Self:
+        where = nul_location(self.model_dump(by_alias=True))
+        if where is None:
+            return self
+        # a ValidationError keeps its location, so the 400 names the very field or item
+        problem = InitErrorDetails(
+            type=PydanticCustomError("nul_in_text", NUL_PROBLEM), loc=where, input="<text holding NUL>"
+        )
+        raise ValidationError.from_exception_data(type(self).__name__, [problem])
+
+
+class EnqueueOptionsIn(NulFree):
     """The options every task type accepts beside its payload fields.
 
     Generated request models inherit these fields; `options_of` turns them into the engine's
@@ -234,7 +279,7 @@ class EnqueueOptionsIn(BaseModel):
     @field_validator("run_at", mode="before")
     @classmethod
     def _run_at_text(cls, value: Any) -> Any:
-        return reject_numbers(value)
+        return iso_datetime_text(value)
 
     @field_validator("run_at")
     @classmethod
@@ -295,7 +340,7 @@ def decode_form_json(value: Any) -> Any:
 
 
 # -- other bodies ------------------------------------------------------------------------------
-class RetryFailedIn(BaseModel):
+class RetryFailedIn(NulFree):
     """Which failed jobs to retry; every filter given is AND-ed, none means every failed job.
     An unknown key is refused: a misspelt filter ignored would retry every failed job."""
 
@@ -311,7 +356,7 @@ class RetryFailedIn(BaseModel):
     @field_validator("failed_after", "failed_before", mode="before")
     @classmethod
     def _text(cls, value: Any) -> Any:
-        return reject_numbers(value)
+        return iso_datetime_text(value)
 
     @field_validator("failed_after", "failed_before")
     @classmethod

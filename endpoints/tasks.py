@@ -14,10 +14,10 @@ into `payload[upload_field]`, and it is removed again if no job takes it.
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, cast
 
-from litestar import Response, post
+from litestar import Request, Response, post
 from litestar.datastructures import UploadFile
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import NotAuthorizedException, ValidationException
+from litestar.exceptions import ClientException, NotAuthorizedException, ValidationException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
@@ -39,6 +39,8 @@ from endpoints.schemas import (
     JobOut,
     UploadForm,
     decode_form_json,
+    holds_datetime,
+    iso_datetime_text,
     json_scalars_only,
     options_of,
     queue_name_type,
@@ -112,7 +114,7 @@ def _route(
 ) -> HTTPRouteHandler:
     """Give the generated handler its request model and register it as a POST route. A
     multipart route passes `upload_limit`, its body limit (Litestar closes the form's spooled
-    files however the request ends)."""
+    files however the request ends), and has its form parsed by `_parse_form` first."""
     handler.__annotations__["data"] = body
     handler.__name__ = f"enqueue_{task_type.name}"
     decorator = post(
@@ -127,6 +129,7 @@ def _route(
         raises=_RAISES,
         tags=["tasks"],
         request_max_body_size=Empty if upload_limit is None else upload_limit,
+        before_request=None if upload_limit is None else _parse_form,
     )
     return decorator(handler)
 
@@ -170,6 +173,26 @@ def _json_route(task_type: AnyTaskType, queue_field: tuple[Any, Any]) -> HTTPRou
 
 
 # -- multipart ---------------------------------------------------------------------------------------
+async def _parse_form(request: Request[Any, Any, Any]) -> None:
+    """Parse the form before the handler's arguments are read (they are then read from the form
+    parsed here): a text part whose charset is no text encoding (`charset=nope`, `base64`,
+    `undefined`) or whose bytes are not text in it makes Litestar's parser raise LookupError or
+    UnicodeError, which left as a 500; it is bad input, so it is a 400. The parser does not say
+    which part failed, so the answer cannot name it."""
+    try:
+        await request.form()
+    except (LookupError, UnicodeError) as exc:
+        if isinstance(exc, KeyError | IndexError):
+            raise  # a fault in the parser, not the request's charset
+        raise ClientException(f"the form could not be decoded: {_undecodable(exc)}") from None
+
+
+def _undecodable(exc: LookupError | UnicodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a part is not valid {exc.encoding} text ({exc.reason})"
+    return "a part's charset is not a text encoding"
+
+
 def upload_model(task_type: AnyTaskType, queue_field: tuple[Any, Any]) -> type[BaseModel]:
     """The request model of a multipart route: `file`, the payload fields other than
     `upload_field`, and the enqueue options. The payload model's own validators run later,
@@ -182,6 +205,7 @@ def upload_model(task_type: AnyTaskType, queue_field: tuple[Any, Any]) -> type[B
     }
     _check_no_clash(task_type, set(fields), OPTION_FIELDS | {FILE_PART})
     decoded = [name for name, (annotation, _) in fields.items() if not _is_text(annotation)]
+    datetimes = [name for name, (annotation, _) in fields.items() if holds_datetime(annotation)]
 
     class Form(UploadForm):
         model_config = ConfigDict(extra=payload_model.model_config.get("extra") or "ignore")
@@ -195,7 +219,7 @@ def upload_model(task_type: AnyTaskType, queue_field: tuple[Any, Any]) -> type[B
         f"{_camel(task_type.name)}Upload",
         __base__=Form,
         __doc__=f"A multipart form: `{FILE_PART}`, the other {payload_model.__name__} fields, the options.",
-        __validators__=_json_decoders(decoded),
+        __validators__={**_json_decoders(decoded), **_iso_datetimes(datetimes)},
         **definitions,
     )
     return model
@@ -217,6 +241,18 @@ def _json_decoders(names: list[str]) -> dict[str, Any]:
         return decode_form_json(value)
 
     return {"_decode_json_fields": field_validator(*names, mode="before")(decode)}
+
+
+def _iso_datetimes(names: list[str]) -> dict[str, Any]:
+    """Before-validators that take a form's datetime fields as ISO 8601 date-time text only, as
+    run_at is: pydantic would read "0" as 1970-01-01."""
+    if not names:
+        return {}
+
+    def check(cls: type[BaseModel], value: Any) -> Any:
+        return iso_datetime_text(value)
+
+    return {"_iso_datetimes": field_validator(*names, mode="before")(check)}
 
 
 def _upload_route(

@@ -43,6 +43,7 @@ from carwash_jobs.store.base import (
 from carwash_jobs.types import JobId
 from endpoints.deps import QueueDep, StoreDep
 from endpoints.jobs import CURSOR_PATTERN, JobIdPath
+from endpoints.text import NUL_PROBLEM, nul_location, refuse_nul_params
 from endpoints.ui_auth import CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE, SessionSigner, UiSession
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -118,6 +119,7 @@ def ui_routes(api_token: str, *, secure_cookie: bool | None = None) -> list[Cont
             retry_job, rerun_job, cancel_job, bulk_retry,
         ],
         before_request=require_session,
+        guards=[refuse_nul_params],
         response_headers=SECURITY_HEADERS,
         include_in_schema=False,
         opt={"signer": signer},
@@ -351,6 +353,12 @@ def _check_range(after_name: str, after: datetime | None, before_name: str, befo
         raise BadFilter(f"{before_name}: {problem}")
 
 
+def _check_nul(form: Mapping[str, str]) -> None:
+    """A form's text reaches the store: no NUL (endpoints/text.py says why)."""
+    if (where := nul_location(form)) is not None:
+        raise BadFilter(f"{where[0]}: {NUL_PROBLEM}")
+
+
 def _form_time(text: str, name: str) -> datetime | None:
     """ISO 8601; without an offset it is taken as UTC (the dashboard shows UTC throughout)."""
     if not text:
@@ -406,6 +414,7 @@ async def bulk_retry(request: UiRequest, job_queue: QueueDep, data: FormData) ->
     _check_csrf(request, data)
     task_type = data.get("task_type", "").strip() or None
     try:
+        _check_nul(data)
         after = _form_time(data.get("failed_after", "").strip(), "failed_after")
         before = _form_time(data.get("failed_before", "").strip(), "failed_before")
         _check_range("failed_after", after, "failed_before", before)

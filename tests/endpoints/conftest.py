@@ -1,5 +1,6 @@
 """Fixtures for the endpoint tests: settings on an SQLite file in tmp_path, the Runtime, and an
-AsyncTestClient that carries the bearer token.
+AsyncTestClient that carries the bearer token; `backend_client`, the same client on SQLite and on
+PostgreSQL (a database per test on the CARWASH_TEST_POSTGRES_URL server, skipped while it is unset).
 
 Litestar's AsyncTestClient runs the app, and so the Runtime its lifespan starts, on an event loop
 of its own in a portal thread. A test reaches the engine through `in_app(client, fn, ...)`, which
@@ -9,6 +10,7 @@ file that each test copies, so the start-up migration finds nothing to do.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -19,6 +21,7 @@ from litestar.testing import AsyncTestClient
 from carwash_jobs.app import build_runtime, create_app
 from carwash_jobs.settings import Settings, load_settings
 from carwash_jobs.store.migrations import upgrade
+from tests.carwash_jobs.support import migrated_postgres_template, postgres_database_from
 from tests.endpoints.sample_tasks import MODULES
 
 if TYPE_CHECKING:
@@ -60,7 +63,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import asyncio
 
     path = tmp_path_factory.mktemp("template") / "carwash.db"
     asyncio.run(upgrade(f"sqlite+aiosqlite:///{path}"))
@@ -91,6 +93,33 @@ def app(settings: Settings, runtime: Runtime) -> Litestar:
 @pytest.fixture
 async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
     async with AsyncTestClient(app) as test_client:
+        test_client.headers.update(AUTH)
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[tuple[str, str] | None]:
+    """Session-scoped, so it reads the environment before `_clean_environment` empties it."""
+    with migrated_postgres_template("carwash_ep") as template:
+        yield template
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend_client(
+    request: pytest.FixtureRequest, tmp_path: Path, template_db: Path,
+    postgres_template: tuple[str, str] | None,
+) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    """The `client` of an app on SQLite, then on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        copy_template(template_db, tmp_path)
+        async with AsyncTestClient(create_app(make_settings(tmp_path))) as test_client:
+            test_client.headers.update(AUTH)
+            yield test_client
+        return
+    async with (
+        postgres_database_from(postgres_template, "t") as url,
+        AsyncTestClient(create_app(make_settings(tmp_path, database_url=url))) as test_client,
+    ):
         test_client.headers.update(AUTH)
         yield test_client
 

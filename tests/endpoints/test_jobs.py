@@ -165,6 +165,9 @@ async def test_retry_failed_filters(client: AsyncTestClient[Litestar], runtime: 
     ({"ids": "x"}, "ids"),
     ({"failed_after": "2030-01-01T00:00:00"}, "failed_after"),
     ({"failed_before": 0}, "failed_before"),
+    # text of digits was taken as a Unix timestamp: "2030" is 1970, so every failed job matched
+    ({"failed_after": "2030"}, "failed_after"),
+    ({"failed_before": "1900000000"}, "failed_before"),
     # a misspelt filter, ignored, would have retried every failed job
     ({"idz": ["x"]}, "idz"),
     ({"task_type": "echo", "failed_since": "2030-01-01T00:00:00Z"}, "failed_since"),

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from litestar.testing import AsyncTestClient
+from pydantic import BaseModel
 
-from carwash_jobs.app import create_app
+from carwash_jobs.app import build_runtime, create_app
 from carwash_jobs.errors import ConfigurationError
 from carwash_jobs.registry import TaskRegistry, TaskType
 from endpoints.tasks import enqueue_model, task_routes
@@ -20,8 +21,11 @@ from tests.endpoints.conftest import AUTH, assert_error, copy_template, idle, jo
 from tests.endpoints.sample_tasks.echo import EchoPayload, echo
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from litestar import Litestar
 
+    from carwash_jobs.context import JobContext
     from carwash_jobs.runtime import Runtime
     from carwash_jobs.settings import Settings
 
@@ -150,6 +154,9 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
      "delay_seconds"),
     ("run_at without offset", {"message": "m", "run_at": "2030-01-01T00:00:00"}, "run_at"),
     ("run_at as a number", {"message": "m", "run_at": 1_900_000_000}, "run_at"),
+    # text of digits was taken as a Unix timestamp: "1900000000" 2030-03-17, "2030" 1970
+    ("run_at as text of digits", {"message": "m", "run_at": "1900000000"}, "run_at"),
+    ("run_at as a year", {"message": "m", "run_at": "2030"}, "run_at"),
     ("run_at out of range", {"message": "m", "run_at": "0001-01-01T00:00:00+05:00"}, "run_at"),
     ("context not an object", {"message": "m", "context": [1]}, "context"),
     ("context too big", {"message": "m", "context": {"x": "y" * 5000}}, "context"),
@@ -227,6 +234,45 @@ def test_upload_field_must_name_a_payload_field() -> None:
         TaskType("bad", EchoPayload, echo, upload_field="nope")
 
 
+class Visit(BaseModel):
+    """A payload with a datetime field (no sample task type has one)."""
+
+    at: datetime
+    path: str = ""
+
+
+async def visit(ctx: JobContext, payload: Visit) -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+async def visits(tmp_path: Path, template_db: Path) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    """A client of an app with two task types whose payload has a datetime: JSON and multipart."""
+    copy_template(template_db, tmp_path)
+    settings = make_settings(tmp_path)
+    registry = TaskRegistry([TaskType("visit", Visit, visit),
+                             TaskType("visit_upload", Visit, visit, upload_field="path")])
+    async with AsyncTestClient(create_app(settings, runtime=build_runtime(settings, registry=registry))) as c:
+        c.headers.update(AUTH)
+        yield c
+
+
+@pytest.mark.parametrize("at", ["1900000000", "0", "2030"])
+async def test_a_payload_datetime_is_iso_8601_text_only(visits: AsyncTestClient[Litestar], at: str) -> None:
+    """Text of digits was taken as a Unix timestamp, in a JSON body and in a form alike."""
+    async def post_json(at: str) -> Any:
+        return await visits.post("/api/tasks/visit", json={"at": at})
+
+    async def post_form(at: str) -> Any:
+        return await visits.post("/api/tasks/visit-upload", data={"at": at}, files={"file": ("a.csv", b"a")})
+
+    for good in ("2030-01-01T08:00:00Z", "2030-01-01 08:00:00+02:00"):
+        assert (await post_json(good)).status_code == 202
+        assert (await post_form(good)).status_code == 202
+    assert_error(await post_json(at), 400, "at")
+    assert_error(await post_form(at), 400, "at")
+
+
 # -- multipart ---------------------------------------------------------------------------------
 def stored_files(settings: Settings) -> list[Path]:
     root = Path(settings.files_dir)
@@ -282,6 +328,7 @@ async def test_upload_file_name_cannot_escape_the_files_directory(
     ({"priority": "high"}, "priority"),
     ({"notes": '{"a": 1}'}, "notes.a"),
     ({"queue": "nope"}, "queue"),
+    ({"run_at": "0"}, "run_at"),  # was taken as a Unix timestamp: 1970
     # deeper than the JSON decoder follows: its RecursionError was a 500
     ({"context": "[" * 5000 + "]" * 5000}, "context"),
 ])
@@ -347,6 +394,31 @@ async def test_upload_form_with_a_bad_charset_gets_400(client: AsyncTestClient[L
                                  headers={"content-type": f"multipart/form-data; boundary={boundary}"})
 
     assert_error(response, 400)
+
+
+@pytest.mark.parametrize("charset", [
+    "nope",  # no such codec: LookupError
+    "base64",  # a codec, but not of text: LookupError
+    "undefined",  # a text codec that refuses everything: UnicodeError
+])
+async def test_upload_form_part_with_a_charset_that_decodes_no_text_gets_400(
+    client: AsyncTestClient[Litestar], settings: Settings, charset: str
+) -> None:
+    boundary = "XyZ"
+    part = f"--{boundary}\r\nContent-Disposition: form-data; name="
+    body = (
+        f'{part}"kind"\r\n\r\nemployees\r\n'
+        f'{part}"tenant_id"\r\nContent-Type: text/plain; charset={charset}\r\n\r\nt\r\n'
+        f'{part}"file"; filename="a.csv"\r\nContent-Type: text/csv\r\n\r\na\r\n'
+        f"--{boundary}--\r\n"
+    ).encode()
+    response = await client.post("/api/tasks/file-upload", content=body,
+                                 headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+
+    assert_error(response, 400)
+    assert response.json()["detail"].startswith("the form could not be decoded")
+    assert stored_files(settings) == []
+    assert await job_count(client) == 0
 
 
 async def test_a_refused_form_does_not_leave_its_spooled_file_open(tmp_path: Path, template_db: Path) -> None:

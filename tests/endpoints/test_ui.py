@@ -281,6 +281,20 @@ async def test_a_bad_filter_is_a_400_naming_it(
     assert f"{named}:" in response.text
 
 
+@pytest.mark.parametrize(("path", "named"), [
+    ("/ui/jobs?tag=a%00", "tag"), ("/ui/partials/jobs?task_type=%00", "task_type"),
+    ("/ui/jobs/%00", "job_id"),
+])
+async def test_nul_in_a_filter_or_a_job_id_is_a_400_naming_it(
+    browser: AsyncTestClient[Litestar], path: str, named: str
+) -> None:
+    """PostgreSQL text cannot hold NUL: looking it up was a 500 there (endpoints/text.py)."""
+    response = await browser.get(path)
+
+    assert response.status_code == 400
+    assert [item["key"] for item in response.json()["extra"]] == [named]
+
+
 async def test_the_job_page_shows_payload_error_traceback_attempts_and_timeline(
     browser: AsyncTestClient[Litestar], failed_job: str
 ) -> None:
@@ -430,3 +444,19 @@ def test_the_chart_stacks_failed_on_completed_per_minute_and_draws_the_failure_r
     assert chart.last_label == "12:30"
     assert chart.first_label == "11:31"
     assert round(chart.failure_rate, 1) == 12.5
+
+
+async def test_bulk_retry_with_nul_in_the_task_type_is_a_400_and_retries_nothing(
+    browser: AsyncTestClient[Litestar], runtime: Runtime
+) -> None:
+    job_id = await enqueue(browser, "fail", {})
+    idle(browser, runtime)
+    token = await csrf_of(browser, "/ui/jobs?status=failed")
+
+    data = {"csrf_token": token, "task_type": "fail\x00"}
+
+    response = await browser.post("/ui/jobs/retry-failed", data=data)
+
+    assert response.status_code == 400
+    assert "task_type: must not contain U+0000" in response.text
+    assert await status_of(browser, job_id) == "failed"

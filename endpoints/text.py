@@ -1,0 +1,54 @@
+"""No text the API takes may hold U+0000 (NUL): PostgreSQL cannot store it.
+
+PostgreSQL's `text` cannot hold NUL (asyncpg raises CharacterNotInRepertoireError, which left
+as a 500) and its `jsonb` refuses the escape \\u0000; SQLite stores both. So NUL is refused on
+every backend alike, with a 400 naming where it is, before anything is read or written: in a
+request model's values at any depth, object keys included (schemas.NulFree), and in the path
+and query parameters of every route (`refuse_nul_params`, a guard on each router).
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import ValidationException
+from litestar.handlers import BaseRouteHandler
+
+from endpoints.errors import field_error
+
+NUL = "\x00"
+NUL_PROBLEM = "must not contain U+0000 (NUL): PostgreSQL text cannot hold it"
+
+Location = tuple[str | int, ...]
+
+
+def nul_location(value: Any, where: Location = ()) -> Location | None:
+    """Where in `value` (text, or mappings and lists of it, as JSON decodes) the first text
+    holding NUL is, as a path of keys and indexes; None when there is none."""
+    if isinstance(value, str):
+        return where if NUL in value else None
+    if isinstance(value, Mapping):
+        items: Any = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and NUL in key:
+            return (*where, key)
+        if (found := nul_location(item, (*where, key))) is not None:
+            return found
+    return None
+
+
+async def refuse_nul_params(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """A guard (placed after the bearer guard, so a request without the token still gets 401):
+    a path or query parameter holding NUL is a 400 naming it (a job id too: an id holding NUL
+    cannot exist, and looking it up was a 500 on PostgreSQL)."""
+    params = [("path", name, value) for name, value in connection.path_params.items()]
+    params += [("query", name, value) for name, value in connection.query_params.multi_items()]
+    for source, name, value in params:
+        if nul_location(value) is not None:
+            problem = f"{name} {NUL_PROBLEM}"
+            extra = field_error(name, problem, source)
+            raise ValidationException(f"Validation failed: {problem}", extra=extra)
