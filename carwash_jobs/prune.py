@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from carwash_jobs.uploads import is_upload
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from datetime import timedelta
@@ -70,7 +72,6 @@ class Pruner:
         """After the rows are gone (a crash in between leaves a file, never a job without its
         file). Only an upload's own directory under files_dir is removed: a payload that names
         anything else is not the upload endpoint's doing, and is left alone."""
-        root = self._files_dir.resolve()
         for job in pruned:
             if job.task_type not in self._registry:
                 continue
@@ -78,9 +79,8 @@ class Pruner:
             value = job.payload.get(field) if field is not None else None
             if not isinstance(value, str):
                 continue
-            directory = Path(value).resolve().parent
-            if directory.parent != root:
+            if not is_upload(Path(value), self._files_dir):
                 log.warning("job %s: not removing %s, which is not an upload under %s",
-                            job.id, value, root)
+                            job.id, value, self._files_dir)
                 continue
-            shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(Path(value).resolve().parent, ignore_errors=True)

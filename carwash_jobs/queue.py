@@ -12,9 +12,10 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from carwash_jobs import lifecycle, tracing
+from carwash_jobs import lifecycle, tracing, uploads
 from carwash_jobs.batcher import Batcher
 from carwash_jobs.errors import IllegalTransition, InvalidPayload
 from carwash_jobs.lifecycle import JobStatus
@@ -133,9 +134,12 @@ class JobQueue:
         ready: ReadyQueue | None,
         metrics: Metrics | None = None,
         clock: Clock = utc_now,
+        files_dir: str | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
+        #: where uploads live (settings.files_dir): a rerun copies its source's upload there
+        self._files_dir = files_dir
         self.ready = ready  #: None in a process that runs no processor (role api)
         self._metrics = metrics
         self._clock = clock
@@ -453,10 +457,33 @@ class JobQueue:
             priority=source.priority, max_attempts=source.max_attempts, queue=source.queue,
             tags=source.tags, context=source.context,
         )
-        (inserted,) = await self.insert(
-            [self.build(source.task_type, source.payload, options, rerun_of=source.id)]
-        )
+        payload, copied = await self._rerun_payload(source)
+        try:
+            (inserted,) = await self.insert(
+                [self.build(source.task_type, payload, options, rerun_of=source.id)]
+            )
+        except BaseException:
+            if copied is not None:
+                await uploads.remove_upload(copied)
+            raise
         return inserted.job
+
+    async def _rerun_payload(self, source: JobRow) -> tuple[Mapping[str, Any], Path | None]:
+        """The source's payload, with a copy of its uploaded file if it names one (see
+        uploads.py: an upload's directory belongs to one job, which takes it when pruned), and
+        that copy. A file that is gone is left as it is named: the rerun fails as its source
+        would."""
+        field = (self.registry.get(source.task_type).upload_field
+                 if source.task_type in self.registry else None)
+        value = source.payload.get(field) if field is not None else None
+        if (field is None or not isinstance(value, str) or self._files_dir is None
+                or not uploads.is_upload(Path(value), self._files_dir)):
+            return source.payload, None
+        try:
+            copy = await uploads.copy_upload(Path(value), self._files_dir)
+        except FileNotFoundError:
+            return source.payload, None
+        return {**source.payload, field: str(copy)}, copy
 
     async def reload(self, limit: int = 10_000) -> int:
         """Load due rows this process does not hold yet (after a restart, a crash, a backoff

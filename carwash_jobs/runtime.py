@@ -72,7 +72,8 @@ class Runtime:
         )
         works = role in ("all", "worker")
         ready = ReadyQueue(settings.queue_mode, settings.queues) if works else None
-        self.queue = JobQueue(self.store, registry, ready=ready, metrics=self.metrics, clock=clock)
+        self.queue = JobQueue(self.store, registry, ready=ready, metrics=self.metrics, clock=clock,
+                              files_dir=settings.files_dir)
         self.processor: QueueProcessor | None = None
         self.scheduler: Scheduler | None = None
         if works:

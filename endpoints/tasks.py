@@ -31,6 +31,7 @@ from carwash_jobs.errors import ConfigurationError
 from carwash_jobs.registry import AnyTaskType, TaskRegistry
 from carwash_jobs.settings import Settings
 from carwash_jobs.store.base import Inserted
+from carwash_jobs.uploads import remove_upload, store_upload
 from endpoints.deps import QueueDep
 from endpoints.schemas import (
     LOCATION_HEADER,
@@ -45,7 +46,6 @@ from endpoints.schemas import (
     options_of,
     queue_name_type,
 )
-from endpoints.uploads import remove_upload, store_upload
 
 #: the multipart part that carries the file (shared/API.md: "multipart form with `file`")
 FILE_PART = "file"

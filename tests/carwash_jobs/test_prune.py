@@ -10,23 +10,26 @@ CARWASH_TEST_POSTGRES_URL names a server.
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from carwash_jobs import lifecycle
-from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.errors import InvalidPayload
+from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
 from carwash_jobs.prune import Pruner
+from carwash_jobs.queue import JobQueue
 from carwash_jobs.registry import TaskRegistry
 from carwash_jobs.store.base import Completion, NewJob
 from carwash_jobs.types import new_job_id
+from carwash_jobs.uploads import is_upload
 from tests.carwash_jobs.store import test_contract as contract
 from tests.carwash_jobs.store.test_contract import add, claimed, complete, failed
+from tests.carwash_jobs.support import OWNER
 from tests.endpoints.sample_tasks.upload import TASK_TYPE as UPLOAD
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from carwash_jobs.store.base import JobRow, JobStore, Tx
     from tests.carwash_jobs.support import ManualClock
 
@@ -237,3 +240,106 @@ def test_retention_settings_must_be_positive(field: str) -> None:
 
     with pytest.raises(ConfigurationError, match=field):
         load_settings(**{field: 0})
+
+
+# -- a rerun's upload ---------------------------------------------------------------------------
+async def finished_upload(
+    store: JobStore, clock: ManualClock, payload: dict[str, Any], *, fail: bool
+) -> JobRow:
+    job = NewJob(id=new_job_id(), task_type=UPLOAD.name, payload=payload,
+                 status=JobStatus.queued, run_at=clock(), created_at=clock())
+    (inserted,) = await store.insert([job])
+    (row,) = await store.claim([inserted.job.id], OWNER, clock() + contract.LEASE)
+    if fail:
+        transition = lifecycle.fail(row.id, row.fence, "db down", None, AttemptOutcome.error,
+                                    clock())
+        return (await store.apply(transition)).job
+    return await complete(store, row, clock)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    return a.read_bytes() == b.read_bytes()
+
+
+def names_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def upload_queue(store: JobStore, clock: ManualClock, files: Path) -> JobQueue:
+    return JobQueue(store, TaskRegistry([UPLOAD]), ready=None, clock=clock, files_dir=str(files))
+
+
+async def test_a_rerun_gets_its_own_copy_of_the_upload_which_pruning_it_takes_alone(
+    tmp_path: Path, clock: ManualClock, store: JobStore
+) -> None:
+    """A rerun once named its source's file: pruning the (completed) rerun removed the file
+    that its (failed, retryable, kept longer) source still needed, and the other way round."""
+    files = tmp_path / "files"
+    path = upload(files, "a" * 32)
+    payload = {"path": str(path), "kind": "employees", "tenant_id": "t", "notes": None}
+    source = await finished_upload(store, clock, payload, fail=True)
+
+    rerun = await upload_queue(store, clock, files).rerun(source.id)
+
+    copy = Path(rerun.payload["path"])
+    assert copy != path
+    assert copy.name == path.name
+    assert same_file(copy, path)
+    assert is_upload(copy, files)
+    assert {k: v for k, v in rerun.payload.items() if k != "path"} == {
+        k: v for k, v in payload.items() if k != "path"}
+    (claimed_rerun,) = await store.claim([rerun.id], OWNER, clock() + contract.LEASE)
+    await complete(store, claimed_rerun, clock)
+    clock.advance(8 * DAY)
+    pruner = Pruner(store, TaskRegistry([UPLOAD]), clock=clock, files_dir=str(files),
+                    completed_retention=timedelta(days=7), failed_retention=timedelta(days=30))
+
+    assert await pruner.prune() == 1  # the completed rerun; the failed source stays
+
+    assert not copy.parent.exists()
+    assert path.exists()
+    assert (await store.get(source.id)).status == JobStatus.failed
+
+
+async def test_a_rerun_of_an_upload_that_is_gone_names_it_as_its_source_did(
+    tmp_path: Path, clock: ManualClock, store: JobStore
+) -> None:
+    files = tmp_path / "files"
+    path = upload(files, "a" * 32)
+    source = await finished_upload(
+        store, clock, {"path": str(path), "kind": "employees", "tenant_id": "t"}, fail=True)
+    path.unlink()
+
+    rerun = await upload_queue(store, clock, files).rerun(source.id)
+
+    assert rerun.payload["path"] == str(path)  # it fails as its source would have
+    assert names_in(files) == ["a" * 32]
+
+
+async def test_a_rerun_that_is_refused_leaves_no_copy_behind(
+    tmp_path: Path, clock: ManualClock, store: JobStore
+) -> None:
+    files = tmp_path / "files"
+    path = upload(files, "a" * 32)
+    # written before the task type's payload grew a required field: the rerun's is refused
+    source = await finished_upload(store, clock, {"path": str(path), "tenant_id": "t"}, fail=True)
+
+    with pytest.raises(InvalidPayload):
+        await upload_queue(store, clock, files).rerun(source.id)
+
+    assert names_in(files) == ["a" * 32]
+
+
+async def test_a_path_outside_the_uploads_is_not_copied(
+    tmp_path: Path, clock: ManualClock, store: JobStore
+) -> None:
+    elsewhere = tmp_path / "elsewhere" / "keep.csv"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("employee_no\n", encoding="utf-8")
+    source = await finished_upload(
+        store, clock, {"path": str(elsewhere), "kind": "employees", "tenant_id": "t"}, fail=True)
+
+    rerun = await upload_queue(store, clock, tmp_path / "files").rerun(source.id)
+
+    assert rerun.payload["path"] == str(elsewhere)
+    assert not (tmp_path / "files").exists()

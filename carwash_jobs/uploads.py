@@ -1,9 +1,14 @@
 """Durable storage of uploaded files: written and fsynced under settings.files_dir before the
 job that names them is committed, so a 202 never points at a file a power cut could lose.
 
-Each upload gets its own directory (`<files_dir>/<random>/<sanitised name>`); the job's payload
-records the absolute path, which is all a handler (or a later cleanup) needs to find it.
+Each upload gets its own directory (`<files_dir>/<random>/<sanitised name>`), which belongs to
+one job: the job's payload records the absolute path, which is all a handler needs to find
+it, and pruning the job removes the directory (prune.py). So a rerun gets a copy of its
+source's file in a directory of its own (JobQueue.rerun): two jobs naming one file lost it to
+the first of them pruned.
 """
+
+from __future__ import annotations
 
 import asyncio
 import os
@@ -33,7 +38,23 @@ async def store_upload(source: IO[bytes], filename: str | None, files_dir: str, 
     return await asyncio.to_thread(_store, source, safe_name(filename), Path(files_dir), max_bytes)
 
 
-def _store(source: IO[bytes], name: str, files_dir: Path, max_bytes: int) -> Path:
+def is_upload(path: Path, files_dir: str | Path) -> bool:
+    """Whether `path` lies in an upload's own directory under `files_dir`, as store_upload makes
+    them: only such a directory is the engine's to copy or remove."""
+    return path.resolve().parent.parent == Path(files_dir).resolve()
+
+
+async def copy_upload(path: Path, files_dir: str) -> Path:
+    """A durable copy of the upload at `path` in a new directory under `files_dir`, of the same
+    name; returns its absolute path. FileNotFoundError when there is no such file."""
+    def copy() -> Path:
+        with path.open("rb") as source:
+            return _store(source, path.name, Path(files_dir), None)
+
+    return await asyncio.to_thread(copy)
+
+
+def _store(source: IO[bytes], name: str, files_dir: Path, max_bytes: int | None) -> Path:
     root = files_dir.resolve()
     root.mkdir(parents=True, exist_ok=True)
     directory = root / secrets.token_hex(16)
@@ -45,7 +66,7 @@ def _store(source: IO[bytes], name: str, files_dir: Path, max_bytes: int) -> Pat
         with path.open("xb") as target:
             while chunk := source.read(_CHUNK):
                 written += len(chunk)
-                if written > max_bytes:
+                if max_bytes is not None and written > max_bytes:
                     raise PayloadTooLarge(f"the uploaded file is larger than {max_bytes} bytes")
                 target.write(chunk)
             target.flush()
@@ -68,6 +89,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 async def remove_upload(path: Path) -> None:
-    """Remove an upload that no job took (bad payload, or an existing idempotency key)."""
+    """Remove an upload that no job took (bad payload, an existing idempotency key, a rerun
+    whose insert failed)."""
     await asyncio.to_thread(shutil.rmtree, path.parent, True)
 
