@@ -13,6 +13,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.exceptions import ValidationException
 from litestar.handlers import BaseRouteHandler
+from pydantic_core import PydanticSerializationError, to_json
 
 from endpoints.errors import field_error
 
@@ -22,9 +23,28 @@ NUL_PROBLEM = "must not contain U+0000 (NUL): PostgreSQL text cannot hold it"
 Location = tuple[str | int, ...]
 
 
-def nul_location(value: Any, where: Location = ()) -> Location | None:
+def nul_location(value: Any) -> Location | None:
     """Where in `value` (text, or mappings and lists of it, as JSON decodes) the first text
-    holding NUL is, as a path of keys and indexes; None when there is none."""
+    holding NUL is, as a path of keys and indexes; None when there is none.
+
+    Every request body goes through here, so a container is first written as JSON by
+    pydantic-core, which writes NUL as \\u0000 (1-2 us for an enqueue's body): only a body
+    where that is found is walked (10 us), to name the place or to clear a text that merely
+    holds those six characters."""
+    if isinstance(value, str):
+        return () if NUL in value else None
+    try:
+        if b"\\u0000" not in to_json(value, fallback=repr):
+            return None
+    except PydanticSerializationError:  # nested deeper than the encoder goes: walked instead
+        pass
+    try:
+        return _walk(value, ())
+    except RecursionError:  # deeper still: the checks of depth that follow refuse it
+        return None
+
+
+def _walk(value: Any, where: Location) -> Location | None:
     if isinstance(value, str):
         return where if NUL in value else None
     if isinstance(value, Mapping):
@@ -36,7 +56,7 @@ def nul_location(value: Any, where: Location = ()) -> Location | None:
     for key, item in items:
         if isinstance(key, str) and NUL in key:
             return (*where, key)
-        if (found := nul_location(item, (*where, key))) is not None:
+        if (found := _walk(item, (*where, key))) is not None:
             return found
     return None
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from endpoints.text import nul_location
 from tests.endpoints.conftest import assert_error, job_count
 
 if TYPE_CHECKING:
@@ -89,3 +90,23 @@ async def test_retry_failed_with_nul_gets_400_naming_it(
 ) -> None:
     assert_error(await backend_client.post("/api/jobs/retry-failed", json=body), 400, field)
 
+
+
+def nested(depth: int, leaf: Any) -> Any:
+    value = leaf
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(("value", "where"), [
+    ({"a": ["x", f"y{NUL}"]}, ("a", 1)),
+    ({f"k{NUL}": 1}, (f"k{NUL}",)),
+    (f"t{NUL}", ()),
+    ({"a": "\\u0000"}, None),  # the six characters, as JSON writes NUL: no NUL in them
+    ({"a": object()}, None),  # a value that is no JSON (a form's file)
+    (nested(300, f"deep{NUL}"), ("a",) * 300),  # deeper than the JSON encoder goes: walked
+    (nested(5000, f"deep{NUL}"), None),  # deeper than a walk goes: the depth checks refuse it
+])
+def test_nul_location_names_the_path_to_the_first_nul(value: Any, where: Any) -> None:
+    assert nul_location(value) == where
