@@ -11,18 +11,18 @@ for `postgresql+asyncpg://...`. Small on purpose: no ORM, no engine, no retry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiosqlite
 import asyncpg
 
-from carwash_jobs.errors import ConfigurationError, TransactionAborted
+from carwash_jobs.errors import ConfigurationError
+from carwash_jobs.store.base import StatementFailures
 from carwash_jobs.store.postgres import PostgresTx
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
     from types import TracebackType
 
     from carwash_jobs.store.base import T, Tx, TxFn
@@ -84,35 +84,26 @@ class _Closing:
 
 
 class _SqliteTx:
-    """Keeps its first failed statement (`failed`): the transaction then fails as a whole,
-    as the job store's do (see carwash_jobs.store.base.Tx)."""
+    """A statement of it that fails fails the whole transaction, as in the job store's
+    (StatementFailures)."""
 
     dialect = "sqlite"
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
-        self.failed: sqlite3.Error | None = None
-
-    @contextlib.contextmanager
-    def _noting_failure(self) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as exc:
-            if self.failed is None:
-                self.failed = exc
-            raise
+        self.failures = StatementFailures(sqlite3.Error)
 
     async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
-        with self._noting_failure():
+        with self.failures.noting():
             async with self._conn.execute(sql, params or {}) as cur:
                 return cur.rowcount
 
     async def executemany(self, sql: str, params: Sequence[Mapping[str, Any]]) -> None:
-        with self._noting_failure():
+        with self.failures.noting():
             await self._conn.executemany(sql, params)
 
     async def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        with self._noting_failure():
+        with self.failures.noting():
             async with self._conn.execute(sql, params or {}) as cur:
                 names = [d[0] for d in cur.description or ()]
                 return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
@@ -137,8 +128,7 @@ class SqliteDatabase(_Closing):
             tx = _SqliteTx(self._conn)
             try:
                 result = await fn(tx)
-                if tx.failed is not None:  # a statement failed and the function went on
-                    raise TransactionAborted(tx.failed) from tx.failed
+                tx.failures.refuse_commit()  # a statement failed and the function went on
             except BaseException:
                 await self._conn.execute("ROLLBACK")
                 raise
@@ -165,7 +155,7 @@ class PostgresDatabase(_Closing):
         async with self._pool.acquire() as conn, conn.transaction():
             tx = PostgresTx(conn)
             result = await fn(tx)
-            tx.refuse_if_failed()
+            tx.failures.refuse_commit()
             return result
 
     async def close(self) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from carwash_jobs.types import MAX_DELAY_SECONDS
 
 
@@ -93,6 +95,15 @@ class RetryLater(Exception):
         self.delay_seconds = delay_seconds
         self.reason = reason
         self.count_attempt = count_attempt
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled whole (a handler's work in a process pool raises it there): an exception
+        pickles its args only, here the reason, which came back as the delay."""
+        return _retry_later, (self.delay_seconds, self.reason, self.count_attempt)
+
+
+def _retry_later(delay_seconds: float, reason: str, count_attempt: bool) -> RetryLater:
+    return RetryLater(delay_seconds, reason, count_attempt=count_attempt)
 
 
 class TransactionAborted(CarwashError):

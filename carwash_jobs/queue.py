@@ -462,7 +462,7 @@ class JobQueue:
             (inserted,) = await self.insert(
                 [self.build(source.task_type, payload, options, rerun_of=source.id)]
             )
-        except BaseException:
+        except Exception:  # not on a cancel: the insert may have committed, naming the copy
             if copied is not None:
                 await uploads.remove_upload(copied)
             raise

@@ -4,7 +4,8 @@ PostgreSQL's `text` cannot hold NUL (asyncpg raises CharacterNotInRepertoireErro
 as a 500) and its `jsonb` refuses the escape \\u0000; SQLite stores both. So NUL is refused on
 every backend alike, with a 400 naming where it is, before anything is read or written: in a
 request model's values at any depth, object keys included (schemas.NulFree), and in the path
-and query parameters of every route (`refuse_nul_params`, a guard on each router).
+and query parameters of /api (with the token guard, endpoints/routes.py) and /ui (once a
+session is established, endpoints/ui.py); /health, /metrics and the static files take none.
 """
 
 from collections.abc import Mapping
@@ -62,9 +63,10 @@ def _walk(value: Any, where: Location) -> Location | None:
 
 
 async def refuse_nul_params(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """A guard (placed after the bearer guard, so a request without the token still gets 401):
-    a path or query parameter holding NUL is a 400 naming it (a job id too: an id holding NUL
-    cannot exist, and looking it up was a 500 on PostgreSQL)."""
+    """A path or query parameter holding NUL is a 400 naming it (a job id too: an id holding
+    NUL cannot exist, and looking it up was a 500 on PostgreSQL). Run after the caller is known
+    to be let in (the token, the session), so that one who is not gets 401 or the login page
+    whatever the address holds."""
     params = [("path", name, value) for name, value in connection.path_params.items()]
     params += [("query", name, value) for name, value in connection.query_params.multi_items()]
     for source, name, value in params:

@@ -109,6 +109,9 @@ def ui_routes(api_token: str, *, secure_cookie: bool | None = None) -> list[Cont
         if session is None:
             return Redirect(_login_url(request), status_code=HTTP_303_SEE_OTHER)
         request.state[SESSION_STATE] = session
+        # here, not as a guard: Litestar runs guards before this hook, and a visitor without a
+        # session goes to the login page whatever the address holds
+        await refuse_nul_params(request, request.route_handler)
         return None
 
     pages = Router(
@@ -119,7 +122,6 @@ def ui_routes(api_token: str, *, secure_cookie: bool | None = None) -> list[Cont
             retry_job, rerun_job, cancel_job, bulk_retry,
         ],
         before_request=require_session,
-        guards=[refuse_nul_params],
         response_headers=SECURITY_HEADERS,
         include_in_schema=False,
         opt={"signer": signer},

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, dataclass_tra
 
 from pydantic_core import PydanticSerializationError, from_json, to_json
 
-from carwash_jobs.errors import InvalidPayload
+from carwash_jobs.errors import InvalidPayload, TransactionAborted
 from carwash_jobs.lifecycle import TERMINAL, Fence, JobStatus, Transition
 
 if TYPE_CHECKING:
@@ -541,6 +541,35 @@ class Tx(Protocol):
 
 
 TxFn = Callable[[Tx], Awaitable[T]]
+
+
+class StatementFailures:
+    """What a caller's `Tx` keeps of its statements that failed: the first one. The transaction
+    then fails as a whole (`refuse_commit`), even when its function caught the error and went
+    on. PostgreSQL aborts a transaction at its first failed statement and answers its COMMIT
+    with a ROLLBACK, without an error: the caller would be told its writes were committed.
+    SQLite would undo that statement alone; it is made to agree. A statement cut off by a
+    cancel (a timeout around it) counts too: PostgreSQL's server aborts it, where SQLite's
+    writer thread finishes it."""
+
+    def __init__(self, *kinds: type[BaseException]) -> None:
+        self._kinds: tuple[type[BaseException], ...] = (*kinds, asyncio.CancelledError)
+        self.first: BaseException | None = None
+
+    @contextlib.contextmanager
+    def noting(self) -> Iterator[None]:
+        """Around every statement run in the transaction, the caller's and the engine's."""
+        try:
+            yield
+        except self._kinds as exc:
+            if self.first is None:
+                self.first = exc
+            raise
+
+    def refuse_commit(self) -> None:
+        """Before the COMMIT: a transaction with a failed statement cannot commit."""
+        if self.first is not None:
+            raise TransactionAborted(self.first) from self.first
 
 
 @contextlib.contextmanager

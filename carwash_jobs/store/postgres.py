@@ -26,7 +26,6 @@ from carwash_jobs.errors import (
     JobNotFound,
     StaleLease,
     StoreUnavailable,
-    TransactionAborted,
     UnknownDependency,
 )
 from carwash_jobs.lifecycle import JobStatus, Transition
@@ -54,6 +53,7 @@ from carwash_jobs.store.base import (
     ProcessInfo,
     PrunedJob,
     Reservation,
+    StatementFailures,
     Stats,
     T,
     Tx,
@@ -524,37 +524,19 @@ async def _reset_or_drop(conn: asyncpg.Connection) -> None:
 
 
 class PostgresTx:
-    """A caller's transaction on one pooled connection, with portable `:name` parameters.
-
-    PostgreSQL aborts a transaction at its first failed statement, and a COMMIT of an aborted
-    transaction is answered as a ROLLBACK, without an error: a function that caught the error
-    and returned would be told its writes were committed. So the first failure is kept
-    (`failed`) and the transaction raises TransactionAborted instead of committing."""
+    """A caller's transaction on one pooled connection, with portable `:name` parameters. A
+    statement of it that fails fails the whole transaction (`failures`, see
+    StatementFailures): PostgreSQL would answer its COMMIT with a silent ROLLBACK."""
 
     dialect = "postgresql"
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
-        self.failed: asyncpg.PostgresError | None = None
-
-    @contextlib.contextmanager
-    def noting_failure(self) -> Iterator[None]:
-        """Around every statement run on this transaction (the caller's and the engine's)."""
-        try:
-            yield
-        except asyncpg.PostgresError as exc:
-            if self.failed is None:
-                self.failed = exc
-            raise
-
-    def refuse_if_failed(self) -> None:
-        """Before the commit: a transaction with a failed statement cannot commit."""
-        if self.failed is not None:
-            raise TransactionAborted(self.failed) from self.failed
+        self.failures = StatementFailures(asyncpg.PostgresError)
 
     async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
         text, args = numbered(sql, params)
-        with self.noting_failure():
+        with self.failures.noting():
             status: str = await self.conn.execute(text, *args)
         last = status.rsplit(" ", 1)[-1]
         return int(last) if last.isdigit() else 0
@@ -563,14 +545,14 @@ class PostgresTx:
         if not params:
             return
         text, _ = numbered(sql, params[0])
-        with self.noting_failure():
+        with self.failures.noting():
             await self.conn.executemany(text, [numbered(sql, p)[1] for p in params])
 
     async def fetch(
         self, sql: str, params: Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
         text, args = numbered(sql, params)
-        with self.noting_failure():
+        with self.failures.noting():
             return [dict(r) for r in await self.conn.fetch(text, *args)]
 
 
@@ -627,7 +609,7 @@ class PostgresJobStore:
         with _encoder_errors():
             if tx is not None:
                 assert isinstance(tx, PostgresTx), "a PostgresJobStore joins only its own transactions"
-                with tx.noting_failure():
+                with tx.failures.noting():
                     return await _insert(tx.conn, jobs, self._owner, self._clock())
             async with self.pool.acquire() as conn, conn.transaction():
                 return await _insert(conn, jobs, self._owner, self._clock())
@@ -676,7 +658,7 @@ class PostgresJobStore:
                 tx = PostgresTx(conn)
                 with cancel_inside_as_error():
                     await before(tx)
-                tx.refuse_if_failed()
+                tx.failures.refuse_commit()
             with _encoder_errors():
                 applied = await _apply(conn, transition, self._owner, now)
                 if not follow_ups:
@@ -786,7 +768,7 @@ class PostgresJobStore:
             tx = PostgresTx(conn)
             with cancel_inside_as_error():
                 result = await fn(tx)
-            tx.refuse_if_failed()
+            tx.failures.refuse_commit()
             return result
 
     # -- reads -------------------------------------------------------------------------

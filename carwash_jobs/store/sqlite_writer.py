@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from carwash_jobs.errors import StoreUnavailable, TransactionAborted
-from carwash_jobs.store.base import cancel_inside_as_error
+from carwash_jobs.errors import StoreUnavailable
+from carwash_jobs.store.base import StatementFailures, cancel_inside_as_error
 
 T = TypeVar("T")
 SyncFn = Callable[[sqlite3.Connection], T]
@@ -47,19 +47,14 @@ class _Op(Generic[T]):
 
 
 class SqliteTx:
-    """The `Tx` of a caller's own transaction, running on the writer's connection.
-
-    It keeps the first statement that failed (`failed`): the transaction then fails as a
-    whole, even when the caller's function caught the error and went on (see _run_caller_tx).
-    SQLite alone would undo only that statement and commit the rest; PostgreSQL aborts the
-    whole transaction at its first failed statement. The same function must do the same on
-    both stores."""
+    """The `Tx` of a caller's own transaction, running on the writer's connection. A statement
+    of it that fails fails the whole transaction (`failures`, see StatementFailures)."""
 
     dialect = "sqlite"
 
     def __init__(self, writer: SqliteWriter) -> None:
         self._writer = writer
-        self.failed: sqlite3.Error | None = None
+        self.failures = StatementFailures(sqlite3.Error)
 
     async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
         def run(conn: sqlite3.Connection) -> int:
@@ -85,12 +80,8 @@ class SqliteTx:
 
     async def run_sync(self, fn: SyncFn[T]) -> T:
         """Run engine code (a function of the connection) inside this transaction."""
-        try:
+        with self.failures.noting():
             return await self._writer.in_thread(fn)
-        except sqlite3.Error as exc:
-            if self.failed is None:
-                self.failed = exc
-            raise
 
 
 class SqliteWriter:
@@ -266,8 +257,7 @@ class SqliteWriter:
         try:
             with cancel_inside_as_error():  # a stop() cutting the writer off still passes
                 value = await op.async_fn(tx)
-            if tx.failed is not None:  # a statement failed and the function went on
-                raise TransactionAborted(tx.failed) from tx.failed
+            tx.failures.refuse_commit()  # a statement failed and the function went on
         except Exception as exc:
             await self.in_thread(_rollback_savepoint)
             op.outcome = (False, exc)

@@ -9,6 +9,7 @@ CARWASH_TEST_POSTGRES_URL names a server.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
 from carwash_jobs.prune import Pruner
 from carwash_jobs.queue import JobQueue
 from carwash_jobs.registry import TaskRegistry
-from carwash_jobs.store.base import Completion, NewJob
+from carwash_jobs.store.base import Completion, JobFilter, NewJob
 from carwash_jobs.types import new_job_id
 from carwash_jobs.uploads import is_upload
 from tests.carwash_jobs.store import test_contract as contract
@@ -343,3 +344,28 @@ async def test_a_path_outside_the_uploads_is_not_copied(
 
     assert rerun.payload["path"] == str(elsewhere)
     assert not (tmp_path / "files").exists()
+
+
+async def test_a_rerun_whose_caller_is_cancelled_as_its_insert_commits_keeps_its_copy(
+    tmp_path: Path, clock: ManualClock, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel can land after the insert committed (on the answer's way back): the rerun then
+    exists and names the copy, which must stay. Only an error takes the copy away."""
+    files = tmp_path / "files"
+    path = upload(files, "a" * 32)
+    source = await finished_upload(
+        store, clock, {"path": str(path), "kind": "employees", "tenant_id": "t"}, fail=True)
+    queue = upload_queue(store, clock, files)
+    insert = queue.insert
+
+    async def insert_then_cancelled(jobs: Any, **options: Any) -> Any:
+        await insert(jobs, **options)
+        raise asyncio.CancelledError  # the cancel arrives with the commit's answer
+
+    monkeypatch.setattr(queue, "insert", insert_then_cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await queue.rerun(source.id)
+
+    (rerun,) = [j for j in (await store.list_jobs(JobFilter(), 10)).items if j.rerun_of]
+    assert rerun.rerun_of == source.id
+    assert names_in(files) == sorted(["a" * 32, Path(rerun.payload["path"]).parent.name])

@@ -295,6 +295,18 @@ async def test_nul_in_a_filter_or_a_job_id_is_a_400_naming_it(
     assert [item["key"] for item in response.json()["extra"]] == [named]
 
 
+async def test_a_visitor_without_a_session_goes_to_the_login_page_whatever_the_address_holds(
+    anon: AsyncTestClient[Litestar],
+) -> None:
+    """The NUL check runs once the session is known: as a guard it ran first, and answered a
+    visitor who was not logged in with a 400."""
+    plain = await anon.get("/ui/jobs?tag=a", follow_redirects=False)
+    nul = await anon.get("/ui/jobs?tag=a%00", follow_redirects=False)
+
+    assert plain.status_code == nul.status_code == 303
+    assert nul.headers["location"].startswith("/ui/login")
+
+
 async def test_the_job_page_shows_payload_error_traceback_attempts_and_timeline(
     browser: AsyncTestClient[Litestar], failed_job: str
 ) -> None:

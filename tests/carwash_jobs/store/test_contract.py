@@ -949,6 +949,29 @@ async def test_a_failed_statement_fails_the_transaction_even_when_the_function_g
     assert await store.transaction(lambda tx: tx.execute("DELETE FROM grants")) == 0
 
 
+async def test_a_statement_cut_off_by_a_timeout_fails_the_transaction_even_if_caught(
+    store: JobStore,
+) -> None:
+    """PostgreSQL's server aborts a statement the client cancels, and the transaction with
+    it; the COMMIT was then a silent ROLLBACK, and the function that caught its TimeoutError
+    was told "done". SQLite's writer finishes the statement; it is made to agree."""
+    await _make_table(store)
+    slow = ("SELECT pg_sleep(1)" if store.dialect == "postgresql" else
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) "
+            "SELECT count(*) FROM c")
+
+    async def write(tx: Tx) -> str:
+        await tx.execute("INSERT INTO grants (job_id, amount) VALUES ('a', 1)")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await tx.fetch(slow)
+        return "done"
+
+    with pytest.raises(TransactionAborted, match="CancelledError"):
+        await store.transaction(write)
+    assert await _grants(store) == []
+
+
 async def test_a_failed_statement_of_an_on_complete_write_fails_the_completion(
     store: JobStore, clock: ManualClock
 ) -> None:
