@@ -473,11 +473,12 @@ class JobQueue:
         uploads.py: an upload's directory belongs to one job, which takes it when pruned), and
         that copy. A file that is gone is left as it is named: the rerun fails as its source
         would."""
-        field = (self.registry.get(source.task_type).upload_field
-                 if source.task_type in self.registry else None)
-        value = source.payload.get(field) if field is not None else None
-        if (field is None or not isinstance(value, str) or self._files_dir is None
-                or not uploads.is_upload(Path(value), self._files_dir)):
+        known = source.task_type in self.registry
+        field = self.registry.get(source.task_type).upload_field if known else None
+        if field is None or self._files_dir is None:
+            return source.payload, None
+        value = source.payload.get(field)
+        if not isinstance(value, str) or not uploads.is_upload(Path(value), self._files_dir):
             return source.payload, None
         try:
             copy = await uploads.copy_upload(Path(value), self._files_dir)

@@ -181,9 +181,9 @@ async def _parse_form(request: Request[Any, Any, Any]) -> None:
     which part failed, so the answer cannot name it."""
     try:
         await request.form()
+    except (KeyError, IndexError):  # LookupErrors too, but a fault of the parser's own
+        raise
     except (LookupError, UnicodeError) as exc:
-        if isinstance(exc, KeyError | IndexError):
-            raise  # a fault in the parser, not the request's charset
         raise ClientException(f"the form could not be decoded: {_undecodable(exc)}") from None
 
 

@@ -355,3 +355,18 @@ async def postgres_database_from(template: tuple[str, str] | None, prefix: str) 
         yield postgres_url(server, name)
     finally:
         await on_postgres_server(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.asynccontextmanager
+async def migrated_database(
+    backend: str, sqlite_template: Path, sqlite_path: Path,
+    postgres_template: tuple[str, str] | None, prefix: str,
+) -> AsyncIterator[str]:
+    """The URL of a migrated database of the calling test's own, on `backend`: an SQLite file
+    copied from `sqlite_template`, or a PostgreSQL database copied from `postgres_template`
+    (the test is skipped without a server)."""
+    if backend == "sqlite":
+        yield copy_database(sqlite_template, sqlite_path)
+        return
+    async with postgres_database_from(postgres_template, prefix) as url:
+        yield url

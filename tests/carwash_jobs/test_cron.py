@@ -37,9 +37,8 @@ from carwash_jobs.store import open_store
 from carwash_jobs.store.base import CronFireRow, JobFilter
 from tests.carwash_jobs.support import (
     ManualClock,
-    copy_database,
+    migrated_database,
     migrated_postgres_template,
-    postgres_database_from,
     registry_with,
     sqlite_url,
 )
@@ -84,10 +83,8 @@ async def database_url(
 ) -> AsyncIterator[str]:
     """A migrated database of this test's own: an SQLite file, or a fresh PostgreSQL database
     (created from the session's migrated template, dropped afterwards)."""
-    if request.param == "sqlite":
-        yield copy_database(migrated_template, tmp_path / "cron.db")
-        return
-    async with postgres_database_from(postgres_template, "carwash_cron") as url:
+    async with migrated_database(request.param, migrated_template, tmp_path / "cron.db",
+                                 postgres_template, "carwash_cron") as url:
         yield url
 
 

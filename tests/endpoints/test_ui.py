@@ -408,19 +408,22 @@ async def test_bulk_retry_retries_the_failed_jobs_of_the_filter(
     assert "3 failed jobs retried." in page
 
 
-async def test_bulk_retry_with_swapped_times_is_a_400_and_retries_nothing(
-    browser: AsyncTestClient[Litestar], runtime: Runtime
+@pytest.mark.parametrize(("form", "problem"), [
+    ({"failed_after": "2000-01-02", "failed_before": "2000-01-01"},
+     "failed_before: must be later than failed_after"),
+    ({"task_type": "fail\x00"}, "task_type: must not contain U+0000"),
+], ids=["swapped times", "nul in the task type"])
+async def test_a_bad_bulk_retry_is_a_400_and_retries_nothing(
+    browser: AsyncTestClient[Litestar], runtime: Runtime, form: dict[str, str], problem: str
 ) -> None:
     job_id = await enqueue(browser, "fail", {})
     idle(browser, runtime)
     token = await csrf_of(browser, "/ui/jobs?status=failed")
 
-    response = await browser.post("/ui/jobs/retry-failed", data={
-        "csrf_token": token, "failed_after": "2000-01-02", "failed_before": "2000-01-01",
-    })
+    response = await browser.post("/ui/jobs/retry-failed", data={"csrf_token": token, **form})
 
     assert response.status_code == 400
-    assert "failed_before: must be later than failed_after" in response.text
+    assert problem in response.text
     assert await status_of(browser, job_id) == "failed"
 
 
@@ -456,19 +459,3 @@ def test_the_chart_stacks_failed_on_completed_per_minute_and_draws_the_failure_r
     assert chart.last_label == "12:30"
     assert chart.first_label == "11:31"
     assert round(chart.failure_rate, 1) == 12.5
-
-
-async def test_bulk_retry_with_nul_in_the_task_type_is_a_400_and_retries_nothing(
-    browser: AsyncTestClient[Litestar], runtime: Runtime
-) -> None:
-    job_id = await enqueue(browser, "fail", {})
-    idle(browser, runtime)
-    token = await csrf_of(browser, "/ui/jobs?status=failed")
-
-    data = {"csrf_token": token, "task_type": "fail\x00"}
-
-    response = await browser.post("/ui/jobs/retry-failed", data=data)
-
-    assert response.status_code == 400
-    assert "task_type: must not contain U+0000" in response.text
-    assert await status_of(browser, job_id) == "failed"

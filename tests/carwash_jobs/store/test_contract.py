@@ -37,9 +37,8 @@ from tests.carwash_jobs.support import (
     POSTGRES_URL_ENV,
     ManualClock,
     autovacuum_is_on,
-    copy_database,
+    migrated_database,
     migrated_postgres_template,
-    postgres_database_from,
     postgres_url,
 )
 
@@ -82,10 +81,8 @@ async def database_url(
     request: pytest.FixtureRequest, tmp_path: Path, migrated_template: Path,
     postgres_template: tuple[str, str] | None,
 ) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield copy_database(migrated_template, tmp_path / "contract.db")
-        return
-    async with postgres_database_from(postgres_template, "t") as url:
+    async with migrated_database(request.param, migrated_template, tmp_path / "contract.db",
+                                 postgres_template, "t") as url:
         yield url
 
 
