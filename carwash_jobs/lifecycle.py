@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from carwash_jobs.types import storable_text
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from datetime import datetime
@@ -154,6 +156,7 @@ def schedule_retry(
     *,
     count_attempt: bool = True,
 ) -> Transition:
+    error, traceback = _storable_error(error, traceback)
     return Transition(
         job_id, "retry", frozenset({JobStatus.running}), JobStatus.scheduled, "attempt_failed",
         changes={
@@ -175,6 +178,7 @@ def fail(
     outcome: AttemptOutcome,
     now: datetime,
 ) -> Transition:
+    error, traceback = _storable_error(error, traceback)
     return Transition(
         job_id, "fail", frozenset({JobStatus.running}), JobStatus.failed, "failed",
         changes={"error": error, "error_traceback": traceback, **_finished(now)},
@@ -182,6 +186,11 @@ def fail(
         fence=fence,
         history=AttemptRecord(fence.attempt, outcome, fence.owner, now, error),
     )
+
+
+def _storable_error(error: str, traceback: str | None) -> tuple[str, str | None]:
+    """A handler's error as the stores can write it: its message is the handler's own text."""
+    return storable_text(error), None if traceback is None else storable_text(traceback)
 
 
 def cancel(job_id: JobId, now: datetime, reason: str = "cancelled by request") -> Transition:

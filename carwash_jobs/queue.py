@@ -36,7 +36,14 @@ from carwash_jobs.store.base import (
     json_types_text,
     nested_deeper_than,
 )
-from carwash_jobs.types import MAX_DELAY_SECONDS, Clock, JobId, new_job_ids, utc_now
+from carwash_jobs.types import (
+    MAX_DELAY_SECONDS,
+    Clock,
+    JobId,
+    new_job_ids,
+    storable_text_problem,
+    utc_now,
+)
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -569,14 +576,24 @@ def _bounded_text(field: str, value: str | None, most: int) -> str | None:
     """An optional text option that a column of `most` characters stores."""
     if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= most):
         raise InvalidPayload(field, f"must be a text of 1 to {most} characters")
-    return value
+    return value if value is None else _storable(field, value)
+
+
+def _storable(field: str, text: str) -> str:
+    """Checked here, not only by the API: an option given in code, by a follow-up or by the
+    CLI that a store cannot keep (U+0000 on PostgreSQL, a lone surrogate on either) was the
+    driver's error, and a follow-up's failed the completion of the job that enqueued it."""
+    problem = storable_text_problem(text)
+    if problem is not None:
+        raise InvalidPayload(field, problem)
+    return text
 
 
 def _depends_on(options: EnqueueOptions) -> tuple[JobId, ...]:
     ids, most = options.depends_on, DEPENDENCY_ID_MAX_LENGTH
     if isinstance(ids, str) or not all(isinstance(i, str) and 1 <= len(i) <= most for i in ids):
         raise InvalidPayload("depends_on", f"must be a list of job ids of 1 to {most} characters")
-    return tuple(dict.fromkeys(ids))
+    return tuple(dict.fromkeys(JobId(_storable("depends_on", i)) for i in ids))
 
 
 def _max_attempts(options: EnqueueOptions, task_type_default: int) -> int:
@@ -610,7 +627,7 @@ def _tags(tags: Sequence[str]) -> list[str]:
         raise InvalidPayload("tags", "must be a list of strings")
     if not all(0 < len(t) <= TAG_MAX_LENGTH for t in tags):
         raise InvalidPayload("tags", f"each tag must have 1 to {TAG_MAX_LENGTH} characters")
-    return list(dict.fromkeys(tags))
+    return list(dict.fromkeys(_storable("tags", t) for t in tags))
 
 
 def _non_finite_field(payloads: Sequence[Mapping[str, Any]], *, bulk: bool) -> InvalidPayload | None:

@@ -65,6 +65,33 @@ _noise = random.Random(secrets.randbits(128))
 os.register_at_fork(after_in_child=lambda: _noise.seed(secrets.randbits(128)))
 
 
+def storable_text(text: str) -> str:
+    """`text` as both stores can keep it: no UTF-8 holds a lone surrogate, and PostgreSQL's
+    text holds no U+0000. For text the engine writes from what it did not choose (a handler's
+    error message and traceback): each such character is written as its escape (\\x00,
+    \\ud800) rather than refused, because a record that could not be written left its job
+    running until the lease ran out, again at every attempt, with the error never told."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+def storable_text_problem(text: str) -> str | None:
+    """Why a store could not keep `text` as given (see storable_text), or None: for text a
+    caller chose, which is refused rather than changed."""
+    if "\x00" in text:
+        return "must not hold U+0000"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "must not hold a lone surrogate (UTF-8 has no form for one)"
+    return None
+
+
 def process_identity() -> str:
     """`host/pid/start/nonce` names a runtime uniquely across restarts (and across several
     runtimes of one process, as in tests); it is the lease owner."""

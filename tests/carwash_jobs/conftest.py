@@ -1,5 +1,9 @@
 """Fixtures of the engine tests: a migrated SQLite file per test, an opened store on it, a
-manual clock, and harnesses (store + JobQueue + QueueProcessor) built on the test task types."""
+manual clock, and harnesses (store + JobQueue + QueueProcessor) built on the test task types.
+
+`database_url` is a migrated database of the test's own on each backend in turn: an SQLite file
+in tmp_path, and a fresh PostgreSQL database on the server named by CARWASH_TEST_POSTGRES_URL
+(skipped while that is unset or open_store has no PostgreSQL adapter)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from tests.carwash_jobs.support import (
     Harnesses,
     ManualClock,
     copy_database,
+    migrated_database,
     open_sqlite,
     registry_with,
     sqlite_url,
@@ -40,6 +45,16 @@ def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def db_url(tmp_path: Path, migrated_template: Path) -> str:
     """A real, migrated SQLite file of this test's own, in tmp_path."""
     return copy_database(migrated_template, tmp_path / "jobs.db")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, migrated_template: Path,
+    postgres_template: tuple[str, str] | None,
+) -> AsyncIterator[str]:
+    async with migrated_database(request.param, migrated_template, tmp_path / "jobs.db",
+                                 postgres_template, "carwash") as url:
+        yield url
 
 
 @pytest.fixture

@@ -37,14 +37,12 @@ from carwash_jobs.store import open_store
 from carwash_jobs.store.base import CronFireRow, JobFilter
 from tests.carwash_jobs.support import (
     ManualClock,
-    migrated_database,
-    migrated_postgres_template,
     registry_with,
     sqlite_url,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator, Sequence
+    from collections.abc import AsyncIterator, Sequence
 
     from carwash_jobs.store.base import CronFireResult, JobRow, JobStore
 
@@ -70,24 +68,6 @@ def schedule(**fields: Any) -> Schedule:
 
 
 # -- databases and "processes" ----------------------------------------------------------------
-@pytest.fixture(scope="session")
-def postgres_template() -> Iterator[tuple[str, str] | None]:
-    with migrated_postgres_template("carwash_cron") as template:
-        yield template
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path, migrated_template: Path,
-    postgres_template: tuple[str, str] | None,
-) -> AsyncIterator[str]:
-    """A migrated database of this test's own: an SQLite file, or a fresh PostgreSQL database
-    (created from the session's migrated template, dropped afterwards)."""
-    async with migrated_database(request.param, migrated_template, tmp_path / "cron.db",
-                                 postgres_template, "carwash_cron") as url:
-        yield url
-
-
 @pytest.fixture
 def cron_clock() -> ManualClock:
     return ManualClock(at(9, 58))

@@ -198,3 +198,21 @@ def test_initial_status_follows_dependencies_then_run_at(
     deps: dict[JobId, JobStatus], run_at: datetime, expected: tuple[JobStatus, str | None]
 ) -> None:
     assert lifecycle.initial_status(run_at, NOW, deps) == expected
+
+
+@pytest.mark.parametrize("build", ["fail", "schedule_retry"])
+def test_a_handlers_error_is_stored_with_nul_and_lone_surrogates_escaped(build: str) -> None:
+    """A store that cannot write the error left the job running until its lease ran out, at
+    every attempt, and the error was never told: PostgreSQL's text holds no U+0000, and UTF-8
+    no lone surrogate."""
+    error, traceback = "ValueError: bad\x00 \ud800", "Traceback\x00\udcff"
+    if build == "fail":
+        t = lifecycle.fail(JOB, FENCE, error, traceback, AttemptOutcome.error, NOW)
+    else:
+        t = lifecycle.schedule_retry(JOB, FENCE, NOW, error, traceback, AttemptOutcome.error, NOW)
+    assert t.changes["error"] == "ValueError: bad\\x00 \\ud800"
+    assert t.changes["error_traceback"] == "Traceback\\x00\\udcff"
+    assert t.history is not None
+    assert t.history.error == "ValueError: bad\\x00 \\ud800"
+    assert t.message is not None
+    assert "bad\\x00 \\ud800" in t.message

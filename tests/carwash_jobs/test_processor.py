@@ -19,7 +19,8 @@ from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
 from carwash_jobs.metrics import Metrics
 from carwash_jobs.registry import TaskDefaults, TaskHooks, TaskOptions, TaskType
 from carwash_jobs.retry import RetryPolicy
-from carwash_jobs.store.base import MAX_JSON_DEPTH, DueJob, FailedFilter
+from carwash_jobs.store import open_store
+from carwash_jobs.store.base import MAX_JSON_DEPTH, DueJob, FailedFilter, JobFilter
 from carwash_jobs.store.sqlite import SqliteJobStore
 from carwash_jobs.types import MAX_DELAY_SECONDS
 from tests.carwash_jobs.support import (
@@ -968,6 +969,32 @@ async def test_a_permanent_error_fails_the_job_at_once_keeping_error_and_traceba
     assert outcomes(row) == ["error"]
 
 
+async def test_an_error_a_store_cannot_keep_is_recorded_escaped_on_each_store(
+    database_url: str, harnesses: Harnesses,
+) -> None:
+    """An error message holding U+0000 (PostgreSQL's text has none) or a lone surrogate (UTF-8
+    has none): its record failed, and the job stayed running until its lease ran out, at
+    every attempt, the error never told. Written escaped, it fails and retries as any error."""
+
+    async def raises(ctx: JobContext, payload: Item) -> None:
+        raise ValueError("bad\x00byte" if payload.n == 0 else "lone \ud800")
+
+    store = open_store(database_url, owner=OWNER)
+    await store.open()
+    h = await harnesses.make(task_type("raises", raises, max_attempts=2), store=store)  # type: ignore[arg-type]
+    nul, surrogate = await h.queue.enqueue_many("raises", [{"n": 0}, {"n": 1}])
+    await h.run_until_idle(include_timers=True)
+
+    for inserted, error in [(nul, "ValueError: bad\\x00byte"), (surrogate, "ValueError: lone \\ud800")]:
+        row = await h.get(inserted.job.id)
+        assert (row.status, row.attempts, row.error) == (S.failed, 2, error)
+        assert [entry["error"] for entry in row.attempt_history] == [error, error]
+        assert "ValueError" in (row.error_traceback or "")
+        assert await events_of(h, row.id) == [
+            "enqueued", "claimed", "attempt_failed", "claimed", "failed",
+        ]
+
+
 # -- leases ---------------------------------------------------------------------------------
 async def _take_over(h: Harness, job_id: JobId, clock: ManualClock) -> JobRow:
     """Another process finds the lease of `job_id` expired, re-queues it and claims it."""
@@ -1246,6 +1273,30 @@ async def test_follow_ups_are_inserted_when_the_job_completes_and_then_run(
     (child_id,) = made
     child = await h.get(child_id)
     assert (child.status, child.result["label"]) == (S.completed, "child")
+
+
+async def test_a_follow_up_with_text_a_store_cannot_keep_fails_the_handler_naming_the_field(
+    database_url: str, harnesses: Harnesses,
+) -> None:
+    """On PostgreSQL a tag holding U+0000 failed the parent's completion with the driver's
+    error (and SQLite kept it); a lone surrogate failed both. Now refused where it is enqueued,
+    alike on both stores."""
+
+    async def parent(ctx: JobContext, payload: Item) -> None:
+        ctx.enqueue("noop", {}, tags=["bay\x00" if payload.n == 0 else "bay\ud800"])
+
+    store = open_store(database_url, owner=OWNER)
+    await store.open()
+    h = await harnesses.make(task_type("parent", parent, max_attempts=1), store=store)  # type: ignore[arg-type]
+    nul, surrogate = await h.queue.enqueue_many("parent", [{"n": 0}, {"n": 1}])
+    await h.run_until_idle()
+
+    assert (await h.get(nul.job.id)).error == "InvalidPayload: tags: must not hold U+0000"
+    assert (await h.get(surrogate.job.id)).error == (
+        "InvalidPayload: tags: must not hold a lone surrogate (UTF-8 has no form for one)"
+    )
+    page = await h.store.list_jobs(JobFilter(task_type="noop"), limit=10)
+    assert page.items == []
 
 
 async def test_follow_ups_of_a_failing_job_never_exist(harnesses: Harnesses) -> None:

@@ -3,7 +3,7 @@ events, dependency edges and upload files go; recent ones and unfinished ones st
 stay longer. Also the trigger-kept counts of finished jobs (migration 0005), which pruning and
 every move in or out of a finished status must keep equal to a plain COUNT(*).
 
-The adapter fixtures are the store contract suite's: SQLite always, PostgreSQL when
+The databases are conftest.py's database_url: SQLite always, PostgreSQL when
 CARWASH_TEST_POSTGRES_URL names a server.
 """
 
@@ -36,9 +36,7 @@ if TYPE_CHECKING:
 
 DAY = 24 * 3600
 
-# the store contract suite's adapter fixtures: SQLite, and PostgreSQL when configured
-database_url = contract.database_url
-postgres_template = contract.postgres_template
+# the store contract suite's store fixture on conftest.py's database_url
 store = contract.store
 
 

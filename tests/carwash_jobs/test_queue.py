@@ -143,6 +143,13 @@ async def test_a_context_as_deep_as_allowed_is_written(idle: Harness) -> None:
         ({"queue": 5}, "queue"),
         ({"queue": "q" * 65}, "queue"),
         ({"tags": "vip"}, "tags"),
+        # a store cannot keep them: the driver's error, or on PostgreSQL (U+0000) a failed
+        # completion of the handler whose follow-up it was
+        ({"tags": ["vip\x00"]}, "tags"),
+        ({"tags": ["vip\ud800"]}, "tags"),
+        ({"queue": "bulk\x00"}, "queue"),
+        ({"idempotency_key": "k\udcff"}, "idempotency_key"),
+        ({"depends_on": ["0\x00"]}, "depends_on"),
         # a number or a long key would fail the insert (a VARCHAR(255) on PostgreSQL)
         ({"idempotency_key": 5}, "idempotency_key"),
         ({"idempotency_key": "k" * 256}, "idempotency_key"),

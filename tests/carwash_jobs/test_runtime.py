@@ -19,7 +19,6 @@ from carwash_jobs.settings import load_settings
 from carwash_jobs.store.base import NewJob
 from carwash_jobs.store.postgres import dsn_of
 from carwash_jobs.types import JobId, new_job_id
-from tests.carwash_jobs.store import test_contract as contract
 from tests.carwash_jobs.support import (
     ManualClock,
     noop,
@@ -38,9 +37,6 @@ if TYPE_CHECKING:
     from carwash_jobs.store.base import JobRow, JobStore
 
 S = JobStatus
-# the store contract suite's adapter fixtures, for the tests that need PostgreSQL
-database_url = contract.database_url
-postgres_template = contract.postgres_template
 
 
 @pytest.fixture(autouse=True)

@@ -1,15 +1,15 @@
-"""Tests for carwash_jobs/types.py: job ids."""
+"""Tests for carwash_jobs/types.py: job ids, and text as the stores can keep it."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
 
-from carwash_jobs.types import new_job_id, new_job_ids
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-if TYPE_CHECKING:
-    import pytest
+from carwash_jobs.types import new_job_id, new_job_ids, storable_text, storable_text_problem
 
 
 def test_ids_are_32_hex_digits_unique_and_in_creation_order() -> None:
@@ -51,3 +51,40 @@ def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
     theirs = [text[i:i + 32] for i in range(0, len(text), 32)]
     assert len(theirs) == 100
     assert not {i[16:] for i in ours} & {i[16:] for i in theirs}
+
+
+@pytest.mark.parametrize(
+    ("text", "stored"),
+    [
+        ("plain text, é, 🚗", "plain text, é, 🚗"),
+        ("bad\x00thing", "bad\\x00thing"),
+        ("lone \ud800 surrogate", "lone \\ud800 surrogate"),
+        ("\x00\udcff\x00", "\\x00\\udcff\\x00"),
+    ],
+)
+def test_storable_text_writes_what_a_store_cannot_keep_as_its_escape(text: str, stored: str) -> None:
+    assert storable_text(text) == stored
+
+
+@given(st.text())
+def test_storable_text_always_encodes_and_holds_no_nul_and_keeps_storable_text(text: str) -> None:
+    stored = storable_text(text)
+    stored.encode()
+    assert "\x00" not in stored
+    assert storable_text_problem(stored) is None
+    if storable_text_problem(text) is None:
+        assert stored == text
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("ok é", None),
+        ("a\x00", "must not hold U+0000"),
+        ("a\udc80", "must not hold a lone surrogate (UTF-8 has no form for one)"),
+    ],
+)
+def test_storable_text_problem_names_what_a_store_would_refuse(
+    text: str, problem: str | None,
+) -> None:
+    assert storable_text_problem(text) == problem

@@ -21,7 +21,7 @@ from litestar.testing import AsyncTestClient
 from carwash_jobs.app import build_runtime, create_app
 from carwash_jobs.settings import Settings, load_settings
 from carwash_jobs.store.migrations import upgrade
-from tests.carwash_jobs.support import migrated_postgres_template, postgres_database_from
+from tests.carwash_jobs.support import postgres_database_from
 from tests.endpoints.sample_tasks import MODULES
 
 if TYPE_CHECKING:
@@ -95,13 +95,6 @@ async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
     async with AsyncTestClient(app) as test_client:
         test_client.headers.update(AUTH)
         yield test_client
-
-
-@pytest.fixture(scope="session")
-def postgres_template() -> Iterator[tuple[str, str] | None]:
-    """Session-scoped, so it reads the environment before `_clean_environment` empties it."""
-    with migrated_postgres_template("carwash_ep") as template:
-        yield template
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

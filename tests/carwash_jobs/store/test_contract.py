@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,6 @@ from sqlalchemy.engine import make_url
 
 from carwash_jobs import lifecycle
 from carwash_jobs.errors import (
-    ConfigurationError,
     IllegalTransition,
     InvalidPayload,
     JobNotFound,
@@ -34,58 +32,23 @@ from carwash_jobs.store.base import Applied, Completion, FailedFilter, JobFilter
 from carwash_jobs.types import JobId, new_job_id
 from tests.carwash_jobs.support import (
     OWNER,
-    POSTGRES_URL_ENV,
     ManualClock,
     autovacuum_is_on,
-    migrated_database,
-    migrated_postgres_template,
     postgres_url,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator, Sequence
+    from collections.abc import AsyncIterator, Sequence
     from datetime import datetime
-    from pathlib import Path
 
     from carwash_jobs.store.base import DueJob, JobRow, JobStore, Tx
 
-POSTGRES_SKIP_REASON = "CARWASH_TEST_POSTGRES_URL is not set"
 OTHER_OWNER = "other-host/2/0/b"
 LEASE = timedelta(seconds=60)
 S = JobStatus
 
 
-# -- fixtures: one URL per adapter ----------------------------------------------------------
-def _has_adapter(url: str) -> bool:
-    try:
-        open_store(url, owner="probe")
-    except ConfigurationError:
-        return False
-    return True
-
-
-@pytest.fixture(scope="session")
-def postgres_template() -> Iterator[tuple[str, str] | None]:
-    """One database migrated per session, which each test copies; None without a server (or
-    without its adapter)."""
-    server = os.environ.get(POSTGRES_URL_ENV)
-    if server and not _has_adapter(postgres_url(server, "postgres")):
-        yield None
-        return
-    with migrated_postgres_template("carwash") as template:
-        yield template
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path, migrated_template: Path,
-    postgres_template: tuple[str, str] | None,
-) -> AsyncIterator[str]:
-    async with migrated_database(request.param, migrated_template, tmp_path / "contract.db",
-                                 postgres_template, "t") as url:
-        yield url
-
-
+# -- fixtures: one store per adapter (database_url: conftest.py) ---------------------------
 @pytest.fixture
 async def store(database_url: str, clock: ManualClock) -> AsyncIterator[JobStore]:
     opened = open_store(database_url, owner=OWNER, clock=clock)

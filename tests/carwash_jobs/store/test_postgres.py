@@ -22,9 +22,7 @@ if TYPE_CHECKING:
     from carwash_jobs.store.base import JobStore
     from tests.carwash_jobs.support import ManualClock
 
-# the store contract suite's adapter fixtures, PostgreSQL only
-database_url = contract.database_url
-postgres_template = contract.postgres_template
+# the store contract suite's store fixtures (database_url: conftest.py), PostgreSQL only
 store = contract.store
 other_store = contract.other_store
 
