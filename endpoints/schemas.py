@@ -321,10 +321,20 @@ class UploadForm(EnqueueOptionsIn):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    @field_validator("context", mode="before")
+    @field_validator("context", "tags", "depends_on", mode="before")
     @classmethod
-    def _context_as_json(cls, value: Any) -> Any:
-        return decode_form_json(value)
+    def _options_as_json(cls, value: Any) -> Any:
+        return decode_form_field(value)
+
+
+def decode_form_field(value: Any) -> Any:
+    """decode_form_json for a form field that may be given once or repeated: a list field
+    given once as JSON text (`tags=["a","b"]`) arrives as a list of that one text, and was
+    taken as one tag."""
+    if isinstance(value, list) and len(value) == 1:
+        inner = decode_form_json(value[0])
+        return inner if isinstance(inner, list) else value
+    return decode_form_json(value)
 
 
 def decode_form_json(value: Any) -> Any:

@@ -39,7 +39,7 @@ from endpoints.schemas import (
     EnqueueOptionsIn,
     JobOut,
     UploadForm,
-    decode_form_json,
+    decode_form_field,
     holds_datetime,
     iso_datetime_text,
     json_scalars_only,
@@ -235,10 +235,7 @@ def _json_decoders(names: list[str]) -> dict[str, Any]:
         return {}
 
     def decode(cls: type[BaseModel], value: Any) -> Any:
-        if isinstance(value, list) and len(value) == 1:
-            inner = decode_form_json(value[0])
-            return inner if isinstance(inner, list) else value
-        return decode_form_json(value)
+        return decode_form_field(value)
 
     return {"_decode_json_fields": field_validator(*names, mode="before")(decode)}
 

@@ -312,6 +312,23 @@ async def test_upload_is_stored_durably_before_the_202(
     assert (await client.get(response.headers["location"])).json()["result"] == {"lines": 3}
 
 
+@pytest.mark.parametrize(("tags", "stored"), [
+    ("import", ["import"]),
+    (["import", "hr"], ["import", "hr"]),  # the field repeated
+    ('["import", "hr"]', ["import", "hr"]),  # given once, as JSON text (was one tag)
+])
+async def test_an_upload_takes_its_list_options_repeated_or_as_json_text(
+    client: AsyncTestClient[Litestar], tags: str | list[str], stored: list[str]
+) -> None:
+    data: dict[str, Any] = {"kind": "employees", "tenant_id": "t", "tags": tags,
+                            "depends_on": "[]"}
+    files = {"file": ("staff.csv", b"a,b\n", "text/csv")}
+    response = await client.post("/api/tasks/file-upload", files=files, data=data)
+
+    assert response.status_code == 202, response.text
+    assert (response.json()["tags"], response.json()["depends_on"]) == (stored, [])
+
+
 async def test_upload_file_name_cannot_escape_the_files_directory(
     client: AsyncTestClient[Litestar], settings: Settings
 ) -> None:
