@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from carwash_jobs.store.base import JobRow, JobStore, NewJob, T, TxFn
     from carwash_jobs.types import JobId
 
-#: progress writes closer together than this are coalesced (the last one always goes out)
+#: progress writes closer together than this are coalesced: one that comes too soon is written
+#: when the interval has passed, or as the attempt ends, whichever is first
 PROGRESS_INTERVAL_SECONDS = 0.25
 
 #: the jobs' logger (each job's lines go through a JobLogger of it)
@@ -47,8 +48,62 @@ class AttemptState:
     follow_ups: list[NewJob] = field(default_factory=list)
     finalizers: list[TxFn[None]] = field(default_factory=list)
     last_progress_at: float = 0.0
+    #: (done, total) of the last progress call that came too soon, not yet written
+    pending_progress: tuple[int, int | None] | None = None
+    #: the task that writes pending_progress once the interval has passed, while it waits
+    progress_timer: asyncio.Task[None] | None = None
     lease_lost: bool = False
     shutting_down: bool = False
+
+    async def write(self, job_id: JobId, *, done: int | None = None, total: int | None = None,
+                    checkpoint: dict[str, Any] | None = None) -> None:
+        """Write progress and/or a checkpoint for this attempt; LeaseLost if it no longer
+        holds the job (and the attempt is told to stop)."""
+        if done is not None:  # newer than anything held back
+            self._drop_pending_progress()
+        held = await self.store.save_progress(
+            job_id, self.fence, done=done, total=total, checkpoint=checkpoint
+        )
+        if not held:
+            self.lease_lost = True
+            self.cancel_requested.set()
+            raise LeaseLost()
+
+    def defer_progress(self, job_id: JobId, done: int, total: int | None, delay: float) -> None:
+        """Keep a progress call that came too soon, to write it `delay` seconds from now
+        (dropped, a handler that then worked on without reporting showed an old count)."""
+        self.pending_progress = (done, total)
+        if self.progress_timer is None:
+            self.progress_timer = asyncio.get_running_loop().create_task(
+                self._write_pending_later(job_id, delay), name=f"progress-{job_id}"
+            )
+
+    def _drop_pending_progress(self) -> None:
+        self.pending_progress = None
+        if self.progress_timer is not None:  # still waiting: it has written nothing yet
+            self.progress_timer.cancel()
+            self.progress_timer = None
+
+    async def _write_pending_later(self, job_id: JobId, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self.progress_timer = None  # from here on it writes, and is not cancelled
+        await self.write_pending_progress(job_id)
+
+    async def write_pending_progress(self, job_id: JobId) -> None:
+        """Write the progress call still held back, if any (the processor calls this as the
+        handler returns or fails, before the attempt is recorded). A report: a failure to
+        write it does not change how the attempt ends."""
+        pending = self.pending_progress
+        self._drop_pending_progress()
+        if pending is None:
+            return
+        self.last_progress_at = time.monotonic()
+        try:
+            await self.write(job_id, done=pending[0], total=pending[1])
+        except LeaseLost:
+            pass
+        except Exception as exc:  # the attempt's own outcome decides, not this report
+            log.warning("job %s: writing its progress failed: %s", job_id, exc)
 
 
 class JobLogger(logging.LoggerAdapter[logging.Logger]):
@@ -110,18 +165,21 @@ class JobContext:
     async def progress(self, done: int, total: int | None = None) -> None:
         """Report progress; frequent calls are coalesced so a tight loop does not flood the
         database."""
+        state = self._state
         now = time.monotonic()
         final = total is not None and done >= total
-        if not final and now - self._state.last_progress_at < PROGRESS_INTERVAL_SECONDS:
+        wait = state.last_progress_at + PROGRESS_INTERVAL_SECONDS - now
+        if not final and wait > 0:
+            state.defer_progress(self.job_id, done, total, wait)
             return
-        self._state.last_progress_at = now
-        await self._write(done=done, total=total)
+        state.last_progress_at = now
+        await state.write(self.job_id, done=done, total=total)
 
     async def save_checkpoint(self, data: dict[str, Any], *, done: int | None = None,
                               total: int | None = None) -> None:
         """Persist where this job has got to; the next attempt receives it as `checkpoint`.
         Raises LeaseLost if this attempt no longer holds the job."""
-        await self._write(checkpoint=data, done=done, total=total)
+        await self._state.write(self.job_id, checkpoint=data, done=done, total=total)
 
     def cancelled(self) -> bool:
         """True once the job was cancelled or its lease lost: stop at the next safe point."""
@@ -148,13 +206,3 @@ class JobContext:
         `await limit.wait()` before each unit. Its slots are kept in the database, so the limit
         holds for the fleet, not once per process."""
         return FleetRate(self._state.store, name, per_minute)
-
-    async def _write(self, *, done: int | None = None, total: int | None = None,
-                     checkpoint: dict[str, Any] | None = None) -> None:
-        held = await self._state.store.save_progress(
-            self.job_id, self._state.fence, done=done, total=total, checkpoint=checkpoint
-        )
-        if not held:
-            self._state.lease_lost = True
-            self._state.cancel_requested.set()
-            raise LeaseLost()

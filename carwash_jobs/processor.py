@@ -428,6 +428,8 @@ class QueueProcessor:
                 outcome: Outcome = Discarded("cancelled before it started")
             else:
                 outcome = await self._execute(running)
+            if running.state.pending_progress is not None:  # a call that came too soon
+                await running.state.write_pending_progress(job.id)
             running.finished = True  # before the first await of the record: see heartbeat()
             self._release_slot_early(running)
             await self._record(job, running.state, outcome)

@@ -66,6 +66,56 @@ async def test_frequent_progress_is_coalesced_but_the_final_count_always_goes_ou
     assert (job.progress_done, job.progress_total) == (50, 50)
 
 
+async def test_a_progress_call_that_came_too_soon_is_written_once_the_interval_has_passed(
+    idle: Harness, clock: ManualClock
+) -> None:
+    """Dropped, a handler that then worked on without reporting showed the older count."""
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    writes_before = idle.store.writer.writes
+    await ctx.progress(1, 10)
+    await ctx.progress(6, 10)
+    await ctx.progress(7, 10)
+    assert idle.store.writer.writes - writes_before == 1
+    assert (await idle.get(row.id)).progress_done == 1
+
+    timer = ctx._state.progress_timer
+    assert timer is not None
+    await timer  # it sleeps out the rest of the interval, then writes the last call
+    assert (await idle.get(row.id)).progress_done == 7
+    assert ctx._state.pending_progress is None
+
+
+async def test_a_write_of_its_own_supersedes_a_progress_call_held_back(
+    idle: Harness, clock: ManualClock
+) -> None:
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    await ctx.progress(1, 10)
+    await ctx.progress(2, 10)
+    timer = ctx._state.progress_timer
+    await ctx.save_checkpoint({"chunk": 5}, done=5)
+    assert timer is not None
+    assert timer.cancelled() or timer.cancelling()
+    assert (ctx._state.pending_progress, ctx._state.progress_timer) == (None, None)
+    assert (await idle.get(row.id)).progress_done == 5
+
+
+async def test_a_progress_call_held_back_for_an_attempt_that_lost_its_job_is_dropped_quietly(
+    idle: Harness, clock: ManualClock
+) -> None:
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    await ctx.progress(1, 10)
+    await ctx.progress(2, 10)
+    await idle.store.apply(lifecycle.cancel(row.id, clock()))
+
+    await ctx._state.write_pending_progress(row.id)  # as the processor does at the end
+
+    assert ctx.cancelled()
+    assert (await idle.get(row.id)).progress_done == 1
+
+
 async def test_a_saved_checkpoint_is_stored_on_the_row(idle: Harness, clock: ManualClock) -> None:
     row = await running_job(idle, clock)
     ctx = make_context(idle, row)

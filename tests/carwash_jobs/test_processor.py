@@ -82,6 +82,27 @@ async def test_an_enqueued_job_runs_to_completed_with_result_progress_and_timeli
     assert await events_of(h, job.id) == ["enqueued", "claimed", "completed"]
 
 
+async def test_the_last_progress_call_is_written_even_when_it_came_too_soon(
+    harnesses: Harnesses,
+) -> None:
+    """Progress calls closer together than the interval are coalesced; the one held back
+    is written as the attempt ends, whether it completes or fails."""
+
+    async def handle(ctx: JobContext, payload: Item) -> None:
+        await ctx.progress(1, 10)
+        await ctx.progress(7, 10)
+        if payload.n:
+            raise ValueError("stopped at 7")
+
+    h = await harnesses.make(task_type("counted", handle, max_attempts=1))
+    done, failed = await h.queue.enqueue_many("counted", [{"n": 0}, {"n": 1}])
+    await h.run_until_idle()
+
+    for inserted, status in [(done, S.completed), (failed, S.failed)]:
+        row = await h.get(inserted.job.id)
+        assert (row.status, row.progress_done, row.progress_total) == (status, 7, 10)
+
+
 async def test_a_result_nested_deeper_than_the_api_can_show_fails_its_job(
     harnesses: Harnesses,
 ) -> None:
