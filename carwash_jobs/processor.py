@@ -188,7 +188,11 @@ class QueueProcessor:
 
     async def stop(self) -> None:
         """Stop claiming, let running jobs finish within the grace period, then give the rest
-        back to the queue without counting their attempt."""
+        back to the queue without counting their attempt.
+
+        A job whose handler has returned by then is only writing its outcome: it is not cut
+        off (a cancel there lost its on_completed hook, or on PostgreSQL rolled its completion
+        back with the on_complete writes, and the job ran again), but has a grace period more."""
         self._stopping = True
         dispatcher = self._tasks[:1]
         for task in dispatcher:
@@ -200,12 +204,18 @@ class QueueProcessor:
         if tasks:
             await asyncio.wait(tasks, timeout=self._config.shutdown_grace.total_seconds())
         for running in list(self._running.values()):
-            running.state.shutting_down = True
-            if running.task is not None:
+            if running.task is not None and not running.finished:
+                running.state.shutting_down = True
                 running.task.cancel()
         leftover = [r.task for r in self._running.values() if r.task is not None]
-        if leftover:
-            await asyncio.wait(leftover)
+        if leftover:  # the releases of those just stopped, and the records in flight
+            _, stuck = await asyncio.wait(
+                leftover, timeout=self._config.shutdown_grace.total_seconds()
+            )
+            for task in stuck:  # left running: its lease runs out and it runs again
+                task.cancel()
+            if stuck:
+                await asyncio.wait(stuck)
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -428,10 +438,10 @@ class QueueProcessor:
                 outcome: Outcome = Discarded("cancelled before it started")
             else:
                 outcome = await self._execute(running)
-            if running.state.pending_progress is not None:  # a call that came too soon
-                await running.state.write_pending_progress(job.id)
             running.finished = True  # before the first await of the record: see heartbeat()
             self._release_slot_early(running)
+            if running.state.pending_progress is not None:  # a call that came too soon
+                await running.state.write_pending_progress(job.id)
             await self._record(job, running.state, outcome)
         except Exception:
             log.exception("recording job %s failed; its lease will expire and it will run again",

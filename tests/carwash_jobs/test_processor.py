@@ -1279,6 +1279,59 @@ async def test_stop_lets_a_job_that_finishes_within_the_grace_complete(harnesses
     assert (row.status, row.result) == (S.completed, "made it")
 
 
+async def test_stop_past_its_grace_lets_a_job_whose_handler_returned_write_its_outcome(
+    database_url: str, harnesses: Harnesses,
+) -> None:
+    """Only the handlers still running are given back. A job that was writing its outcome was
+    cut off too: on PostgreSQL its completion rolled back with its on_complete writes, and it
+    ran again once its lease ran out; on SQLite it was written, its on_completed hook never
+    called."""
+    record_gate, handler_gate = Gate(), Gate()
+    handler_stopped = asyncio.Event()
+    hooked: list[JobId] = []
+
+    async def final_write(tx: Tx) -> None:
+        await record_gate.hold()
+
+    async def returns(ctx: JobContext, payload: Item) -> str:
+        ctx.on_complete(final_write)
+        return "written"
+
+    async def runs_on(ctx: JobContext, payload: Item) -> None:
+        try:
+            await handler_gate.hold()
+        except asyncio.CancelledError:
+            handler_stopped.set()
+            raise
+
+    async def on_completed(job: JobRow) -> None:
+        hooked.append(job.id)
+
+    store = open_store(database_url, owner=OWNER)
+    await store.open()
+    h = await harnesses.make(
+        task_type("returns", returns, hooks=TaskHooks(on_completed=on_completed)),
+        task_type("runs_on", runs_on), shutdown_grace=timedelta(seconds=0.5),
+        store=store,  # type: ignore[arg-type]
+    )
+    still_running = await h.enqueue("runs_on")
+    await wait_for(handler_gate.entered)
+    writing = await h.enqueue("returns")
+    await wait_for(record_gate.entered)
+
+    stopping = asyncio.create_task(h.processor.stop())
+    await wait_for(handler_stopped)  # the grace has passed: stop gives back what still runs
+    record_gate.release.set()
+    await stopping
+    h.started = False
+
+    row = await h.get(writing.id)
+    assert (row.status, row.result, outcomes(row)) == (S.completed, "written", ["completed"])
+    assert hooked == [writing.id]
+    row = await h.get(still_running.id)
+    assert (row.status, outcomes(row)) == (S.queued, ["released"])
+
+
 # -- follow-ups, final writes, checkpoints --------------------------------------------------
 async def test_follow_ups_are_inserted_when_the_job_completes_and_then_run(
     harnesses: Harnesses,
