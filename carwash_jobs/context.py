@@ -50,17 +50,21 @@ class AttemptState:
     last_progress_at: float = 0.0
     #: (done, total) of the last progress call that came too soon, not yet written
     pending_progress: tuple[int, int | None] | None = None
-    #: the task that writes pending_progress once the interval has passed, while it waits
+    #: the task that writes pending_progress once the interval has passed (it sleeps, then
+    #: writes); referenced until it ends, and every later write waits for its write
     progress_timer: asyncio.Task[None] | None = None
+    progress_timer_writing: bool = False
     lease_lost: bool = False
     shutting_down: bool = False
 
     async def write(self, job_id: JobId, *, done: int | None = None, total: int | None = None,
                     checkpoint: dict[str, Any] | None = None) -> None:
         """Write progress and/or a checkpoint for this attempt; LeaseLost if it no longer
-        holds the job (and the attempt is told to stop)."""
+        holds the job (and the attempt is told to stop). After a held-back write in flight:
+        on PostgreSQL the two would take two connections, and the older could commit last."""
         if done is not None:  # newer than anything held back
             self._drop_pending_progress()
+        await self._held_back_write_done()
         held = await self.store.save_progress(
             job_id, self.fence, done=done, total=total, checkpoint=checkpoint
         )
@@ -78,24 +82,14 @@ class AttemptState:
                 self._write_pending_later(job_id, delay), name=f"progress-{job_id}"
             )
 
-    def _drop_pending_progress(self) -> None:
-        self.pending_progress = None
-        if self.progress_timer is not None:  # still waiting: it has written nothing yet
-            self.progress_timer.cancel()
-            self.progress_timer = None
-
-    async def _write_pending_later(self, job_id: JobId, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self.progress_timer = None  # from here on it writes, and is not cancelled
-        await self.write_pending_progress(job_id)
-
     async def write_pending_progress(self, job_id: JobId) -> None:
-        """Write the progress call still held back, if any (the processor calls this as the
-        handler returns or fails, before the attempt is recorded). A report: a failure to
-        write it does not change how the attempt ends."""
+        """Write the progress call still held back, if any, once a held-back write in flight
+        is done (the processor calls this as the handler returns or fails, before the attempt
+        is recorded). A report: a failure to write it does not change how the attempt ends."""
         pending = self.pending_progress
         self._drop_pending_progress()
-        if pending is None:
+        if pending is None or self.cancel_requested.is_set():  # it would be refused
+            await self._held_back_write_done()
             return
         self.last_progress_at = time.monotonic()
         try:
@@ -104,6 +98,29 @@ class AttemptState:
             pass
         except Exception as exc:  # the attempt's own outcome decides, not this report
             log.warning("job %s: writing its progress failed: %s", job_id, exc)
+
+    def _drop_pending_progress(self) -> None:
+        self.pending_progress = None
+        if self.progress_timer is not None and not self.progress_timer_writing:
+            self.progress_timer.cancel()  # still asleep: it has written nothing
+            self.progress_timer = None
+
+    async def _held_back_write_done(self) -> None:
+        timer = self.progress_timer
+        if timer is not None and self.progress_timer_writing and timer is not asyncio.current_task():
+            await asyncio.wait([timer])  # not cancelled with the caller: it ends by itself
+
+    async def _write_pending_later(self, job_id: JobId, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self.progress_timer_writing = True
+        try:
+            await self.write_pending_progress(job_id)
+        finally:
+            self.progress_timer_writing = False
+            self.progress_timer = None
+        if self.pending_progress is not None:  # a call that came while it wrote
+            done, total = self.pending_progress
+            self.defer_progress(job_id, done, total, PROGRESS_INTERVAL_SECONDS)
 
 
 class JobLogger(logging.LoggerAdapter[logging.Logger]):
@@ -166,6 +183,8 @@ class JobContext:
         """Report progress; frequent calls are coalesced so a tight loop does not flood the
         database."""
         state = self._state
+        if state.lease_lost:  # a held-back write found the job gone: stop as a write would
+            raise LeaseLost()
         now = time.monotonic()
         final = total is not None and done >= total
         wait = state.last_progress_at + PROGRESS_INTERVAL_SECONDS - now

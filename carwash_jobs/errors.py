@@ -91,6 +91,9 @@ class RetryLater(Exception):
         if not number or not 0 <= delay_seconds <= MAX_DELAY_SECONDS:
             raise ValueError(f"RetryLater: delay_seconds must be a number from 0 to "
                              f"{MAX_DELAY_SECONDS}, not {delay_seconds!r}")
+        # the error stored on the job: text (a reason given as None or an object failed the
+        # record, and the job ran on until its lease ran out)
+        reason = "retry requested" if reason is None else str(reason)
         super().__init__(reason)
         self.delay_seconds = delay_seconds
         self.reason = reason

@@ -440,8 +440,9 @@ class QueueProcessor:
                 outcome = await self._execute(running)
             running.finished = True  # before the first await of the record: see heartbeat()
             self._release_slot_early(running)
-            if running.state.pending_progress is not None:  # a call that came too soon
-                await running.state.write_pending_progress(job.id)
+            state = running.state
+            if state.progress_timer is not None or state.pending_progress is not None:
+                await state.write_pending_progress(job.id)  # a call that came too soon
             await self._record(job, running.state, outcome)
         except Exception:
             log.exception("recording job %s failed; its lease will expire and it will run again",

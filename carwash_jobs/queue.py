@@ -591,6 +591,8 @@ def _storable(field: str, text: str) -> str:
 
 def _depends_on(options: EnqueueOptions) -> tuple[JobId, ...]:
     ids, most = options.depends_on, DEPENDENCY_ID_MAX_LENGTH
+    if not ids and not isinstance(ids, str):  # the usual enqueue: nothing to check
+        return ()
     if isinstance(ids, str) or not all(isinstance(i, str) and 1 <= len(i) <= most for i in ids):
         raise InvalidPayload("depends_on", f"must be a list of job ids of 1 to {most} characters")
     return tuple(dict.fromkeys(JobId(_storable("depends_on", i)) for i in ids))
@@ -623,6 +625,8 @@ TAG_MAX_LENGTH = 200
 
 
 def _tags(tags: Sequence[str]) -> list[str]:
+    if not tags and not isinstance(tags, str):  # the usual enqueue: nothing to check
+        return []
     if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
         raise InvalidPayload("tags", "must be a list of strings")
     if not all(0 < len(t) <= TAG_MAX_LENGTH for t in tags):

@@ -65,6 +65,10 @@ _noise = random.Random(secrets.randbits(128))
 os.register_at_fork(after_in_child=lambda: _noise.seed(secrets.randbits(128)))
 
 
+NUL_PROBLEM = "must not contain U+0000 (NUL): PostgreSQL text cannot hold it"
+SURROGATE_PROBLEM = "must not contain a lone surrogate: UTF-8 has no form for one"
+
+
 def storable_text(text: str) -> str:
     """`text` as both stores can keep it: no UTF-8 holds a lone surrogate, and PostgreSQL's
     text holds no U+0000. For text the engine writes from what it did not choose (a handler's
@@ -84,11 +88,11 @@ def storable_text_problem(text: str) -> str | None:
     """Why a store could not keep `text` as given (see storable_text), or None: for text a
     caller chose, which is refused rather than changed."""
     if "\x00" in text:
-        return "must not hold U+0000"
+        return NUL_PROBLEM
     try:
         text.encode()
     except UnicodeEncodeError:
-        return "must not hold a lone surrogate (UTF-8 has no form for one)"
+        return SURROGATE_PROBLEM
     return None
 
 

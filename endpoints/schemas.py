@@ -34,8 +34,8 @@ from carwash_jobs.queue import (
     EnqueueOptions,
 )
 from carwash_jobs.store.base import EventRow, JobRow, Page, as_utc, time_range_problem
-from carwash_jobs.types import MAX_DELAY_SECONDS, JobId
-from endpoints.text import NUL_PROBLEM, nul_location
+from carwash_jobs.types import MAX_DELAY_SECONDS, NUL_PROBLEM, JobId
+from endpoints.text import nul_location
 
 #: documents the header of every 202 that creates a job
 LOCATION_HEADER = ResponseHeader(

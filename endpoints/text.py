@@ -16,10 +16,10 @@ from litestar.exceptions import ValidationException
 from litestar.handlers import BaseRouteHandler
 from pydantic_core import PydanticSerializationError, to_json
 
+from carwash_jobs.types import NUL_PROBLEM
 from endpoints.errors import field_error
 
 NUL = "\x00"
-NUL_PROBLEM = "must not contain U+0000 (NUL): PostgreSQL text cannot hold it"
 
 Location = tuple[str | int, ...]
 

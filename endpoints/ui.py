@@ -40,10 +40,10 @@ from carwash_jobs.store.base import (
     time_range_problem,
     utc_from_text,
 )
-from carwash_jobs.types import JobId
+from carwash_jobs.types import NUL_PROBLEM, JobId
 from endpoints.deps import QueueDep, StoreDep
 from endpoints.jobs import CURSOR_PATTERN, JobIdPath
-from endpoints.text import NUL_PROBLEM, nul_location, refuse_nul_params
+from endpoints.text import nul_location, refuse_nul_params
 from endpoints.ui_auth import CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE, SessionSigner, UiSession
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"

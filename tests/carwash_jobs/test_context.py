@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from datetime import timedelta
@@ -41,6 +42,24 @@ def make_context(h: Harness, row: JobRow) -> JobContext:
         return h.queue.build(task_type, payload, EnqueueOptions.from_mapping(options))
 
     return JobContext(row, {}, AttemptState(h.store, row.fence, build))
+
+
+def hold_progress_writes_of(
+    h: Harness, done: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold a write of progress `done` inside the store until the test releases it: the
+    first event is set once one is held, the second releases it."""
+    inside, release = asyncio.Event(), asyncio.Event()
+    save_progress = h.store.save_progress
+
+    async def held(*args: Any, **kwargs: Any) -> bool:
+        if kwargs.get("done") == done:
+            inside.set()
+            await release.wait()
+        return await save_progress(*args, **kwargs)
+
+    monkeypatch.setattr(h.store, "save_progress", held)
+    return inside, release
 
 
 async def test_progress_is_written_for_the_running_attempt(idle: Harness, clock: ManualClock) -> None:
@@ -114,6 +133,62 @@ async def test_a_progress_call_held_back_for_an_attempt_that_lost_its_job_is_dro
 
     assert ctx.cancelled()
     assert (await idle.get(row.id)).progress_done == 1
+
+
+async def test_a_write_waits_for_a_held_back_write_in_flight(
+    idle: Harness, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL two writes take two connections: the older count could commit last, and
+    the job end showing it. The held-back write is held inside the store here, to see."""
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    await ctx.progress(1, 10)
+    await ctx.progress(5, 10)
+    timer = ctx._state.progress_timer
+    assert timer is not None
+
+    inside, release = hold_progress_writes_of(idle, 5, monkeypatch)
+    await asyncio.wait_for(inside.wait(), 5)  # the timer writes 5/10
+    final = asyncio.create_task(ctx.progress(10, 10))
+    await asyncio.sleep(0.05)  # time for an unordered final write to go first
+    release.set()
+    await asyncio.wait([final, timer])
+    final.result()
+    assert (await idle.get(row.id)).progress_done == 10
+
+
+async def test_progress_raises_lease_lost_once_a_held_back_write_found_the_job_gone(
+    idle: Harness, clock: ManualClock
+) -> None:
+    """A handler that only reports progress stops as it did when every call wrote: the writes
+    of a tight loop are the held-back ones, which cannot raise into it."""
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    await ctx.progress(1, 10)
+    await ctx.progress(2, 10)
+    await idle.store.apply(lifecycle.cancel(row.id, clock()))
+    timer = ctx._state.progress_timer
+    assert timer is not None
+    await timer
+
+    with pytest.raises(LeaseLost):
+        await ctx.progress(3, 10)
+
+
+async def test_a_progress_call_made_while_the_held_back_one_is_written_is_written_after_it(
+    idle: Harness, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    row = await running_job(idle, clock)
+    ctx = make_context(idle, row)
+    await ctx.progress(1, 10)
+    await ctx.progress(2, 10)
+    inside, release = hold_progress_writes_of(idle, 2, monkeypatch)
+    await asyncio.wait_for(inside.wait(), 5)
+    await ctx.progress(3, 10)  # too soon: held back while 2/10 is being written
+    release.set()
+    while ctx._state.progress_timer is not None:
+        await asyncio.wait([ctx._state.progress_timer])
+    assert (await idle.get(row.id)).progress_done == 3
 
 
 async def test_a_saved_checkpoint_is_stored_on_the_row(idle: Harness, clock: ManualClock) -> None:

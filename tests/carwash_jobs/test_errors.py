@@ -25,3 +25,15 @@ def test_retry_later_pickles_whole() -> None:
 def test_retry_later_refuses_a_delay_no_enqueue_could_have(delay: object) -> None:
     with pytest.raises(ValueError, match="delay_seconds must be a number from 0 to"):
         RetryLater(delay)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("reason", "stored"), [
+    (None, "retry requested"),
+    (ValueError("quota"), "quota"),
+    ("throttled", "throttled"),
+])
+def test_retry_later_keeps_its_reason_as_text(reason: object, stored: str) -> None:
+    """It is the error stored on the job: a reason given as None or an object failed the
+    record, and the job ran on until its lease ran out."""
+    raised = RetryLater(30, reason)  # type: ignore[arg-type]
+    assert (raised.reason, str(raised)) == (stored, stored)

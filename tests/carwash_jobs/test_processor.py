@@ -22,7 +22,7 @@ from carwash_jobs.retry import RetryPolicy
 from carwash_jobs.store import open_store
 from carwash_jobs.store.base import MAX_JSON_DEPTH, DueJob, FailedFilter, JobFilter
 from carwash_jobs.store.sqlite import SqliteJobStore
-from carwash_jobs.types import MAX_DELAY_SECONDS
+from carwash_jobs.types import MAX_DELAY_SECONDS, NUL_PROBLEM, SURROGATE_PROBLEM
 from tests.carwash_jobs.support import (
     FAST_RETRY,
     OWNER,
@@ -929,6 +929,21 @@ async def test_retry_later_on_the_last_attempt_fails_the_job(harnesses: Harnesse
     assert (row.status, row.attempts, row.error) == (S.failed, 2, "still busy")
 
 
+async def test_retry_later_without_a_reason_is_recorded_and_retried(
+    harnesses: Harnesses,
+) -> None:
+    async def later(ctx: JobContext, payload: Item) -> None:
+        if ctx.attempt == 1:
+            raise RetryLater(0, None)  # type: ignore[arg-type]
+
+    h = await harnesses.make(task_type("later", later))
+    job = await h.enqueue("later")
+    await h.run_until_idle(include_timers=True)
+    row = await h.get(job.id)
+    assert (row.status, row.attempts) == (S.completed, 2)
+    assert row.attempt_history[0]["error"] == "retry requested"
+
+
 @pytest.mark.parametrize("delay", [1e12, float("inf"), float("nan"), -1, "60"])
 async def test_retry_later_with_a_delay_out_of_range_is_the_handlers_error(
     harnesses: Harnesses, delay: Any
@@ -1365,10 +1380,8 @@ async def test_a_follow_up_with_text_a_store_cannot_keep_fails_the_handler_namin
     nul, surrogate = await h.queue.enqueue_many("parent", [{"n": 0}, {"n": 1}])
     await h.run_until_idle()
 
-    assert (await h.get(nul.job.id)).error == "InvalidPayload: tags: must not hold U+0000"
-    assert (await h.get(surrogate.job.id)).error == (
-        "InvalidPayload: tags: must not hold a lone surrogate (UTF-8 has no form for one)"
-    )
+    assert (await h.get(nul.job.id)).error == f"InvalidPayload: tags: {NUL_PROBLEM}"
+    assert (await h.get(surrogate.job.id)).error == f"InvalidPayload: tags: {SURROGATE_PROBLEM}"
     page = await h.store.list_jobs(JobFilter(task_type="noop"), limit=10)
     assert page.items == []
 
