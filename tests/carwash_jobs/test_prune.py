@@ -152,7 +152,7 @@ async def test_counts_of_finished_jobs_follow_every_move_in_and_out(
     await store.complete_many([Completion(j.id, j.fence, {"ok": True}) for j in done])  # set-based
     await complete(store, await claimed(store, clock, task_type="other"), clock)
     bad = await failed(store, clock)
-    await failed(store, clock)
+    also_bad = await failed(store, clock, task_type="other")
     await cancelled(store, clock)
     await add(store, clock, depends_on=[bad.id])  # born cancelled: its dependency had failed
     waiting = await add(store, clock, depends_on=[(await claimed(store, clock)).id])
@@ -161,7 +161,22 @@ async def test_counts_of_finished_jobs_follow_every_move_in_and_out(
     await claimed(store, clock)  # running
     await assert_counts_agree(store)
 
-    await store.apply_many([lifecycle.retry_failed(bad.id, clock())])  # failed -> queued
+    # failed -> queued, a batch of one change by one statement
+    await store.apply_many([lifecycle.retry_failed(j.id, clock()) for j in (bad, also_bad)])
+    await assert_counts_agree(store)
+
+    # a batch of cancels, one at a time; a cascade to the jobs waiting on a failed one;
+    # a lost worker's job failed on its last attempt
+    batch = [await add(store, clock, task_type=t) for t in ("noop", "other", "other")]
+    await store.apply_many([lifecycle.cancel(j.id, clock()) for j in batch])
+    parent = await claimed(store, clock)
+    await add(store, clock, depends_on=[parent.id], task_type="other")
+    await store.apply(lifecycle.fail(parent.id, parent.fence, "no", None,
+                                     AttemptOutcome.error, clock()))
+    lost = await claimed(store, clock, max_attempts=1)
+    clock.advance(contract.LEASE.total_seconds() + 1)
+    await store.apply(lifecycle.release_expired_lease(lost.id, lost.fence, lost.attempts,
+                                                      lost.max_attempts, clock()))
     await assert_counts_agree(store)
 
     clock.advance(40 * DAY)
