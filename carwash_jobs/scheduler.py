@@ -6,6 +6,12 @@ agreement. It is not the main path (an enqueue hands its job to memory at once).
 - leases: re-queue running rows whose lease ran out (their worker died or hung); one on its
   last attempt ends failed here, and this process, the one that saw it end, calls on_failed.
 
+A stop cancels the duties in progress and waits until they have ended: each writes in
+transactions of its own, and the next run (after a restart, or in another process) takes up
+what a cut one left. APScheduler's shutdown cancels them but does not wait, and a duty still
+unwinding (a PostgreSQL statement's cancel is a round trip to the server) went on while the
+processor and then the store were stopped under it.
+
 APScheduler 3 is untyped; this module is the only one that touches it.
 """
 
@@ -46,6 +52,7 @@ class Scheduler:
         self._reload_interval = reload_interval
         self._lease_interval = lease_check_interval
         self._scheduler: Any = None
+        self._in_progress: set[asyncio.Task[Any]] = set()  #: the duties running now
         #: set after every reload; a test awaits it instead of sleeping
         self.reloaded = asyncio.Event()
         self._duties: list[tuple[str, Callable[[], Awaitable[Any]], float]] = [
@@ -67,7 +74,7 @@ class Scheduler:
         self._scheduler = AsyncIOScheduler(timezone="UTC")
         for name, fn, seconds in self._duties:
             self._scheduler.add_job(
-                _logged(name, fn), "interval", seconds=seconds, id=name, max_instances=1,
+                self._tracked(_logged(name, fn)), "interval", seconds=seconds, id=name, max_instances=1,
                 coalesce=True, misfire_grace_time=max(int(seconds), 1),
             )
         self._scheduler.start()
@@ -77,6 +84,23 @@ class Scheduler:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
             await asyncio.sleep(0)  # APScheduler's shutdown takes effect on the next loop turn
+        running = list(self._in_progress)
+        for task in running:  # cancelled by the shutdown already, unless it had not started
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+
+    def _tracked(self, duty: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._in_progress.add(task)
+            try:
+                await duty()
+            finally:
+                self._in_progress.discard(task)
+
+        return run
 
     async def reload(self) -> int:
         loaded = await self._queue.reload()

@@ -208,3 +208,30 @@ async def test_a_failing_duty_is_logged_and_the_others_go_on(
         finally:
             await scheduler.stop()
     assert any("scheduler duty prune failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_stop_cancels_the_duties_in_progress_and_waits_until_they_have_ended(
+    harnesses: Harnesses, clock: ManualClock,
+) -> None:
+    """APScheduler's shutdown cancels a running duty without waiting for it: one still
+    unwinding (here a step of cleanup, as a PostgreSQL statement's cancel is a round trip)
+    went on after the stop, while the processor and the store were stopped under it."""
+    h = await harnesses.make(clock=clock, start=False)
+    scheduler = Scheduler(h.queue, clock=clock, reload_interval=timedelta(hours=1),
+                          lease_check_interval=timedelta(hours=1))
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def vacuum() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.05)
+            ended.set()
+
+    scheduler.add_duty("vacuum", vacuum, 0.01)
+    await scheduler.start()
+    async with asyncio.timeout(5):
+        await started.wait()
+        await scheduler.stop()
+    assert ended.is_set()
