@@ -74,6 +74,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: A change with follow-ups locks its own job, then share-locks the jobs its follow-ups depend
+#: on (SELECT_STATUSES): two jobs completing at once with follow-ups on each other lock in
+#: opposite orders, and the server breaks the cycle by rolling one back. That one is run again,
+#: whole (the caller's on_complete SQL included: it was rolled back with the rest), up to
+#: this many times, rather than fail an attempt whose handler did its work.
+APPLY_DEADLOCK_ATTEMPTS = 5
+
 CHANNEL = "carwash_jobs"
 #: a NOTIFY payload must stay under 8000 bytes: more new jobs than this send a reload hint
 NOTIFY_JOBS_MAX = 40
@@ -653,17 +660,26 @@ class PostgresJobStore:
         before: TxFn[None] | None = None,
     ) -> Applied:
         now = self._clock()
-        async with _transaction(self.pool, callers_sql=before is not None) as conn:
-            if before is not None:  # the caller's own SQL: its errors are its own
-                tx = PostgresTx(conn)
-                with cancel_inside_as_error():
-                    await before(tx)
-                tx.failures.refuse_commit()
-            with _encoder_errors():
-                applied = await _apply(conn, transition, self._owner, now)
-                if not follow_ups:
-                    return applied
-                return applied.with_follow_ups(await _insert(conn, follow_ups, self._owner, now))
+        for attempt in range(1, APPLY_DEADLOCK_ATTEMPTS + 1):
+            try:
+                async with _transaction(self.pool, callers_sql=before is not None) as conn:
+                    if before is not None:  # the caller's own SQL: its errors are its own
+                        tx = PostgresTx(conn)
+                        with cancel_inside_as_error():
+                            await before(tx)
+                        tx.failures.refuse_commit()
+                    with _encoder_errors():
+                        applied = await _apply(conn, transition, self._owner, now)
+                        if not follow_ups:
+                            return applied
+                        inserted = await _insert(conn, follow_ups, self._owner, now)
+                        return applied.with_follow_ups(inserted)
+            except asyncpg.DeadlockDetectedError:
+                if attempt == APPLY_DEADLOCK_ATTEMPTS:
+                    raise
+                log.info("job %s: %s met a deadlock, which the server broke by rolling it "
+                         "back; running it again", transition.job_id, transition.action)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def apply_many(self, transitions: Sequence[Transition]) -> list[Applied | Exception]:
         now = self._clock()

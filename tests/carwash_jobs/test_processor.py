@@ -1451,6 +1451,47 @@ async def test_on_complete_writes_roll_back_when_the_job_was_cancelled_meanwhile
     assert h.rows("ledger") == 0
 
 
+async def test_two_jobs_completing_with_follow_ups_on_each_other_both_complete_once(
+    database_url: str, harnesses: Harnesses,
+) -> None:
+    """PostgreSQL: each completion locks its own row, then share-locks the other's for its
+    follow-up's dependency, and the server breaks the deadlock by failing one. That job's
+    attempt failed (and its handler ran again); the store now runs the transaction again.
+    SQLite runs one writer's transactions one at a time: no such cycle."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite's single writer cannot interleave two completions")
+    ids: dict[int, JobId] = {}
+    locked = {0: asyncio.Event(), 1: asyncio.Event()}
+    runs: list[int] = []
+
+    async def pair(ctx: JobContext, payload: Item) -> None:
+        runs.append(payload.n)
+        me, other = payload.n, 1 - payload.n
+
+        async def lock_mine_then_wait_for_the_other(tx: Tx) -> None:
+            await tx.execute("SELECT id FROM worker_queue WHERE id = :id FOR UPDATE",
+                             {"id": ids[me]})
+            locked[me].set()
+            await locked[other].wait()
+
+        ctx.on_complete(lock_mine_then_wait_for_the_other)
+        ctx.enqueue("noop", {}, depends_on=[ids[other]])
+
+    store = open_store(database_url, owner=OWNER)
+    await store.open()
+    h = await harnesses.make(task_type("pair", pair, max_attempts=3), store=store,  # type: ignore[arg-type]
+                             start=False)
+    first, second = await h.queue.enqueue_many("pair", [{"n": 0}, {"n": 1}])
+    ids.update({0: first.job.id, 1: second.job.id})
+    await h.start()
+    await h.run_until_idle(20, include_timers=True)
+
+    for inserted in (first, second):
+        row = await h.get(inserted.job.id)
+        assert (row.status, outcomes(row)) == (S.completed, ["completed"])
+    assert sorted(runs) == [0, 1]
+
+
 async def test_an_on_complete_write_or_follow_up_that_fails_fails_the_attempt_with_its_error(
     harnesses: Harnesses,
 ) -> None:
