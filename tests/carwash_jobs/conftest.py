@@ -20,6 +20,7 @@ from tests.carwash_jobs.support import (
     copy_database,
     migrated_database,
     open_sqlite,
+    postgres_database_from,
     registry_with,
     sqlite_url,
 )
@@ -54,6 +55,16 @@ async def database_url(
 ) -> AsyncIterator[str]:
     async with migrated_database(request.param, migrated_template, tmp_path / "jobs.db",
                                  postgres_template, "carwash") as url:
+        yield url
+
+
+@pytest.fixture
+async def postgres_database_url(
+    postgres_template: tuple[str, str] | None,
+) -> AsyncIterator[str]:
+    """A migrated PostgreSQL database of this test's own, for what only PostgreSQL can show
+    (skipped without a server)."""
+    async with postgres_database_from(postgres_template, "carwash") as url:
         yield url
 
 

@@ -1452,14 +1452,12 @@ async def test_on_complete_writes_roll_back_when_the_job_was_cancelled_meanwhile
 
 
 async def test_two_jobs_completing_with_follow_ups_on_each_other_both_complete_once(
-    database_url: str, harnesses: Harnesses,
+    postgres_database_url: str, harnesses: Harnesses,
 ) -> None:
     """PostgreSQL: each completion locks its own row, then share-locks the other's for its
     follow-up's dependency, and the server breaks the deadlock by failing one. That job's
     attempt failed (and its handler ran again); the store now runs the transaction again.
-    SQLite runs one writer's transactions one at a time: no such cycle."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("SQLite's single writer cannot interleave two completions")
+    SQLite runs its one writer's transactions one at a time: no such cycle there."""
     ids: dict[int, JobId] = {}
     locked = {0: asyncio.Event(), 1: asyncio.Event()}
     runs: list[int] = []
@@ -1477,7 +1475,7 @@ async def test_two_jobs_completing_with_follow_ups_on_each_other_both_complete_o
         ctx.on_complete(lock_mine_then_wait_for_the_other)
         ctx.enqueue("noop", {}, depends_on=[ids[other]])
 
-    store = open_store(database_url, owner=OWNER)
+    store = open_store(postgres_database_url, owner=OWNER)
     await store.open()
     h = await harnesses.make(task_type("pair", pair, max_attempts=3), store=store,  # type: ignore[arg-type]
                              start=False)
