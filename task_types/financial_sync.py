@@ -15,9 +15,10 @@ written twice changes nothing), recomputes the daily totals of the days it touch
 reporting rows (never `+=`, for the same reason), and moves the tenant's sync state; then the
 cursor is checkpointed in the job, so a retry resumes after the last chunk. The next job
 starts from the sync state. `full: true` starts from 0, re-upserts everything and finally
-deletes the reporting rows it did not see (gone from the POS) and rebuilds the daily totals,
-all in one transaction: readers never see a half-empty report. Do not run a full and an
-incremental sync of one tenant at the same time (cron schedules: overlap = "skip").
+deletes the reporting rows it did not see (gone from the POS, wherever their ids lie) and
+rebuilds the daily totals, all in one transaction: readers never see a half-empty report. Do
+not run a full and an incremental sync of one tenant at the same time (cron schedules:
+overlap = "skip").
 """
 
 from __future__ import annotations
@@ -47,7 +48,13 @@ SELECT id, occurred_at, package, amount_cents, payment_method FROM pos_transacti
 WHERE tenant_id = :tenant_id AND id > :after ORDER BY id LIMIT :limit
 """
 COUNT_AFTER = "SELECT COUNT(*) AS n FROM pos_transactions WHERE tenant_id = :tenant_id AND id > :after"
-READ_STATE = "SELECT last_transaction_id FROM financial_sync_state WHERE tenant_id = :tenant_id"
+READ_STATE = """
+SELECT last_transaction_id, last_job_id FROM financial_sync_state WHERE tenant_id = :tenant_id
+"""
+#: what an earlier attempt of this job synced before it died unrecorded (see _start)
+COUNT_SYNCED_BY = """
+SELECT COUNT(*) AS n FROM reporting_transactions WHERE tenant_id = :tenant_id AND sync_job_id = :job_id
+"""
 UPSERT_ROW = """
 INSERT INTO reporting_transactions (tenant_id, pos_transaction_id, occurred_at, business_date,
   package, amount_cents, payment_method, sync_job_id, synced_at)
@@ -75,9 +82,13 @@ VALUES (:tenant_id, :cursor, :job_id, :updated_at)
 ON CONFLICT (tenant_id) DO UPDATE SET last_transaction_id = excluded.last_transaction_id,
   last_job_id = excluded.last_job_id, updated_at = excluded.updated_at
 """
+#: the rows a full resync did not see: below its cursor, or written before it was enqueued (a
+#: sale gone from the POS above the last one left, the tenant's newest, or every one). A row
+#: above the cursor written since by another job is left: a sync that overlapped this one
 SWEEP_UNSEEN = """
 DELETE FROM reporting_transactions
-WHERE tenant_id = :tenant_id AND sync_job_id <> :job_id AND pos_transaction_id <= :cursor
+WHERE tenant_id = :tenant_id AND sync_job_id <> :job_id
+  AND (pos_transaction_id <= :cursor OR synced_at < :job_created_at)
 """
 DROP_TOTALS = "DELETE FROM reporting_daily_totals WHERE tenant_id = :tenant_id"
 REBUILD_TOTALS = """
@@ -144,19 +155,30 @@ async def sync_financials(ctx: JobContext, payload: SyncPayload) -> SyncResult:
             await ctx.save_checkpoint({"cursor": cursor, "rows": rows}, done=rows, total=total)
             if len(chunk) < size:
                 break
-    removed = await ctx.transaction(_sweep(ctx.job_id, tenant, cursor)) if payload.full else 0
+    removed = await ctx.transaction(_sweep(ctx, tenant, cursor)) if payload.full else 0
     return SyncResult(rows=rows, cursor=cursor, full=payload.full, removed=removed)
 
 
 async def _start(ctx: JobContext, payload: SyncPayload) -> tuple[int, int]:
     """(cursor, rows so far): the checkpoint of an interrupted attempt, else 0 for a full
-    resync, else where the tenant's last sync ended."""
+    resync, else where the tenant's last sync ended. When that was this job (an attempt that
+    died after a chunk committed, before its checkpoint), the rows it synced are counted, so
+    the result still tells all of them."""
     if ctx.checkpoint:
         return int(ctx.checkpoint["cursor"]), int(ctx.checkpoint["rows"])
     if payload.full:
         return 0, 0
-    state = await ctx.transaction(lambda tx: tx.fetch(READ_STATE, {"tenant_id": payload.tenant_id}))
-    return (int(state[0]["last_transaction_id"]) if state else 0), 0
+    tenant = payload.tenant_id
+    state = await ctx.transaction(lambda tx: tx.fetch(READ_STATE, {"tenant_id": tenant}))
+    if not state:
+        return 0, 0
+    cursor = int(state[0]["last_transaction_id"])
+    if state[0]["last_job_id"] != ctx.job_id:
+        return cursor, 0
+    synced = await ctx.transaction(
+        lambda tx: tx.fetch(COUNT_SYNCED_BY, {"tenant_id": tenant, "job_id": ctx.job_id})
+    )
+    return cursor, int(synced[0]["n"])
 
 
 async def read_chunk(source: _Source, tenant: str, after: int, limit: int) -> list[dict[str, Any]]:
@@ -193,10 +215,12 @@ def _write_chunk(job_id: str, tenant: str, chunk: list[dict[str, Any]], cursor: 
     return write
 
 
-def _sweep(job_id: str, tenant: str, cursor: int) -> TxFn[int]:
+def _sweep(ctx: JobContext, tenant: str, cursor: int) -> TxFn[int]:
     async def sweep(tx: Tx) -> int:
-        removed = await tx.execute(SWEEP_UNSEEN, {"tenant_id": tenant, "job_id": job_id,
-                                                  "cursor": cursor})
+        removed = await tx.execute(SWEEP_UNSEEN, {
+            "tenant_id": tenant, "job_id": ctx.job_id, "cursor": cursor,
+            "job_created_at": db_timestamp(tx.dialect, ctx.job.created_at),
+        })
         await tx.execute(DROP_TOTALS, {"tenant_id": tenant})
         await tx.execute(REBUILD_TOTALS, {"tenant_id": tenant})
         return removed
