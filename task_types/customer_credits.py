@@ -38,9 +38,10 @@ ON CONFLICT (job_id, customer_id) DO NOTHING
 """
 
 
-#: the largest id the customers table can hold (a 64-bit integer column): a larger one can
-#: name no customer, and the store's driver would refuse it when the job runs
-CUSTOMER_ID_MAX = 2**63 - 1
+#: the largest id the customers table can hold: an INTEGER column, 32 bits on PostgreSQL (64 on
+#: SQLite, where the same ids are kept). A larger one names no customer, and PostgreSQL's
+#: driver refused it when the job ran: the job failed, retried, on an int32 range error
+CUSTOMER_ID_MAX = 2**31 - 1
 
 
 class CreditsPayload(BaseModel):
