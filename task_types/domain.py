@@ -79,6 +79,11 @@ class EmailSendLog(SQLModel, table=True):
     at: datetime = Field(sa_column=sa.Column(_TS, nullable=False))
 
 
+#: the employees table's text columns an import fills from a CSV field, and their lengths
+EMPLOYEE_NO_MAX_LENGTH = 64
+NAME_MAX_LENGTH = 100
+
+
 class Employee(SQLModel, table=True):
     """Staff of one tenant, keyed by employee_no; the CSV import upserts them.
 
@@ -92,9 +97,9 @@ class Employee(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     tenant_id: str = Field(max_length=64)
-    employee_no: str = Field(max_length=64)
-    first_name: str = Field(max_length=100)
-    last_name: str = Field(max_length=100)
+    employee_no: str = Field(max_length=EMPLOYEE_NO_MAX_LENGTH)
+    first_name: str = Field(max_length=NAME_MAX_LENGTH)
+    last_name: str = Field(max_length=NAME_MAX_LENGTH)
     email: str = Field(max_length=320)
     role: str = Field(max_length=32)
     hourly_rate_cents: int  #: money as integer cents, like every amount in this domain

@@ -30,7 +30,15 @@ from pydantic import BaseModel, Field
 
 from carwash_jobs.errors import PermanentError
 from carwash_jobs.registry import TaskOptions, TaskType
-from task_types.domain import EMPLOYEE_ROLES, check_address, db_date, db_timestamp, in_clause
+from task_types.domain import (
+    EMPLOYEE_NO_MAX_LENGTH,
+    EMPLOYEE_ROLES,
+    NAME_MAX_LENGTH,
+    check_address,
+    db_date,
+    db_timestamp,
+    in_clause,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -242,7 +250,7 @@ def _employee(line: int, fields: list[str], positions: dict[str, int], width: in
             return fallback
 
     row = EmployeeRow(
-        line=line, employee_no=take("employee_no", _text, ""),
+        line=line, employee_no=take("employee_no", _employee_no, ""),
         first_name=take("first_name", _text, ""), last_name=take("last_name", _text, ""),
         email=take("email", check_address, ""), role=take("role", _role, ""),
         hourly_rate_cents=take("hourly_rate", _rate, 0), hired_on=take("hired_on", _date, date.min),
@@ -252,14 +260,20 @@ def _employee(line: int, fields: list[str], positions: dict[str, int], width: in
     return row
 
 
-def _text(value: str) -> str:
+def _text(value: str, most: int = NAME_MAX_LENGTH) -> str:
     if not value:
         raise ValueError("is empty")
-    if len(value) > 100:
-        raise ValueError("is longer than 100 characters")
+    if len(value) > most:
+        raise ValueError(f"is longer than {most} characters")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
         raise ValueError("contains a line break or control character")
     return value
+
+
+def _employee_no(value: str) -> str:
+    """A key of at most its column's length: longer, PostgreSQL refused the whole chunk (and the
+    job failed, retried, with earlier chunks written) where SQLite stored it."""
+    return _text(value, EMPLOYEE_NO_MAX_LENGTH)
 
 
 def _role(value: str) -> str:

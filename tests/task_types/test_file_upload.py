@@ -44,6 +44,7 @@ TRICKY = [
     "E013,Bad,Date,d@example.com,washer,10,01/02/2020",                       # 18 bad date
     "E014,Too,Many,t@example.com,washer,10,2020-01-01,extra",                 # 19 too many fields
     "  E015 , Padded , Name , padded@example.com , WASHER , 9.99 , 2020-02-29 ",  # 20 ok (trimmed)
+    "E" * 65 + ",Long,Key,long@example.com,washer,1,2020-01-01",               # 21 key too long
 ]
 TRICKY_REJECTED = [
     {"line": 4, "error": "first_name contains a line break or control character"},
@@ -58,6 +59,8 @@ TRICKY_REJECTED = [
     {"line": 17, "error": "email 'not-an-email' is not a valid email address"},
     {"line": 18, "error": "hired_on '01/02/2020' is not an ISO date (YYYY-MM-DD)"},
     {"line": 19, "error": "expected 7 fields, found 8"},
+    # its column holds 64: PostgreSQL refused the whole chunk, and the job failed
+    {"line": 21, "error": "employee_no is longer than 64 characters"},
 ]
 TRICKY_GOOD = ["E001", "E002", "E005", "E008", "E009", "E015"]
 
