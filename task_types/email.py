@@ -8,9 +8,13 @@ Why it is built this way:
   so a crash or a 4xx mid-chunk re-sends nobody (the only window left is between the server's
   250 and that commit, milliseconds wide). A deterministic Message-ID per (job, recipient) lets
   a receiving system drop even that duplicate.
-- Transient trouble (4xx, refused connection, timeouts) fails the attempt: the engine retries
-  with backoff and the log makes the retry resume. A 5xx for one recipient is permanent for
-  that recipient only: logged as rejected and reported, the rest go on.
+- Transient trouble (a 4xx to the message, a 421, refused connection, timeouts) fails the
+  attempt: the engine retries with backoff and the log makes the retry resume. A 4xx to one
+  recipient (a full mailbox, greylisting) defers that recipient only: the rest go on, and the
+  attempt then fails so that the next one mails the deferred. A 5xx for one recipient is
+  permanent for that recipient only: logged as rejected and reported, the rest go on; but 20
+  in a row with one same reply are the server refusing the sender or the message, and fail the
+  attempt with those recipients taken back out of the log.
 - The rate limit (CARWASH_EMAIL_RATE_PER_MINUTE) holds for the whole fleet: every message
   takes a slot of the "email" pace kept in the database (`ctx.rate_limit`), slots 60/rate
   seconds apart, so N worker processes together still send at the configured rate, evenly
@@ -52,6 +56,7 @@ from task_types.domain import (
     check_header_text,
     db_timestamp,
     exactly_one_audience,
+    in_clause,
     segment_query,
 )
 
@@ -120,6 +125,26 @@ class EmailResult(BaseModel):
 # -- transports --------------------------------------------------------------------------------
 class Rejected(Exception):
     """The server refused this one message for good (5xx): report it, go on with the rest."""
+
+
+class Deferred(Exception):
+    """The server refused this one recipient for now (a 4xx to RCPT: a full mailbox,
+    greylisting): go on with the rest, and come back for it in the next attempt. Raised on,
+    one such recipient failed every attempt at the same place, and nobody after it in the
+    list was ever mailed."""
+
+
+class RecipientsDeferred(Exception):
+    """The attempt mailed everyone it could and some recipients were deferred: it fails, by
+    the task type's retry policy, and the next attempt mails only those (the send log skips
+    the others)."""
+
+
+class ServerRefusesEveryone(Exception):
+    """Recipient after recipient refused with one same reply: the server refuses the sender
+    or the message (a block list, relaying denied, a size limit), not these addresses. The
+    streak's rejections are taken back out of the send log, so a later attempt (or a retry
+    of the failed job, once the server is fixed) mails them."""
 
 
 class Connection(Protocol):
@@ -210,6 +235,8 @@ class _SmtpConnection:
             refused = exc.recipients[0]
             if _permanent(refused.code):
                 raise Rejected(f"{refused.code} {refused.message}") from exc
+            if refused.code != SERVICE_CLOSING:  # a 421 is the server's, not this address's
+                raise Deferred(f"{refused.code} {refused.message}") from exc
             raise
         except aiosmtplib.SMTPDataError as exc:
             if _permanent(exc.code):
@@ -225,6 +252,14 @@ class _SmtpConnection:
 
 def _permanent(code: int) -> bool:
     return 500 <= code < 600
+
+
+#: "service not available, closing transmission channel": about the server, whatever command
+SERVICE_CLOSING = 421
+#: rejections in a row with one same reply that are taken as the server refusing everyone. A
+#: mailbox that does not exist is usually named in its reply ("<a@b>: user unknown"), so a
+#: run of stale addresses rarely gives one same reply this many times
+REJECTION_STREAK_LIMIT = 20
 
 
 #: the fleet-wide pace every email job takes its send slots from
@@ -258,6 +293,9 @@ async def send_email(ctx: JobContext, payload: EmailPayload) -> EmailResult:
     sender = (_address(payload.sender.email, payload.sender.name) if payload.sender
               else _address(DEFAULT_SENDER[1], DEFAULT_SENDER[0]))
     sent = 0
+    deferred: list[tuple[_To, str]] = []
+    streak: list[_To] = []  #: the latest rejections in a row, all with the reply `streak_reply`
+    streak_reply = ""
     size = payload.chunk_size or DEFAULT_CHUNK_SIZE
     for start in range(0, len(pending), size):
         async with transport.connect() as conn:
@@ -268,15 +306,34 @@ async def send_email(ctx: JobContext, payload: EmailPayload) -> EmailResult:
                 await limit.wait(remaining=total - done)
                 try:
                     await conn.send(message, sender.addr_spec, to.email)
+                except Deferred as exc:
+                    deferred.append((to, str(exc)))
+                    continue
                 except Rejected as exc:
                     await ctx.transaction(_log(ctx.job_id, to, "rejected", str(exc)))
                     rejected.append(RejectedRecipient(email=to.email, error=str(exc)))
+                    streak = [*streak, to] if str(exc) == streak_reply else [to]
+                    streak_reply = str(exc)
+                    if len(streak) >= REJECTION_STREAK_LIMIT:
+                        await ctx.transaction(_unlog(ctx.job_id, streak))
+                        raise ServerRefusesEveryone(
+                            f"the server refused {len(streak)} recipients in a row with the "
+                            f"same reply ({streak_reply}): taken as a refusal of the sender or "
+                            "the message, not of the recipients, who are mailed on a retry"
+                        ) from exc
                 else:
                     await ctx.transaction(_log(ctx.job_id, to, "sent", None))
                     sent += 1
+                    streak = []
                 done += 1
                 await ctx.progress(done, total)
     await ctx.progress(done, total)
+    if deferred:
+        first, reply = deferred[0]
+        raise RecipientsDeferred(
+            f"the server deferred {len(deferred)} of {len(pending)} recipients "
+            f"(first {first.email}: {reply}); the next attempt mails only those"
+        )
     return EmailResult(sent=sent, skipped=skipped, rejected=rejected, recipients=total)
 
 
@@ -335,6 +392,15 @@ def _read_log(job_id: str) -> TxFn[dict[str, tuple[str, str | None]]]:
         return {row["email"]: (row["status"], row["error"]) for row in rows}
 
     return read
+
+
+def _unlog(job_id: str, recipients: list[_To]) -> TxFn[None]:
+    async def delete(tx: Tx) -> None:
+        keys, params = in_clause("email", [to.key for to in recipients])
+        await tx.execute(f"DELETE FROM email_send_log WHERE job_id = :job_id AND email IN {keys}",
+                         {"job_id": job_id, **params})
+
+    return delete
 
 
 def _log(job_id: str, to: _To, status: str, error: str | None) -> TxFn[None]:

@@ -218,6 +218,7 @@ class RecordingHandler:
     def __init__(self) -> None:
         self.messages: list[Received] = []
         self.reject: dict[str, str] = {}  #: lower-cased address -> RCPT reply (e.g. a 550)
+        self.reject_all: str | None = None  #: the RCPT reply to every address (a block list)
         self.fail_data_after: int | None = None  #: answer 421 to DATA once this many arrived
         self.stall_rcpt_after: int | None = None  #: hold the RCPT after this many arrived
         self.on_stall: Callable[[], object] | None = None  #: called (server thread) when holding
@@ -243,6 +244,8 @@ class RecordingHandler:
                           rcpt_options: list[str]) -> str:
         if address.lower() in self.reject:
             return self.reject[address.lower()]
+        if self.reject_all is not None:
+            return self.reject_all
         if self.stall_rcpt_after is not None and len(self.messages) >= self.stall_rcpt_after:
             self.stall_rcpt_after = None
             if self.on_stall is not None:

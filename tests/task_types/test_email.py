@@ -136,22 +136,65 @@ async def test_a_permanent_rejection_is_reported_and_the_others_still_get_mail(
     assert len(smtp_server.handler.messages) == 5
 
 
-async def test_a_temporary_recipient_refusal_fails_the_attempt_and_the_retry_delivers(
+async def test_a_temporary_recipient_refusal_defers_that_recipient_and_the_retry_mails_it(
     runtimes: Runtimes, smtp_server: SmtpServer
 ) -> None:
+    """The others are mailed in the same attempt: raised on, the refusal failed every attempt
+    at that recipient, and nobody after it in the list was mailed before the job failed."""
     smtp_server.handler.reject["customer2@example.com"] = "450 4.2.1 Mailbox busy"
     runtime = await runtimes.start(smtp_url=smtp_server.url)
     inserted = await runtime.queue.enqueue("email", mail(recipients=recipients(4)))
     assert runtime.processor is not None
-    await runtime.processor.run_until_idle(timeout=10)  # attempt 1 fails on customer2
+    await runtime.processor.run_until_idle(timeout=10)  # attempt 1 defers customer2
+    assert smtp_server.handler.recipients() == [
+        "customer0@example.com", "customer1@example.com", "customer3@example.com"]
     smtp_server.handler.reject.clear()
 
     job = await settle(runtime, inserted.job.id)
 
     assert job.status == JobStatus.completed, job.error
-    assert job.attempts >= 2
-    assert "450" in job.attempt_history[0]["error"]
+    assert job.attempts == 2
+    error = job.attempt_history[0]["error"]
+    assert "deferred 1 of 4 recipients" in error
+    assert "customer2@example.com: 450 4.2.1 Mailbox busy" in error
+    assert job.result == {"sent": 1, "skipped": 3, "rejected": [], "recipients": 4}
     assert sorted(smtp_server.handler.recipients()) == [f"customer{i}@example.com" for i in range(4)]
+
+
+async def test_recipients_refused_in_a_row_with_one_reply_are_the_server_refusing_everyone(
+    runtimes: Runtimes, smtp_server: SmtpServer
+) -> None:
+    """A block list or relaying denied answers every RCPT alike: each recipient was logged as
+    rejected for good, the job completed, and nobody could be mailed by a retry."""
+    smtp_server.handler.reject_all = "554 5.7.1 Client host blocked"
+    runtime = await runtimes.start(smtp_url=smtp_server.url)
+    inserted = await runtime.queue.enqueue("email", mail(recipients=recipients(25)))
+    assert runtime.processor is not None
+    await runtime.processor.run_until_idle(timeout=10)
+    first = await runtime.store.get(inserted.job.id)
+    assert "refused 20 recipients in a row with the same reply" in (first.error or "")
+    assert query(runtime.settings.database_url, "SELECT COUNT(*) FROM email_send_log") == [(0,)]
+    smtp_server.handler.reject_all = None
+
+    job = await settle(runtime, inserted.job.id)
+
+    assert job.status == JobStatus.completed, job.error
+    assert job.result == {"sent": 25, "skipped": 0, "rejected": [], "recipients": 25}
+
+
+async def test_stale_addresses_in_a_row_are_each_rejected_and_the_job_completes(
+    runtimes: Runtimes, smtp_server: SmtpServer
+) -> None:
+    """A reply naming its mailbox differs from one recipient to the next: no streak."""
+    for i in range(22):
+        address = f"customer{i}@example.com"
+        smtp_server.handler.reject[address] = f"550 5.1.1 <{address}>: user unknown"
+    runtime = await runtimes.start(smtp_url=smtp_server.url)
+
+    job = await run_job(runtime, "email", mail(recipients=recipients(24)))
+
+    assert job.status == JobStatus.completed, job.error
+    assert (job.attempts, job.result["sent"], len(job.result["rejected"])) == (1, 2, 22)
 
 
 async def test_the_rate_limit_spaces_messages_at_the_server(
