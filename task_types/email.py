@@ -210,6 +210,8 @@ class SmtpTransport:
         try:
             await client.connect()
         except aiosmtplib.SMTPAuthenticationError as exc:
+            if not _permanent(exc.code):  # 454: the server cannot check it now
+                raise
             raise PermanentError(
                 f"SMTP login refused ({exc.code} {exc.message}): check CARWASH_SMTP_URL"
             ) from exc

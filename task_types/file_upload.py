@@ -22,7 +22,7 @@ import io
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
@@ -51,6 +51,8 @@ DEFAULT_CHUNK_SIZE = 500
 MAX_REPORTED_REJECTS = 1000  #: the result lists this many rejected lines; rejected_count has all
 MAX_RATE = Decimal("10000")
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+#: plain ASCII digits: Decimal also reads "1_0.5", "1e2" and other scripts' digits
+_DECIMAL = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 V = TypeVar("V")
 
 UPSERT = """
@@ -285,12 +287,9 @@ def _role(value: str) -> str:
 
 def _rate(value: str) -> int:
     """A decimal >= 0 with at most two places, as integer cents."""
-    try:
-        rate = Decimal(value)
-    except InvalidOperation:
-        raise ValueError(f"{value!r} is not a decimal number") from None
-    if not rate.is_finite():
+    if not _DECIMAL.fullmatch(value):
         raise ValueError(f"{value!r} is not a decimal number")
+    rate = Decimal(value)
     if rate < 0:
         raise ValueError(f"{value} is negative")
     if rate >= MAX_RATE:

@@ -224,6 +224,7 @@ class RecordingHandler:
         self.on_stall: Callable[[], object] | None = None  #: called (server thread) when holding
         self.connections = 0  #: SMTP sessions opened (EHLO greetings)
         self.logins: list[tuple[str, str]] = []  #: (user, password) of successful AUTHs
+        self.auth_reply: str | None = None  #: answer AUTH with this instead (e.g. a 454)
 
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
@@ -234,6 +235,8 @@ class RecordingHandler:
     def authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str,
                      auth_data: Any) -> AuthResult:
         """The server's authenticator: accepts carwash / s3cret only."""
+        if self.auth_reply is not None:
+            return AuthResult(success=False, handled=False, message=self.auth_reply)
         login = (auth_data.login.decode(), auth_data.password.decode())
         if login != ("carwash", "s3cret"):
             return AuthResult(success=False, handled=False)

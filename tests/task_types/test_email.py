@@ -392,3 +392,23 @@ async def test_a_refused_login_fails_the_job_at_once(
     assert job.attempts == 1
     assert "SMTP login refused" in (job.error or "")
     assert smtp_server.handler.messages == []
+
+
+@pytest.mark.parametrize("smtp_server", ["auth"], indirect=True)
+async def test_a_login_the_server_cannot_check_now_is_retried(
+    runtimes: Runtimes, smtp_server: SmtpServer
+) -> None:
+    """A 454 is temporary (the server's authentication backend is down): it failed the job for
+    good, as a wrong password does."""
+    smtp_server.handler.auth_reply = "454 4.7.0 Temporary authentication failure"
+    runtime = await runtimes.start(smtp_url=f"smtp://carwash:s3cret@127.0.0.1:{smtp_server.port}")
+    inserted = await runtime.queue.enqueue("email", mail(recipients=recipients(2)))
+    assert runtime.processor is not None
+    await runtime.processor.run_until_idle(timeout=10)
+    assert "454" in ((await runtime.store.get(inserted.job.id)).error or "")
+    smtp_server.handler.auth_reply = None
+
+    job = await settle(runtime, inserted.job.id)
+
+    assert job.status == JobStatus.completed, job.error
+    assert job.attempts == 2

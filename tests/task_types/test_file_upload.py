@@ -240,3 +240,17 @@ async def test_bad_upload_payloads_are_refused(runtimes: Runtimes, payload: dict
 
 def test_the_upload_field_is_the_file_path() -> None:
     assert file_upload.TASK_TYPE.upload_field == "file_path"
+
+
+@pytest.mark.parametrize(("value", "cents"), [
+    ("12.50", 1250), ("0", 0), ("9999.99", 999_999),
+    # what Decimal reads but a CSV of rates does not mean: refused, not taken as 10.5 or 100
+    ("1_0.5", None), ("1e2", None), ("\u0661\u0660", None), ("NaN", None), ("Infinity", None),
+    ("12.", None), (".5", None), ("", None),
+])
+def test_an_hourly_rate_is_plain_decimal_digits(value: str, cents: int | None) -> None:
+    if cents is None:
+        with pytest.raises(ValueError, match="is not a decimal number"):
+            file_upload._rate(value)
+    else:
+        assert file_upload._rate(value) == cents
