@@ -58,6 +58,7 @@ async def open_database(url: str, *, busy_timeout_ms: int = 5000) -> Database:
     if url.startswith(SQLITE_PREFIX):
         conn = await aiosqlite.connect(url.removeprefix(SQLITE_PREFIX), isolation_level=None)
         await conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        await conn.execute("PRAGMA foreign_keys=ON")  # as PostgreSQL (see SqliteJobStore)
         return SqliteDatabase(conn)
     if url.startswith(POSTGRES_PREFIX):
         pool = await asyncpg.create_pool(

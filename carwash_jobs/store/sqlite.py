@@ -486,6 +486,9 @@ class SqliteJobStore:
             "PRAGMA journal_mode=WAL",
             f"PRAGMA synchronous={synchronous}",
             f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
+            # as PostgreSQL does: a handler's write naming a row that is gone (a credit for a
+            # customer deleted meanwhile) fails, where SQLite wrote it by default
+            "PRAGMA foreign_keys=ON",
         )
         self.writer = SqliteWriter(self._connect_writer, batch_max=write_batch_max)
         self._reader: aiosqlite.Connection | None = None

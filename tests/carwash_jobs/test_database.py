@@ -74,6 +74,23 @@ async def test_a_transaction_commits_what_its_function_wrote(database: Database)
     assert database.dialect in ("sqlite", "postgresql")
 
 
+async def test_a_row_naming_one_that_is_not_there_is_refused_on_both(database: Database) -> None:
+    """Foreign keys hold on SQLite too, as on PostgreSQL (SQLite leaves them off by default)."""
+
+    async def schema(tx: Tx) -> None:
+        await _schema(tx)
+        await tx.execute("CREATE TABLE sale (id INTEGER PRIMARY KEY, "
+                         "wash_id INTEGER NOT NULL REFERENCES wash (id))")
+
+    await database.transaction(schema)
+
+    async def orphan(tx: Tx) -> None:
+        await tx.execute("INSERT INTO sale (id, wash_id) VALUES (1, 42)")
+
+    with pytest.raises(Exception, match=r"(?i)foreign key"):
+        await database.transaction(orphan)
+
+
 async def test_an_exception_rolls_the_whole_transaction_back(database: Database) -> None:
     await database.transaction(_schema)
 

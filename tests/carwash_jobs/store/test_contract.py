@@ -847,6 +847,22 @@ async def test_transaction_commits_when_the_function_returns(store: JobStore) ->
     assert await _grants(store) == [{"job_id": "a", "amount": 2}, {"job_id": "b", "amount": 3}]
 
 
+async def test_a_write_naming_a_row_that_is_not_there_fails_on_both_stores(
+    store: JobStore,
+) -> None:
+    """Foreign keys hold on SQLite too: a credit for a customer deleted meanwhile failed its
+    completion on PostgreSQL and was written on SQLite, against no customer."""
+
+    async def credit_nobody(tx: Tx) -> None:
+        await tx.execute(
+            "INSERT INTO credit_ledger (job_id, customer_id, amount_cents, reason, created_at) "
+            "VALUES ('j', 999, 5, 'x', '2030-01-01 00:00:00')"
+        )
+
+    with pytest.raises(Exception, match=r"(?i)foreign key"):
+        await store.transaction(credit_nobody)
+
+
 async def test_transaction_rolls_back_everything_when_the_function_raises(
     store: JobStore, clock: ManualClock
 ) -> None:
