@@ -89,8 +89,11 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _MICROSECOND = timedelta(microseconds=1)
 _DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 _CRON_FIELDS = "minute hour day-of-month month day-of-week"
-#: guards against a trigger that never moves forward (APScheduler 3's DST arithmetic)
+#: the wall times looked at for one fire time: a few at most (see FireTimes.next_after); the
+#: bound guards against a trigger that would not move forward
 _PROBES_MAX = 100
+#: the zone APScheduler reads wall-clock times in (see FireTimes)
+_WALL_CLOCK = ZoneInfo("UTC")
 #: the first window searched backwards for missed fire times; each next one is 8 times longer
 _SEARCH_WINDOW_FIRST = timedelta(minutes=1)
 _NEVER = datetime.max.replace(tzinfo=UTC)
@@ -248,10 +251,15 @@ def _after_repeated(instant: datetime, zone: ZoneInfo) -> datetime:
     return minute
 
 
-def _instant(found: datetime, zone: ZoneInfo) -> datetime:
-    """The UTC instant of a fire time APScheduler found. A wall time the clocks skipped (they
-    went forward) becomes the instant they jumped, so it fires once, right after the jump."""
-    wall = found.replace(tzinfo=None)
+def _wall(instant: datetime, zone: ZoneInfo) -> datetime:
+    """The wall-clock time (naive) that `instant` shows in `zone`."""
+    return instant.astimezone(zone).replace(tzinfo=None)
+
+
+def _instant(wall: datetime, zone: ZoneInfo) -> datetime:
+    """The UTC instant of the wall-clock time `wall` (naive) in `zone`: the first occurrence of
+    a repeated one. A wall time the clocks skipped (they went forward) becomes the instant they
+    jumped, so it fires once, right after the jump."""
     instant = wall.replace(tzinfo=zone).astimezone(UTC)
     if instant.astimezone(zone).replace(tzinfo=None) == wall:
         return instant
@@ -264,28 +272,35 @@ def _instant(found: datetime, zone: ZoneInfo) -> datetime:
 
 class FireTimes:
     """When one schedule fires, as UTC instants. APScheduler's CronTrigger does the calendar
-    arithmetic; this wrapper makes it safe around daylight saving changes, where APScheduler 3
-    can return a time before the one asked for (and so loop for ever)."""
+    arithmetic on wall-clock times, read as if in UTC, where no day lacks an hour; each wall
+    time is then placed in the schedule's zone (`_instant`). In the zone itself APScheduler 3
+    can return a time before the one asked for (and so loop for ever), and where the clocks
+    skip midnight (America/Santiago, Africa/Cairo) it went on to the next day: that day's
+    nightly fire, or that week's weekly one, was lost."""
 
     def __init__(self, schedule: Schedule) -> None:
         self.zone = _zone(schedule.timezone)
-        self._trigger: Any = _trigger(schedule.cron, schedule.second, self.zone)
+        self._wall_trigger: Any = _trigger(schedule.cron, schedule.second, _WALL_CLOCK)
 
     def next_after(self, after: datetime) -> datetime | None:
         """The first fire time strictly after `after`; None if there is none."""
-        start = after + _MICROSECOND
+        wall = _wall(after, self.zone)
         for _ in range(_PROBES_MAX):
-            start = _after_repeated(start, self.zone)
-            found = self._trigger.get_next_fire_time(None, start.astimezone(self.zone))
+            found = self._wall_trigger.get_next_fire_time(
+                None, (wall + _MICROSECOND).replace(tzinfo=_WALL_CLOCK)
+            )
             if found is None:
                 return None
-            instant = _instant(found, self.zone)
-            if instant < start:  # went backwards: look again a second on
-                start += timedelta(seconds=1)
-            elif _repeated(instant, self.zone):  # the second occurrence of a wall time
-                start = instant + _MICROSECOND
-            else:
+            candidate = found.replace(tzinfo=None)
+            instant = _instant(candidate, self.zone)
+            if instant > after:
                 return instant
+            # a wall time the clocks skipped, fired already at their jump, or the first
+            # occurrence of a repeated hour whose second one `after` is in: go on from where
+            # the wall times are real again
+            repeat_ends = _after_repeated(after + _MICROSECOND, self.zone)
+            wall = max(candidate, _wall(instant, self.zone),
+                       _wall(repeat_ends, self.zone) - _MICROSECOND)
         raise RuntimeError(f"no fire time found after {after.isoformat()} in {_PROBES_MAX} probes")
 
     def between(self, after: datetime, until: datetime, newest: int) -> list[datetime]:

@@ -363,6 +363,28 @@ def test_a_nightly_time_the_clocks_skip_fires_right_after_the_jump() -> None:
     assert times.next_after(jump) == at(0, 30, day=31, month=3)
 
 
+@pytest.mark.parametrize(("zone", "cron", "skipped_midnight", "fired"), [
+    # 2025-09-07 in Santiago and 2025-04-25 (a Friday) in Cairo begin at 01:00: their clocks skip
+    # midnight. The day's nightly fire, or the week's Friday one, was lost (APScheduler in the
+    # zone went on to the next day); it fires at the jump, as a skipped 02:30 does in Berlin
+    ("America/Santiago", "0 0 * * *", datetime(2025, 9, 7, 4, tzinfo=UTC),
+     [datetime(2025, 9, 6, 4, tzinfo=UTC), datetime(2025, 9, 7, 4, tzinfo=UTC),
+      datetime(2025, 9, 8, 3, tzinfo=UTC)]),
+    ("Africa/Cairo", "0 0 * * 5", datetime(2025, 4, 24, 22, tzinfo=UTC),
+     [datetime(2025, 4, 17, 22, tzinfo=UTC), datetime(2025, 4, 24, 22, tzinfo=UTC),
+      datetime(2025, 5, 1, 21, tzinfo=UTC)]),
+])
+def test_a_midnight_the_clocks_skip_fires_at_the_jump(
+    zone: str, cron: str, skipped_midnight: datetime, fired: list[datetime],
+) -> None:
+    times = FireTimes(schedule(cron=cron, timezone=zone))
+
+    assert times.between(fired[0] - timedelta(hours=1), fired[-1], 10) == fired
+    for hours in (0.5, 1, 3, 20):  # the same answer wherever the search starts
+        assert times.next_after(skipped_midnight - timedelta(hours=hours)) == skipped_midnight
+    assert times.next_after(skipped_midnight) == fired[-1]
+
+
 @pytest.mark.parametrize("cron", ["* * * * *", "*/30 * * * *", "30 2 * * *", "15,45 1-3 * * *"])
 @pytest.mark.parametrize("month", [3, 10])
 def test_fire_times_only_move_forward_through_a_change_of_the_clocks(cron: str, month: int) -> None:
