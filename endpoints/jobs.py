@@ -32,7 +32,8 @@ from endpoints.schemas import (
 #: a page's next_cursor is the id of its last job (32 hex digits, see types.new_job_id): any
 #: other text is refused, not read as a position (an id compared as text would restart the list)
 CURSOR_PATTERN = JOB_ID_PATTERN
-JobIdPath = Annotated[str, PathParameter(description="The job's id.", min_length=1, max_length=100)]
+#: no length bound: an id longer than any job's is an unknown job id, a 404 (API.md), not a 400
+JobIdPath = Annotated[str, PathParameter(description="The job's id.", min_length=1)]
 
 
 def _datetime_query(description: str) -> QueryParameter:

@@ -334,7 +334,7 @@ def _list_query(params: Mapping[str, str]) -> ListQuery:
             raise BadFilter(f"status: {form['status']!r} is not a job status") from None
     limit = 50
     if form["limit"]:
-        if not form["limit"].isdigit() or int(form["limit"]) not in PAGE_SIZES:
+        if not re.fullmatch(r"[0-9]{1,4}", form["limit"]) or int(form["limit"]) not in PAGE_SIZES:
             raise BadFilter(f"limit: one of {', '.join(map(str, PAGE_SIZES))}")
         limit = int(form["limit"])
     cursor = params.get("cursor") or None
@@ -393,7 +393,8 @@ async def _jobs_context(
         next_url=f"/ui/jobs?{urlencode({**kept, 'cursor': page.next_cursor})}" if page.next_cursor else None,
     )
     retried = params.get("retried", "")
-    context["retried"] = int(retried) if retried.isdigit() else None
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses (a 500)
+    context["retried"] = int(retried) if re.fullmatch(r"[0-9]{1,9}", retried) else None
     return 200, context
 
 

@@ -54,6 +54,16 @@ async def test_get_unknown_job_is_404(client: AsyncTestClient[Litestar]) -> None
     assert body["extra"] == {"job_id": "no-such-job"}
 
 
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", ""), ("GET", "/events"), ("POST", "/cancel"), ("POST", "/rerun"),
+])
+async def test_an_id_longer_than_any_jobs_is_an_unknown_job(
+    client: AsyncTestClient[Litestar], method: str, path: str
+) -> None:
+    """API.md: 404 for an unknown job id (it was a 400 past 100 characters)."""
+    assert_error(await client.request(method, f"/api/jobs/{'x' * 101}{path}"), 404)
+
+
 # -- list --------------------------------------------------------------------------------------
 async def test_list_is_newest_first_in_cursor_pages(client: AsyncTestClient[Litestar]) -> None:
     ids = [(await enqueue(client, delay_seconds=600))["id"] for _ in range(5)]

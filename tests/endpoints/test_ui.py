@@ -269,6 +269,8 @@ async def test_the_list_pages_with_its_cursor(browser: AsyncTestClient[Litestar]
     ("params", "named"),
     [({"status": "exploded"}, "status"), ({"created_after": "yesterday"}, "created_after"),
      ({"limit": "7"}, "limit"), ({"cursor": "../../etc"}, "cursor"),
+     # digits to str.isdigit() that int() refuses, or takes only slowly: each was a 500
+     ({"limit": "\u00b2"}, "limit"), ({"limit": "9" * 5000}, "limit"),
      ({"cursor": "garbage"}, "cursor"),
      ({"created_after": "2030-01-02", "created_before": "2030-01-01"}, "created_before")],
 )
@@ -321,6 +323,27 @@ async def test_the_job_page_shows_payload_error_traceback_attempts_and_timeline(
     assert 'action="/ui/jobs/' + failed_job + '/retry"' in page
     assert "data-confirm=" in page
     assert "data-final" in page  # it has ended: the live refresh stops
+
+
+async def test_a_retried_count_that_is_no_plain_number_is_left_out(
+    browser: AsyncTestClient[Litestar],
+) -> None:
+    for retried in ("\u00b2", "9" * 5000):  # each was a 500
+        response = await browser.get("/ui/jobs", params={"retried": retried})
+        assert response.status_code == 200
+
+
+async def test_a_tag_link_names_exactly_that_tag(
+    browser: AsyncTestClient[Litestar], runtime: Runtime
+) -> None:
+    """Written into the link as it was, `a&status=failed` linked to the tag `a` of failed
+    jobs, and `50%` to no page at all."""
+    job_id = await enqueue(browser, "echo", {"message": "m", "tags": ["a&status=failed", "50%"]})
+
+    page = (await browser.get(f"/ui/jobs/{job_id}")).text
+
+    assert 'href="/ui/jobs?tag=a%26status%3Dfailed"' in page
+    assert 'href="/ui/jobs?tag=50%25"' in page
 
 
 async def test_an_unknown_job_is_a_404_page(browser: AsyncTestClient[Litestar]) -> None:
