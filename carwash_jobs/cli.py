@@ -15,8 +15,11 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
+import alembic.util
+import sqlalchemy as sa
+
 from carwash_jobs import app, gc_tuning, heap_trim
-from carwash_jobs.errors import CarwashError
+from carwash_jobs.errors import CarwashError, ConfigurationError, StoreUnavailable
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.queue import EnqueueOptions
 from carwash_jobs.settings import Settings, load_settings
@@ -27,7 +30,7 @@ from carwash_jobs.store.base import (
     time_range_problem,
     utc_from_text,
 )
-from carwash_jobs.store.migrations import upgrade
+from carwash_jobs.store.migrations import current_revision, head_revision, upgrade
 from carwash_jobs.types import JOB_ID_PATTERN, JobId
 
 if TYPE_CHECKING:
@@ -165,16 +168,46 @@ async def _run_worker(settings: Settings) -> int:
 
 
 async def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
-    await upgrade(settings.database_url)
+    try:
+        await upgrade(settings.database_url)
+    except alembic.util.CommandError as exc:  # a revision this install does not know
+        raise ConfigurationError(
+            f"cannot upgrade the database: {exc} (is it newer than this install?)"
+        ) from exc
+    except (OSError, sa.exc.SQLAlchemyError) as exc:
+        raise StoreUnavailable(f"cannot reach the database: {exc}") from exc
     print("database is at the latest schema")
     return 0
 
 
 async def _with_runtime(settings: Settings, fn: Callable[[Runtime], Awaitable[Any]]) -> int:
-    """Run one admin operation with an api-role runtime (no processor, no scheduler)."""
-    async with app.build_runtime(settings, role="api") as runtime:
+    """Run one admin operation with an api-role runtime (no processor, no scheduler), on a
+    database at this install's schema. An admin command neither creates a database nor
+    migrates one: a mistyped SQLite path made a new, empty one and listed no jobs, and an
+    operator's `jobs show` from a newer install migrated production outside the release step
+    (`db upgrade`, once per release)."""
+    await _require_current_schema(settings.database_url)
+    runtime = app.build_runtime(settings, role="api")
+    await runtime.start(migrate=False)
+    try:
         _print(await fn(runtime))
+    finally:
+        await runtime.stop()
     return 0
+
+
+async def _require_current_schema(database_url: str) -> None:
+    try:
+        at = await current_revision(database_url)
+    except (OSError, sa.exc.SQLAlchemyError) as exc:
+        raise StoreUnavailable(f"cannot reach the database: {exc}") from exc
+    head = head_revision()
+    if at != head:
+        found = ("the database is missing or empty" if at is None
+                 else f"the database is at schema {at}")
+        raise StoreUnavailable(
+            f"{found}, and this install's is {head}: run `carwash-jobs db upgrade` first"
+        )
 
 
 async def _enqueue(settings: Settings, args: argparse.Namespace) -> int:

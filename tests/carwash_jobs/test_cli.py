@@ -14,8 +14,10 @@ from carwash_jobs import lifecycle
 from carwash_jobs.cli import _utc_time, main
 from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
 from carwash_jobs.store.base import NewJob
+from carwash_jobs.store.migrations import current_revision, head_revision, upgrade
 from carwash_jobs.types import new_job_id
-from tests.carwash_jobs.support import OWNER, ManualClock, open_sqlite
+from tests.carwash_jobs.support import OWNER, ManualClock, open_sqlite, sqlite_url
+from tests.task_types.support import free_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -186,3 +188,44 @@ def test_enqueue_options_are_checked_by_the_engine_and_run_at_read_from_text(
         assert f"carwash-jobs: {said}" in capsys.readouterr().err
     assert main(["jobs", "list"]) == 0
     assert len(json.loads(capsys.readouterr().out)["items"]) == 1
+
+
+def test_an_admin_command_neither_creates_nor_migrates_a_database(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped path made a new, empty database and listed no jobs; an install newer than the
+    database migrated it, outside the release step (`db upgrade`)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CARWASH_LOG_LEVEL", "WARNING")
+    missing = tmp_path / "typo" / "carwash.db"
+    monkeypatch.setenv("CARWASH_DATABASE_URL", sqlite_url(missing))
+
+    assert main(["jobs", "list"]) == 1
+    assert "the database is missing or empty" in capsys.readouterr().err
+    assert not missing.parent.exists()
+
+    older = tmp_path / "older.db"
+    asyncio.run(upgrade(sqlite_url(older), "0008"))
+    monkeypatch.setenv("CARWASH_DATABASE_URL", sqlite_url(older))
+    assert main(["jobs", "list"]) == 1
+    said = capsys.readouterr().err
+    assert f"the database is at schema 0008, and this install's is {head_revision()}" in said
+    assert "run `carwash-jobs db upgrade` first" in said
+    assert asyncio.run(current_revision(sqlite_url(older))) == "0008"
+
+    assert main(["db", "upgrade"]) == 0
+    assert main(["jobs", "list"]) == 0
+
+
+def test_a_database_the_cli_cannot_reach_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CARWASH_LOG_LEVEL", "WARNING")
+    monkeypatch.setenv("CARWASH_DATABASE_URL", f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/x")
+
+    for argv in (["db", "upgrade"], ["jobs", "list"]):
+        assert main(argv) == 1
+        said = capsys.readouterr().err
+        assert said.startswith("carwash-jobs: cannot reach the database: ")
+        assert "Traceback" not in said
