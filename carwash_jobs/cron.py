@@ -423,6 +423,19 @@ class _State:
     next_fire: datetime | None = None
 
 
+def _resume_from(state: _State, last_fire: datetime, now: datetime) -> datetime:
+    """Where a schedule picks up after a start: at its last fire, if that is one of its fire
+    times. A last fire that its expression (cron, second, time zone) would not have made was
+    made by an earlier one, the schedule since edited: catching up from it fired times that
+    no version of the schedule ever had (an edit from nightly to every five minutes fired a
+    day's worth at once), so it starts from now, as a new schedule does."""
+    if state.times.next_after(last_fire - _MICROSECOND) == last_fire:
+        return last_fire
+    log.info("cron %s: its last fire, %s, is no fire time of its expression now (edited?): "
+             "nothing before now is caught up", state.schedule.name, last_fire.isoformat())
+    return now
+
+
 class CronService:
     """Fires this process's schedules; a scheduler duty calls `fire_due` every few seconds.
     Every process runs one, and the store decides which of them fires each fire time."""
@@ -464,7 +477,7 @@ class CronService:
     async def _fire_schedule(self, state: _State, now: datetime) -> list[CronFireResult]:
         if state.watermark is None:
             newest = await self._queue.store.cron_fires(state.schedule.name, 1)
-            state.watermark = newest[0].fire_at if newest else now
+            state.watermark = _resume_from(state, newest[0].fire_at, now) if newest else now
         if state.next_fire is not None and state.next_fire > now:
             return []
         results: list[CronFireResult] = []

@@ -591,6 +591,28 @@ async def test_catching_up_all_fires_of_a_skip_schedule_runs_the_first_and_skips
     ]
 
 
+@pytest.mark.parametrize(("edited", "back_at", "expected", "next_fire"), [
+    # from every 10 minutes to :05 and :35: its last fire, 10:00, is none of the new times. It
+    # used to catch up from there: 10:05, 10:35, ... 12:05 fired at once, times neither version
+    # of the schedule ever had. It starts as a new schedule does
+    ("5,35 * * * *", at(12, 36), [], at(13, 5)),
+    # to every five minutes: 10:00 is one of its times too, and catching up goes on from it
+    ("*/5 * * * *", at(10, 12), [at(10, 5), at(10, 10)], at(10, 15)),
+])
+async def test_an_edited_schedule_catches_up_only_from_a_fire_of_its_own(
+    processes: Processes, cron_clock: ManualClock, edited: str, back_at: datetime,
+    expected: list[datetime], next_fire: datetime,
+) -> None:
+    before = (await processes.start(OWNER_A)).cron(schedule(catch_up="all"))
+    await before.fire_due()
+    await tick(before, cron_clock, at(10, 0, 5))  # the last fire of the old expression
+
+    after = (await processes.start(OWNER_B)).cron(schedule(catch_up="all", cron=edited))
+
+    assert fire_times(await tick(after, cron_clock, back_at)) == expected
+    assert fire_times(await tick(after, cron_clock, next_fire + timedelta(seconds=1))) == [next_fire]
+
+
 async def test_a_new_schedule_does_not_fire_for_the_past(
     processes: Processes, cron_clock: ManualClock
 ) -> None:
