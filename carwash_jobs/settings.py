@@ -198,6 +198,11 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(
         default=True, description="Whether /metrics is open without the bearer token."
     )
+    ui_secure_cookie: bool | None = Field(
+        default=None,
+        description="The dashboard's session cookie is Secure (sent over https only): unset, "
+                    "when the request came over https; true behind a TLS-terminating proxy.",
+    )
     host: str = Field(default="127.0.0.1", min_length=1, description="Address `serve` binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port `serve` binds to (0: any free port).")
     schedules_file: str = Field(

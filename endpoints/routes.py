@@ -37,7 +37,7 @@ def route_handlers(
         security=[{SECURITY_SCHEME: []}],
     )
     return [api, health, metrics_route([] if settings.metrics_public else [guard]),
-            *ui_routes(api_token)]
+            *ui_routes(api_token, secure_cookie=settings.ui_secure_cookie)]
 
 
 def _token_then_no_nul(token_guard: AsyncGuard) -> Guard:

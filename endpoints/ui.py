@@ -99,7 +99,7 @@ def template_config() -> TemplateConfig[JinjaTemplateEngine]:
 
 def ui_routes(api_token: str, *, secure_cookie: bool | None = None) -> list[ControllerRouterHandler]:
     """The dashboard's routes and its static files. `secure_cookie` None: Secure when the request
-    came over https (behind a TLS-terminating proxy, set it True)."""
+    came over https (behind a TLS-terminating proxy, set it True: the ui_secure_cookie setting)."""
     signer = SessionSigner(api_token)
 
     async def require_session(request: UiRequest) -> Response[Any] | None:

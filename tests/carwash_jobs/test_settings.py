@@ -14,7 +14,7 @@ from carwash_jobs.settings import Settings, config_path, env_name, load_settings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO_ROOT / "config" / "carwash.toml"
 #: Settings whose default is None: the shipped file shows them commented out.
-COMMENTED_OUT = {"api_token", "financial_database_url"}
+COMMENTED_OUT = {"api_token", "financial_database_url", "ui_secure_cookie"}
 
 
 @pytest.fixture(autouse=True)

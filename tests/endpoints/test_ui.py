@@ -8,15 +8,18 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from litestar.testing import AsyncTestClient
 
+from carwash_jobs.app import create_app
 from carwash_jobs.store.base import MinuteCount
 from endpoints.ui import build_chart
 from endpoints.ui_auth import SESSION_COOKIE, SessionSigner
-from tests.endpoints.conftest import AUTH, TOKEN, idle
+from tests.endpoints.conftest import AUTH, TOKEN, copy_template, idle, make_settings
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from litestar import Litestar
-    from litestar.testing import AsyncTestClient
 
     from carwash_jobs.runtime import Runtime
 
@@ -482,3 +485,20 @@ def test_the_chart_stacks_failed_on_completed_per_minute_and_draws_the_failure_r
     assert chart.last_label == "12:30"
     assert chart.first_label == "11:31"
     assert round(chart.failure_rate, 1) == 12.5
+
+
+@pytest.mark.parametrize(("setting", "secure"), [(None, False), (True, True), (False, False)])
+async def test_the_session_cookie_is_secure_as_the_setting_says(
+    tmp_path: Path, template_db: Path, setting: bool | None, secure: bool
+) -> None:
+    """Unset: Secure when the request came over https (here it did not). Behind a proxy that
+    ends TLS every request looks like http; there was no setting to say so."""
+    copy_template(template_db, tmp_path)
+    settings = make_settings(tmp_path, ui_secure_cookie=setting)
+    async with AsyncTestClient(create_app(settings)) as client:
+        response = await client.post("/ui/login", data={"token": TOKEN, "next": "/ui"},
+                                     follow_redirects=False)
+
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith(f"{SESSION_COOKIE}=")
+    assert ("; Secure" in cookie or "; secure" in cookie) is secure
