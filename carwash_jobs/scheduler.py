@@ -74,7 +74,7 @@ class Scheduler:
         self._scheduler = AsyncIOScheduler(timezone="UTC")
         for name, fn, seconds in self._duties:
             self._scheduler.add_job(
-                self._tracked(_logged(name, fn)), "interval", seconds=seconds, id=name, max_instances=1,
+                self._duty(name, fn), "interval", seconds=seconds, id=name, max_instances=1,
                 coalesce=True, misfire_grace_time=max(int(seconds), 1),
             )
         self._scheduler.start()
@@ -90,13 +90,17 @@ class Scheduler:
         if running:
             await asyncio.wait(running)
 
-    def _tracked(self, duty: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    def _duty(self, name: str, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+        """`fn` as APScheduler runs it: known to stop() while it runs, and its failure logged
+        (it runs again at the next interval)."""
         async def run() -> None:
             task = asyncio.current_task()
             assert task is not None
             self._in_progress.add(task)
             try:
-                await duty()
+                await fn()
+            except Exception:
+                log.exception("scheduler duty %s failed; it runs again at the next interval", name)
             finally:
                 self._in_progress.discard(task)
 
@@ -133,13 +137,3 @@ class Scheduler:
             if not isinstance(applied, Exception):
                 await self._queue.registry.run_hooks(applied)
         return len(released)
-
-
-def _logged(name: str, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
-    async def run() -> None:
-        try:
-            await fn()
-        except Exception:
-            log.exception("scheduler duty %s failed; it runs again at the next interval", name)
-
-    return run

@@ -149,8 +149,9 @@ class ServerRefusesEveryone(Exception):
 
 class Connection(Protocol):
     async def send(self, message: EmailMessage, sender: str, recipient: str) -> None:
-        """Deliver one message; raise Rejected for a permanent refusal of this recipient, any
-        other exception for trouble that a later attempt may not have."""
+        """Deliver one message; raise Rejected for a permanent refusal of this recipient,
+        Deferred for a temporary one, any other exception for trouble that a later attempt may
+        not have."""
         ...
 
 
