@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -34,7 +35,7 @@ from carwash_jobs.store.migrations import current_revision, head_revision, upgra
 from carwash_jobs.types import JOB_ID_PATTERN, JobId
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Iterator, Sequence
     from datetime import datetime
 
     from carwash_jobs.runtime import Runtime
@@ -169,13 +170,12 @@ async def _run_worker(settings: Settings) -> int:
 
 async def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        await upgrade(settings.database_url)
+        with _reaching_the_database():
+            await upgrade(settings.database_url)
     except alembic.util.CommandError as exc:  # a revision this install does not know
         raise ConfigurationError(
             f"cannot upgrade the database: {exc} (is it newer than this install?)"
         ) from exc
-    except (OSError, sa.exc.SQLAlchemyError) as exc:
-        raise StoreUnavailable(f"cannot reach the database: {exc}") from exc
     print("database is at the latest schema")
     return 0
 
@@ -197,10 +197,8 @@ async def _with_runtime(settings: Settings, fn: Callable[[Runtime], Awaitable[An
 
 
 async def _require_current_schema(database_url: str) -> None:
-    try:
+    with _reaching_the_database():
         at = await current_revision(database_url)
-    except (OSError, sa.exc.SQLAlchemyError) as exc:
-        raise StoreUnavailable(f"cannot reach the database: {exc}") from exc
     head = head_revision()
     if at != head:
         found = ("the database is missing or empty" if at is None
@@ -208,6 +206,15 @@ async def _require_current_schema(database_url: str) -> None:
         raise StoreUnavailable(
             f"{found}, and this install's is {head}: run `carwash-jobs db upgrade` first"
         )
+
+
+@contextlib.contextmanager
+def _reaching_the_database() -> Iterator[None]:
+    """A database the command cannot reach is one line on stderr (main), not a traceback."""
+    try:
+        yield
+    except (OSError, sa.exc.SQLAlchemyError) as exc:
+        raise StoreUnavailable(f"cannot reach the database: {exc}") from exc
 
 
 async def _enqueue(settings: Settings, args: argparse.Namespace) -> int:

@@ -37,6 +37,12 @@ async def running_job(h: Harness, clock: ManualClock) -> JobRow:
     return row
 
 
+async def running_context(h: Harness, clock: ManualClock) -> tuple[JobRow, JobContext]:
+    """A claimed job and the context its handler would get."""
+    row = await running_job(h, clock)
+    return row, make_context(h, row)
+
+
 def make_context(h: Harness, row: JobRow) -> JobContext:
     def build(task_type: str, payload: Mapping[str, Any], options: Mapping[str, Any]) -> NewJob:
         return h.queue.build(task_type, payload, EnqueueOptions.from_mapping(options))
@@ -63,8 +69,7 @@ def hold_progress_writes_of(
 
 
 async def test_progress_is_written_for_the_running_attempt(idle: Harness, clock: ManualClock) -> None:
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    row, ctx = await running_context(idle, clock)
     await ctx.progress(3, 10)
     job = await idle.get(row.id)
     assert (job.progress_done, job.progress_total) == (3, 10)
@@ -73,8 +78,7 @@ async def test_progress_is_written_for_the_running_attempt(idle: Harness, clock:
 async def test_frequent_progress_is_coalesced_but_the_final_count_always_goes_out(
     idle: Harness, clock: ManualClock
 ) -> None:
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    row, ctx = await running_context(idle, clock)
     writes_before = idle.store.writer.writes
     for done in range(1, 50):
         await ctx.progress(done, 50)
@@ -89,8 +93,7 @@ async def test_a_progress_call_that_came_too_soon_is_written_once_the_interval_h
     idle: Harness, clock: ManualClock
 ) -> None:
     """Dropped, a handler that then worked on without reporting showed the older count."""
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    row, ctx = await running_context(idle, clock)
     writes_before = idle.store.writer.writes
     await ctx.progress(1, 10)
     await ctx.progress(6, 10)
@@ -108,8 +111,7 @@ async def test_a_progress_call_that_came_too_soon_is_written_once_the_interval_h
 async def test_a_write_of_its_own_supersedes_a_progress_call_held_back(
     idle: Harness, clock: ManualClock
 ) -> None:
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    row, ctx = await running_context(idle, clock)
     await ctx.progress(1, 10)
     await ctx.progress(2, 10)
     timer = ctx._state.progress_timer
@@ -123,8 +125,7 @@ async def test_a_write_of_its_own_supersedes_a_progress_call_held_back(
 async def test_a_progress_call_held_back_for_an_attempt_that_lost_its_job_is_dropped_quietly(
     idle: Harness, clock: ManualClock
 ) -> None:
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    row, ctx = await running_context(idle, clock)
     await ctx.progress(1, 10)
     await ctx.progress(2, 10)
     await idle.store.apply(lifecycle.cancel(row.id, clock()))
@@ -140,8 +141,7 @@ async def test_a_write_waits_for_a_held_back_write_in_flight(
 ) -> None:
     """On PostgreSQL two writes take two connections: the older count could commit last, and
     the job end showing it. The held-back write is held inside the store here, to see."""
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    row, ctx = await running_context(idle, clock)
     await ctx.progress(1, 10)
     await ctx.progress(5, 10)
     timer = ctx._state.progress_timer
@@ -162,8 +162,7 @@ async def test_progress_raises_lease_lost_once_a_held_back_write_found_the_job_g
 ) -> None:
     """A handler that only reports progress stops as it did when every call wrote: the writes
     of a tight loop are the held-back ones, which cannot raise into it."""
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    row, ctx = await running_context(idle, clock)
     await ctx.progress(1, 10)
     await ctx.progress(2, 10)
     await idle.store.apply(lifecycle.cancel(row.id, clock()))
@@ -178,8 +177,7 @@ async def test_progress_raises_lease_lost_once_a_held_back_write_found_the_job_g
 async def test_a_progress_call_made_while_the_held_back_one_is_written_is_written_after_it(
     idle: Harness, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    row, ctx = await running_context(idle, clock)
     await ctx.progress(1, 10)
     await ctx.progress(2, 10)
     inside, release = hold_progress_writes_of(idle, 2, monkeypatch)
@@ -192,8 +190,7 @@ async def test_a_progress_call_made_while_the_held_back_one_is_written_is_writte
 
 
 async def test_a_saved_checkpoint_is_stored_on_the_row(idle: Harness, clock: ManualClock) -> None:
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    row, ctx = await running_context(idle, clock)
     await ctx.save_checkpoint({"cursor": "2030-01-01", "chunk": 4}, done=40, total=100)
     job = await idle.get(row.id)
     assert job.checkpoint == {"cursor": "2030-01-01", "chunk": 4}
@@ -203,8 +200,7 @@ async def test_a_saved_checkpoint_is_stored_on_the_row(idle: Harness, clock: Man
 async def test_writing_after_the_lease_was_lost_raises_lease_lost_and_marks_cancelled(
     idle: Harness, clock: ManualClock
 ) -> None:
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    row, ctx = await running_context(idle, clock)
     assert not ctx.cancelled()
     await idle.store.apply(lifecycle.cancel(row.id, clock()))
     with pytest.raises(LeaseLost):
@@ -216,8 +212,7 @@ async def test_writing_after_the_lease_was_lost_raises_lease_lost_and_marks_canc
 async def test_enqueue_only_collects_the_follow_up_for_the_completion(
     idle: Harness, clock: ManualClock
 ) -> None:
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    _, ctx = await running_context(idle, clock)
     follow_up_id = ctx.enqueue("noop", {"label": "next"}, priority=2)
     assert [job.id for job in ctx._state.follow_ups] == [follow_up_id]
     assert ctx._state.follow_ups[0].priority == 2
@@ -287,8 +282,7 @@ async def test_a_job_without_context_gets_an_empty_one_no_handler_can_change(
 ) -> None:
     """The empty context is shared by every such job: a handler writing to it would otherwise
     hand its keys to the next job."""
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    row, ctx = await running_context(idle, clock)
     assert ctx.context == {}
     with pytest.raises(TypeError):
         ctx.context["leak"] = 1  # type: ignore[index]
@@ -298,8 +292,7 @@ async def test_a_job_without_context_gets_an_empty_one_no_handler_can_change(
 async def test_the_contexts_logger_is_made_once_and_names_the_attempt(
     idle: Harness, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    row = await running_job(idle, clock)
-    ctx = make_context(idle, row)
+    row, ctx = await running_context(idle, clock)
     assert ctx.logger is ctx.logger
     with caplog.at_level(logging.INFO, logger="carwash_jobs.processor"):
         ctx.logger.info("washed")
