@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 class JobStatus(StrEnum):
-    waiting = "waiting"  #: waits for its dependencies; their completion moves it to queued
+    waiting = "waiting"  #: waits for its dependencies; then queued (scheduled if run_at is ahead)
     queued = "queued"  #: due now; a worker's claim moves it to running
     scheduled = "scheduled"  #: waits for run_at; the reload (or an in-process timer) makes it due
     running = "running"  #: a worker holds its lease; the outcome or lease expiry moves it on
@@ -54,7 +54,7 @@ CANCELLABLE: frozenset[JobStatus] = frozenset(
 )
 
 ALLOWED: Mapping[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.waiting: frozenset({JobStatus.queued, JobStatus.cancelled}),
+    JobStatus.waiting: frozenset({JobStatus.queued, JobStatus.scheduled, JobStatus.cancelled}),
     JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled}),
     JobStatus.scheduled: frozenset({JobStatus.queued, JobStatus.running, JobStatus.cancelled}),
     JobStatus.running: frozenset(
@@ -214,9 +214,12 @@ def dependency_failed(
     )
 
 
-def dependencies_met(job_id: JobId) -> Transition:
+def dependencies_met(job_id: JobId, run_at: datetime, now: datetime) -> Transition:
+    """A waiting job's last dependency completed: it is due, or scheduled for its run_at, as
+    a new job without dependencies would start (`initial_status`)."""
+    to_status = JobStatus.scheduled if run_at > now else JobStatus.queued
     return Transition(
-        job_id, "release", frozenset({JobStatus.waiting}), JobStatus.queued, "dependencies_met"
+        job_id, "release", frozenset({JobStatus.waiting}), to_status, "dependencies_met"
     )
 
 

@@ -224,7 +224,7 @@ APPEND_RUNNING_ATTEMPT = """attempt_history = CASE WHEN status = 'running'
     'error', :running_error::text)))::json
   ELSE attempt_history END"""
 WAITING_DEPENDENTS = """
-SELECT d.job_id FROM job_dependencies d JOIN worker_queue w ON w.id = d.job_id
+SELECT d.job_id, w.run_at FROM job_dependencies d JOIN worker_queue w ON w.id = d.job_id
 WHERE d.depends_on_id = $1 AND w.status = 'waiting'
 """
 UNFINISHED_DEPENDENCIES = """
@@ -1251,11 +1251,12 @@ async def _resolve_dependents(
     cancelled: list[JobRow] = []
     if status not in lifecycle.TERMINAL:
         return woken, cancelled
-    for (dependent_id,) in await conn.fetch(WAITING_DEPENDENTS, job_id):
+    for dependent_id, run_at in await conn.fetch(WAITING_DEPENDENTS, job_id):
         if status == JobStatus.completed:
             if await conn.fetchval(UNFINISHED_DEPENDENCIES, dependent_id):
                 continue
-            applied = await _apply(conn, lifecycle.dependencies_met(JobId(dependent_id)), owner, now)
+            release = lifecycle.dependencies_met(JobId(dependent_id), run_at, now)
+            applied = await _apply(conn, release, owner, now)
             woken.append(applied.job)
         else:
             transition = lifecycle.dependency_failed(JobId(dependent_id), JobId(job_id), status, now)

@@ -166,7 +166,7 @@ APPEND_RUNNING_ATTEMPT = """attempt_history = CASE WHEN status = 'running'
     'error', :running_error))
   ELSE attempt_history END"""
 WAITING_DEPENDENTS = """
-SELECT d.job_id FROM job_dependencies d JOIN worker_queue w ON w.id = d.job_id
+SELECT d.job_id, w.run_at FROM job_dependencies d JOIN worker_queue w ON w.id = d.job_id
 WHERE d.depends_on_id = ? AND w.status = 'waiting'
 """
 UNFINISHED_DEPENDENCIES = """
@@ -1219,11 +1219,13 @@ def _resolve_dependents(
     cancelled: list[JobRow] = []
     if status not in lifecycle.TERMINAL:
         return woken, cancelled
-    for (dependent_id,) in conn.execute(WAITING_DEPENDENTS, (job_id,)).fetchall():
+    for dependent_id, run_at in conn.execute(WAITING_DEPENDENTS, (job_id,)).fetchall():
         if status == JobStatus.completed:
             if conn.execute(UNFINISHED_DEPENDENCIES, (dependent_id,)).fetchone()[0]:
                 continue
-            applied = _apply(conn, lifecycle.dependencies_met(JobId(dependent_id)), owner, now)
+            due_at = datetime.fromisoformat(run_at + _UTC_SUFFIX)
+            release = lifecycle.dependencies_met(JobId(dependent_id), due_at, now)
+            applied = _apply(conn, release, owner, now)
             woken.append(applied.job)
         else:
             transition = lifecycle.dependency_failed(JobId(dependent_id), JobId(job_id), status, now)

@@ -43,11 +43,12 @@ def test_table_allows_every_edge_of_the_architecture_diagram() -> None:
         assert lifecycle.is_allowed(source, target), (source, target)
 
 
-def test_table_allows_nothing_beyond_the_diagram_but_claiming_a_due_scheduled_job() -> None:
+def test_table_allows_nothing_beyond_the_diagram_but_two_edges_of_run_at() -> None:
     allowed = {(s, t) for s, targets in ALLOWED.items() for t in targets}
     # CLAIMABLE includes scheduled: a worker may claim a scheduled job once run_at has passed,
-    # without waiting for the reload to promote it first
-    assert allowed - DIAGRAM_EDGES == {(S.scheduled, S.running)}
+    # without waiting for the reload to promote it first; and a waiting job freed before its
+    # run_at waits for it as scheduled, as it would have started without dependencies
+    assert allowed - DIAGRAM_EDGES == {(S.scheduled, S.running), (S.waiting, S.scheduled)}
 
 
 def test_completed_and_cancelled_are_final_and_failed_only_goes_back_to_queued() -> None:
@@ -79,7 +80,9 @@ def test_a_transition_outside_the_table_cannot_even_be_built() -> None:
         (lifecycle.cancel(JOB, NOW), set(CANCELLABLE), S.cancelled, "cancelled"),
         (lifecycle.dependency_failed(JOB, JobId("dep"), S.failed, NOW),
          {S.waiting}, S.cancelled, "cancelled"),
-        (lifecycle.dependencies_met(JOB), {S.waiting}, S.queued, "dependencies_met"),
+        (lifecycle.dependencies_met(JOB, NOW, NOW), {S.waiting}, S.queued, "dependencies_met"),
+        (lifecycle.dependencies_met(JOB, NOW + timedelta(seconds=1), NOW), {S.waiting},
+         S.scheduled, "dependencies_met"),
         (lifecycle.retry_failed(JOB, NOW), {S.failed}, S.queued, "retried"),
         (lifecycle.release_expired_lease(JOB, FENCE, 2, 5, NOW), {S.running}, S.queued,
          "lease_expired"),

@@ -259,6 +259,22 @@ async def test_a_delayed_job_is_scheduled_then_runs_when_due(harnesses: Harnesse
     assert done.started_at >= job.run_at
 
 
+async def test_a_delayed_dependent_freed_before_its_time_runs_on_the_timer_when_due(
+    harnesses: Harnesses,
+) -> None:
+    h = await harnesses.make()
+    first = await h.enqueue()
+    later = await h.enqueue(delay_seconds=0.3, depends_on=[first.id])
+    assert later.status == S.waiting
+    await h.run_until_idle(include_timers=True)
+    done = await h.get(later.id)
+    assert done.status == S.completed
+    assert done.started_at is not None
+    assert done.started_at >= later.run_at
+    assert await events_of(h, later.id) == [
+        "enqueued", "dependencies_met", "claimed", "completed"]
+
+
 # -- handoff: an enqueue to an idle processor writes its job claimed ---------------------------
 async def test_an_enqueue_to_an_idle_processor_writes_the_job_claimed_and_starts_it(
     harnesses: Harnesses,

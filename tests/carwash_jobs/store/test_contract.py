@@ -566,6 +566,23 @@ async def test_fan_in_waits_until_every_dependency_completed(
     assert await event_names(store, c.id) == ["enqueued", "dependencies_met"]
 
 
+async def test_a_delayed_dependent_whose_dependency_completes_is_scheduled_for_its_run_at(
+    store: JobStore, clock: ManualClock
+) -> None:
+    """Freed before its time, it waits as `scheduled` (promoted when due), as a job without
+    dependencies would; not `queued`, which says it is due now."""
+    dependency = await claimed(store, clock)
+    later = clock() + timedelta(hours=1)
+    dependent = await add(store, clock, depends_on=[dependency.id], run_at=later)
+    done = await store.apply(lifecycle.complete(dependency.id, dependency.fence, None, clock()))
+    (freed,) = done.woken
+    assert (freed.id, freed.status, freed.run_at) == (dependent.id, S.scheduled, later)
+    assert await store.promote_due(clock()) == 0
+    clock.advance(3600)
+    assert await store.promote_due(clock()) == 1
+    assert (await store.get(dependent.id)).status == S.queued
+
+
 async def test_a_failed_dependency_cancels_its_dependents_in_cascade_naming_the_culprit(
     store: JobStore, clock: ManualClock
 ) -> None:
