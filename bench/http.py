@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -40,33 +40,52 @@ def _free_port() -> int:
 
 
 async def run(report: Report, backend: str, pg_url: str) -> None:
-    async with fresh_database(backend, pg_url) as url:
-        port = _free_port()
-        env = {
-            **os.environ, "CARWASH_DATABASE_URL": url, "CARWASH_API_TOKEN": TOKEN,
-            "CARWASH_TASK_TYPES": '["bench.noop_task"]',
-            "CARWASH_SCHEDULES_FILE": str(_no_schedules()),
-            "CARWASH_LOG_LEVEL": "WARNING", "CARWASH_CONCURRENCY": "50",
-        }
-        server = subprocess.Popen(  # noqa: ASYNC220 - a spawn, not a wait
-            [sys.executable, "-m", "carwash_jobs.cli", "serve", "--port", str(port)], env=env,
+    """One process serving the API and running the jobs (role all); on PostgreSQL also the
+    scale-out layout: an API process (role api) and a worker process (role worker)."""
+    layouts = [("http_enqueue", ["all"])]
+    if backend == "postgres":
+        layouts.append(("http_api_role_enqueue", ["api", "worker"]))
+    for stem, roles in layouts:
+        async with fresh_database(backend, pg_url) as url:
+            figures = await _measure(url, roles)
+        report.add("http", backend, f"{stem}_requests_per_s", figures["requests_per_s"], "req/s")
+        report.add("http", backend, f"{stem}_p50_ms", figures["p50_ms"], "ms")
+        report.add("http", backend, f"{stem}_p99_ms", figures["p99_ms"], "ms")
+        non_202 = sum(n for code, n in figures["statuses"].items() if code != "202")
+        report.add("http", backend, f"{stem}_non_202_responses", non_202, "responses")
+
+
+async def _measure(url: str, roles: list[str]) -> dict[str, Any]:
+    """The load generator's figures against a server of `roles`, the first of which serves
+    HTTP; each role is its own `carwash-jobs serve` process."""
+    port = _free_port()
+    env = {
+        **os.environ, "CARWASH_DATABASE_URL": url, "CARWASH_API_TOKEN": TOKEN,
+        "CARWASH_TASK_TYPES": '["bench.noop_task"]',
+        "CARWASH_SCHEDULES_FILE": str(_no_schedules()),
+        "CARWASH_LOG_LEVEL": "WARNING", "CARWASH_CONCURRENCY": "50",
+    }
+    servers = [
+        subprocess.Popen(  # noqa: ASYNC220 - a spawn, not a wait
+            [sys.executable, "-m", "carwash_jobs.cli", "serve", "--port", str(port),
+             "--role", role], env=env,
         )
-        try:
-            await _wait_healthy(port)
-            load = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.loadgen", "127.0.0.1", str(port), TOKEN,
-                str(CLIENTS), str(SECONDS), stdout=asyncio.subprocess.PIPE,
-            )
-            out, _ = await load.communicate()
-            figures = json.loads(out)
-        finally:
+        for role in roles
+    ]
+    try:
+        await _wait_healthy(port)
+        load = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.loadgen", "127.0.0.1", str(port), TOKEN,
+            str(CLIENTS), str(SECONDS), stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await load.communicate()
+        figures: dict[str, Any] = json.loads(out)
+    finally:
+        for server in servers:
             server.terminate()
+        for server in servers:
             server.wait(timeout=60)
-    report.add("http", backend, "http_enqueue_requests_per_s", figures["requests_per_s"], "req/s")
-    report.add("http", backend, "http_enqueue_p50_ms", figures["p50_ms"], "ms")
-    report.add("http", backend, "http_enqueue_p99_ms", figures["p99_ms"], "ms")
-    non_202 = sum(n for code, n in figures["statuses"].items() if code != "202")
-    report.add("http", backend, "http_non_202_responses", non_202, "responses")
+    return figures
 
 
 async def _wait_healthy(port: int) -> None:
