@@ -177,7 +177,7 @@ class FleetProcess(SQLModel, table=True):
 
     __tablename__ = "processes"
 
-    owner: str = Field(primary_key=True, max_length=200)  #: host/pid/start/nonce: the lease owner
+    owner: str = Field(primary_key=True, max_length=200)  #: host/pid/start/nonce/pidns: the lease owner
     role: str = Field(max_length=16)
     host: str = Field(max_length=200)
     pid: int

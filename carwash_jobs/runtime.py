@@ -24,7 +24,7 @@ from carwash_jobs.scheduler import Scheduler
 from carwash_jobs.store import open_store
 from carwash_jobs.store.base import ProcessInfo
 from carwash_jobs.store.migrations import upgrade
-from carwash_jobs.types import Clock, process_identity, utc_now
+from carwash_jobs.types import Clock, pid_namespace, process_identity, utc_now
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -213,16 +213,20 @@ class Runtime:
 
 
 def process_info(owner: str, role: str) -> ProcessInfo:
-    """A process's announcement, from its identity `host/pid/start/nonce`."""
+    """A process's announcement, from its identity `host/pid/start/nonce/pidns`."""
     host, pid, started, _ = owner.split("/", 3)
     return ProcessInfo(owner, role, host, int(pid), datetime.fromtimestamp(int(started), UTC))
 
 
 def _is_dead_local(owner: str) -> bool:
-    """Whether `owner` (host/pid/start) was a process on this host that no longer runs."""
-    host, _, rest = owner.partition("/")
-    pid_text, _, _ = rest.partition("/")
-    if host != socket.gethostname() or not pid_text.isdigit():
+    """Whether `owner` (host/pid/start/nonce/pidns) was a process on this host, in this pid
+    namespace, that no longer runs. An owner of another namespace (or an identity without
+    one) may be alive under a pid this process cannot see: its lease decides."""
+    parts = owner.split("/")
+    if len(parts) != 5:
+        return False
+    host, pid_text, _, _, namespace = parts
+    if host != socket.gethostname() or namespace != pid_namespace() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
     if pid == os.getpid():

@@ -97,6 +97,19 @@ def storable_text_problem(text: str) -> str | None:
 
 
 def process_identity() -> str:
-    """`host/pid/start/nonce` names a runtime uniquely across restarts (and across several
-    runtimes of one process, as in tests); it is the lease owner."""
-    return f"{socket.gethostname()}/{os.getpid()}/{int(time.time())}/{secrets.token_hex(3)}"
+    """`host/pid/start/nonce/pidns` names a runtime uniquely across restarts (and across
+    several runtimes of one process, as in tests); it is the lease owner."""
+    return (f"{socket.gethostname()}/{os.getpid()}/{int(time.time())}/{secrets.token_hex(3)}"
+            f"/{pid_namespace()}")
+
+
+def pid_namespace() -> str:
+    """The pid namespace this process's pid is counted in (its inode on Linux, "-" where there
+    is none to read). Processes can share a hostname without sharing pids (containers on the
+    host's network, replicas given one hostname): a pid means something to another process
+    only within the same namespace."""
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return "-"
+    return link.removeprefix("pid:[").removesuffix("]")

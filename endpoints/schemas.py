@@ -394,7 +394,7 @@ class ReloadOut(BaseModel):
 class ProcessOut(BaseModel):
     """A live process of the fleet: API or worker, on PostgreSQL typically many."""
 
-    owner: str = Field(description="host/pid/start/nonce: the lease owner its claims carry.")
+    owner: str = Field(description="host/pid/start/nonce/pidns: the lease owner its claims carry.")
     role: str = Field(description="all, api or worker.")
     host: str
     pid: int
@@ -408,7 +408,7 @@ class QueueStatsOut(BaseModel):
     by_status: dict[str, int]
     by_task_type: dict[str, dict[str, int]]
     running_by_process: dict[str, int] = Field(
-        description="Running jobs per lease owner (host/pid/start/nonce)."
+        description="Running jobs per lease owner (host/pid/start/nonce/pidns)."
     )
     processes: list[ProcessOut] = Field(
         default_factory=list,

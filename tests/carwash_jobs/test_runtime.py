@@ -18,7 +18,7 @@ from carwash_jobs.runtime import Runtime
 from carwash_jobs.settings import load_settings
 from carwash_jobs.store.base import NewJob
 from carwash_jobs.store.postgres import dsn_of
-from carwash_jobs.types import JobId, new_job_id
+from carwash_jobs.types import JobId, new_job_id, pid_namespace
 from tests.carwash_jobs.support import (
     ManualClock,
     noop,
@@ -112,27 +112,33 @@ async def test_each_runtime_has_its_own_owner_identity(db_url: str) -> None:
     first = Runtime(settings_for(db_url), registry_with())
     second = Runtime(settings_for(db_url), registry_with())
     assert first.owner != second.owner
-    host, pid, _start, _nonce = first.owner.split("/")
-    assert (host, int(pid)) == (socket.gethostname(), os.getpid())
+    host, pid, _start, _nonce, namespace = first.owner.split("/")
+    assert (host, int(pid), namespace) == (socket.gethostname(), os.getpid(), pid_namespace())
 
 
 async def test_start_requeues_rows_left_running_by_a_dead_local_process(
     db_url: str, clock: ManualClock
 ) -> None:
     store = await open_sqlite(db_url, clock=clock)
-    host = socket.gethostname()
-    dead = f"{host}/{dead_local_pid()}/0/x"
+    host, here = socket.gethostname(), pid_namespace()
+    gone = dead_local_pid()
+    dead = f"{host}/{gone}/0/x/{here}"
     orphan = await running_row(store, clock, dead)
     orphan_last_try = await running_row(store, clock, dead, max_attempts=1)
-    this_process = await running_row(store, clock, f"{host}/{os.getpid()}/0/other-runtime")
-    other_host = await running_row(store, clock, "another-host/1/0/x")
+    this_process = await running_row(store, clock, f"{host}/{os.getpid()}/0/other-runtime/{here}")
+    other_host = await running_row(store, clock, f"another-host/1/0/x/{here}")
+    # this hostname, but pids counted elsewhere (a container on the host's network): alive
+    # for all this process can tell, as is an identity that does not say its namespace
+    other_namespace = await running_row(store, clock, f"{host}/{gone}/0/x/4026531999{here}")
+    unknown_namespace = await running_row(store, clock, f"{host}/{gone}/0/x")
     await store.close()
 
     async with Runtime(settings_for(db_url), registry_with(), clock=clock) as runtime:
         assert runtime.processor is not None
         await runtime.processor.run_until_idle(5)
         rows = {row.id: row for row in await runtime.store.get_many(
-            [orphan, orphan_last_try, this_process, other_host])}
+            [orphan, orphan_last_try, this_process, other_host, other_namespace,
+             unknown_namespace])}
         assert (rows[orphan].status, rows[orphan].attempts) == (S.completed, 2)
         assert outcomes(rows[orphan]) == ["worker_lost", "completed"]
         assert rows[orphan].attempt_history[0]["owner"] == dead
@@ -140,6 +146,8 @@ async def test_start_requeues_rows_left_running_by_a_dead_local_process(
             S.failed, ["worker_lost"])
         assert rows[this_process].status == S.running  # maybe alive: its lease decides
         assert rows[other_host].status == S.running  # cannot tell from here
+        assert rows[other_namespace].status == S.running
+        assert rows[unknown_namespace].status == S.running
 
 
 async def test_a_leftover_on_its_last_attempt_gets_on_failed_and_its_dependent_on_cancelled(
@@ -153,7 +161,7 @@ async def test_a_leftover_on_its_last_attempt_gets_on_failed_and_its_dependent_o
 
     hooked = task_type("hooked", noop, hooks=TaskHooks(on_failed=on_end, on_cancelled=on_end))
     store = await open_sqlite(db_url, clock=clock)
-    dead = f"{socket.gethostname()}/{dead_local_pid()}/0/x"
+    dead = f"{socket.gethostname()}/{dead_local_pid()}/0/x/{pid_namespace()}"
     last_try = await running_row(store, clock, dead, max_attempts=1, task_type="hooked")
     await running_row(store, clock, dead, max_attempts=2, task_type="hooked")  # runs again
     waiting = NewJob(id=new_job_id(), task_type="hooked", payload={}, status=S.queued,
