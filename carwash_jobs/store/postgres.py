@@ -223,9 +223,23 @@ APPEND_RUNNING_ATTEMPT = """attempt_history = CASE WHEN status = 'running'
     'outcome', :running_outcome::text, 'owner', lease_owner, 'finished_at', :now_iso::text,
     'error', :running_error::text)))::json
   ELSE attempt_history END"""
+#: locked: a completion in another process that frees the same dependent waits here for
+#: this transaction's commit, and its next statement (READ COMMITTED) sees this job's end.
+#: Unlocked, two processes completing a job's last two dependencies at once each counted the
+#: other's as unfinished, and neither freed it; a cancel of the dependent committed meanwhile
+#: made the release refuse, and with it the whole completion batch.
 WAITING_DEPENDENTS = """
 SELECT d.job_id, w.run_at FROM job_dependencies d JOIN worker_queue w ON w.id = d.job_id
 WHERE d.depends_on_id = $1 AND w.status = 'waiting'
+ORDER BY d.job_id FOR UPDATE OF w
+"""
+#: the waiting dependents of a completion batch, locked in id order in one statement before
+#: the batch frees them job by job: two batches locking their dependents job by job could
+#: take two of them in opposite orders
+LOCK_WAITING_DEPENDENTS = """
+SELECT id FROM worker_queue WHERE status = 'waiting' AND id IN (
+  SELECT job_id FROM job_dependencies WHERE depends_on_id = ANY($1::text[]))
+ORDER BY id FOR UPDATE
 """
 UNFINISHED_DEPENDENCIES = """
 SELECT COUNT(*) FROM job_dependencies d JOIN worker_queue w ON w.id = d.depends_on_id
@@ -354,6 +368,12 @@ SET_CRON_FIRE_JOB = "UPDATE cron_fires SET job_id = $1 WHERE schedule = $2 AND f
 #: parts that each match a partial index (migration 0008: running jobs are in the lease index
 #: only), each checked for the tag; one IN list with 'running' in it matched neither and walked
 #: the primary key
+#: taken before a schedule that skips overlaps looks for its active job: two processes firing
+#: different fire times of it at once (a process a tick behind, a sub-minute schedule) write
+#: different fire rows, which do not make one wait for the other, and each found no active
+#: job and inserted one. The two-key form: its key space is not the single-key one of the
+#: task types' and the vacuum's locks.
+CRON_SCHEDULE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('carwash_jobs.cron'), hashtext($1))"
 ACTIVE_TAGGED_JOB = f"""
 SELECT id FROM (
   SELECT w.id FROM worker_queue w JOIN job_tags t ON t.tag = $2 AND t.job_id = w.id
@@ -710,7 +730,10 @@ class PostgresJobStore:
                 now, now.isoformat(), self._owner,
             )
             woken: list[JobRow] = []
-            for (job_id,) in await conn.fetch(WITH_DEPENDENTS, [r[0] for r in done]):
+            with_dependents = await conn.fetch(WITH_DEPENDENTS, [r[0] for r in done])
+            if with_dependents:
+                await conn.execute(LOCK_WAITING_DEPENDENTS, [r[0] for r in with_dependents])
+            for (job_id,) in with_dependents:
                 freed, _ = await _resolve_dependents(
                     conn, job_id, JobStatus.completed, self._owner, now
                 )
@@ -1344,6 +1367,7 @@ async def _fire_cron(
     """One cron fire inside the caller's transaction: the fire row, then the job only for the
     process whose insert of the fire row went through."""
     if skip_if_active_tag is not None:
+        await conn.execute(CRON_SCHEDULE_LOCK, schedule)
         active = await conn.fetchval(ACTIVE_TAGGED_JOB, job.task_type, skip_if_active_tag)
         if active is not None:
             if await conn.fetchval(INSERT_CRON_FIRE, schedule, fire_at, None, owner) is None:

@@ -4,11 +4,13 @@ transactions of two processes. Skipped while CARWASH_TEST_POSTGRES_URL is unset.
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
 
+from carwash_jobs import lifecycle
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.store.base import Completion
 from carwash_jobs.store.postgres import dsn_of
@@ -82,6 +84,81 @@ async def test_a_dependency_that_completes_while_its_dependent_is_enqueued_frees
 
 async def _more(count: Callable[[], Awaitable[int]], than: int) -> bool:
     return await count() > than
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_two_processes_completing_the_last_two_dependencies_at_once_free_the_dependent(
+    store: JobStore, other_store: JobStore, clock: ManualClock,
+) -> None:
+    """Each completion's transaction used to count the other's job as unfinished (not yet
+    committed), so neither freed the dependent: it stayed waiting for good."""
+    for _ in range(20):
+        a = await claimed(store, clock)
+        b = await claimed(other_store, clock)
+        dependent = await contract.add(store, clock, depends_on=[a.id, b.id])
+        first, second = await asyncio.gather(
+            store.complete_many([Completion(a.id, a.fence, None)]),
+            other_store.complete_many([Completion(b.id, b.fence, None)]),
+        )
+        assert [job.id for job in [*first.woken, *second.woken]] == [dependent.id]
+        assert (await store.get(dependent.id)).status == JobStatus.queued
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_cancel_of_the_dependent_that_commits_while_a_completion_waits_spoils_nothing(
+    database_url: str, store: JobStore, clock: ManualClock,
+) -> None:
+    """The completion found the dependent waiting, waited for the cancel's lock, then found it
+    cancelled: its release was refused and the whole batch rolled back (both jobs would run
+    again once their leases ran out)."""
+    dependency = await claimed(store, clock)
+    other = await claimed(store, clock)
+    dependent = await contract.add(store, clock, depends_on=[dependency.id])
+    canceller = await asyncpg.connect(dsn_of(database_url))
+    watcher = await asyncpg.connect(dsn_of(database_url))
+    try:
+        cancel = canceller.transaction()
+        await cancel.start()
+        await canceller.execute(
+            "UPDATE worker_queue SET status = 'cancelled', finished_at = now() WHERE id = $1",
+            dependent.id,
+        )
+        completion = asyncio.ensure_future(store.complete_many([
+            Completion(dependency.id, dependency.fence, None),
+            Completion(other.id, other.fence, None),
+        ]))
+
+        async def waiters() -> int:
+            return await waiting_for_locks(watcher)
+
+        await until(lambda: _more(waiters, 0), completion)
+        await cancel.commit()
+        done = await asyncio.wait_for(completion, 10)
+    finally:
+        await canceller.close()
+        await watcher.close()
+    assert done.completed == {dependency.id, other.id}
+    assert list(done.woken) == []
+    statuses = [(await store.get(job.id)).status for job in (dependency, other, dependent)]
+    assert statuses == [JobStatus.completed, JobStatus.completed, JobStatus.cancelled]
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_two_processes_firing_two_times_of_a_schedule_that_skips_overlaps_start_one_job(
+    store: JobStore, other_store: JobStore, clock: ManualClock,
+) -> None:
+    """Their fire rows differ, so neither waited for the other: each found no active job of
+    the schedule and inserted one, 19 or 20 times in 20."""
+    tag = "cron:nightly"
+    for n in range(20):
+        fire_at = clock() + timedelta(minutes=10 * n)
+        fires = await asyncio.gather(*(
+            opened.fire_cron("nightly", at, new_job(clock, tags=(tag,)), skip_if_active_tag=tag)
+            for opened, at in ((store, fire_at), (other_store, fire_at + timedelta(seconds=30)))
+        ))
+        assert sorted(fire.outcome for fire in fires) == ["fired", "skipped"]
+        (job,) = [fire.job for fire in fires if fire.job is not None]
+        await store.apply(lifecycle.cancel(job.id, clock()))  # the next pair finds none active
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
