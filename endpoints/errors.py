@@ -59,7 +59,25 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
     if exc.status_code >= HTTP_500_INTERNAL_SERVER_ERROR and exc.status_code != HTTP_503_SERVICE_UNAVAILABLE:
         return _unexpected(request, exc)
     extra = exc.extra if isinstance(exc.extra, (dict, list)) else None
+    if isinstance(extra, list):
+        extra = [_keyed(item) for item in extra]
     return error_response(exc.status_code, detail, extra, exc.headers)
+
+
+#: Litestar's item for a request without a body: the KeyError of its `data` parameter
+_NO_BODY = {"message": "'data'", "key": "data", "source": "body"}
+
+
+def _keyed(item: Any) -> Any:
+    """An item of a 400's `extra` names the field that is wrong. Litestar's own items for a
+    body that is not an object at all (an array, null, a number) name none, and for a missing
+    body name its handler's parameter: in both the body is what is wrong."""
+    if item == _NO_BODY:
+        return {"key": "body", "message": "the request has no body; a JSON object is required",
+                "source": "body"}
+    if isinstance(item, dict) and "key" not in item:
+        return {"key": "body", **item, "source": item.get("source", "body")}
+    return item
 
 
 def _carwash_error(request: Request[Any, Any, Any], exc: CarwashError) -> Response[dict[str, Any]]:

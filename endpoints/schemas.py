@@ -259,7 +259,7 @@ class EnqueueOptionsIn(NulFree):
     )
     queue: str | None = Field(
         default=None, min_length=1, max_length=QUEUE_NAME_MAX_LENGTH,
-        description='The named queue; default "default".'
+        description="The named queue; default: the task type's."
     )
     tags: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
         default_factory=list, max_length=50, description="Labels to find the job by."

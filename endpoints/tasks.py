@@ -64,18 +64,21 @@ Handler = Callable[..., Awaitable[Response[JobOut]]]
 
 
 def task_routes(registry: TaskRegistry, settings: Settings) -> list[HTTPRouteHandler]:
-    queue_field = _queue_field(settings)
     return [
-        _upload_route(t, queue_field, settings) if t.upload_field else _json_route(t, queue_field)
+        _upload_route(t, _queue_field(settings, t), settings) if t.upload_field
+        else _json_route(t, _queue_field(settings, t))
         for t in registry
     ]
 
 
-def _queue_field(settings: Settings) -> tuple[Any, Any]:
+def _queue_field(settings: Settings, task: AnyTaskType) -> tuple[Any, Any]:
     names = sorted(settings.queues)
     return (
         queue_name_type(names) | None,
-        Field(default=None, description=f'The named queue; default "default". One of: {", ".join(names)}.'),
+        Field(default=None, description=(
+            f'The named queue; default "{task.options.queue}" (the task type\'s). '
+            f'One of: {", ".join(names)}.'
+        )),
     )
 
 

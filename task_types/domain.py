@@ -239,10 +239,15 @@ def check_address(value: str) -> str:
     return address
 
 
+#: CR, LF, and the line breaks of str.splitlines() beyond the ASCII controls: the mail library
+#: refuses a header value that splits into lines
+_LINE_BREAKS = frozenset("\r\n\x85\u2028\u2029")
+
+
 def check_header_text(value: str) -> str:
     """Refuse text bound for a mail header (subject, display name) that could inject one."""
-    if "\r" in value or "\n" in value:
-        raise ValueError("must not contain line breaks (CR or LF)")
+    if any(ch in _LINE_BREAKS for ch in value):
+        raise ValueError("must not contain line breaks (CR, LF, U+0085, U+2028 or U+2029)")
     if any((ord(ch) < 32 and ch != "\t") or ord(ch) == 127 for ch in value):
         raise ValueError("must not contain control characters")
     return value

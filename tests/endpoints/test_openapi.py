@@ -31,6 +31,7 @@ from schemathesis.specs.openapi.checks import (
 from carwash_jobs.app import create_app
 from carwash_jobs.registry import TaskRegistry
 from tests.endpoints.conftest import AUTH, make_settings
+from tests.endpoints.sample_tasks import MODULES
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -103,6 +104,18 @@ def test_request_schema_shows_the_payload_and_the_options_with_examples(app: Lit
                "idempotency_key", "context", "depends_on"}
     assert options <= set(echo["properties"])
     assert set(echo["properties"]["queue"]["enum"]) == {"bulk", "critical", "default", None}
+
+
+def test_each_routes_queue_option_names_its_task_types_default_queue(tmp_path: Path) -> None:
+    """Email's jobs go to `bulk` unless told otherwise; the document said "default"."""
+    settings = make_settings(tmp_path, task_types=[*MODULES, "task_types.email"])
+    doc = document(create_app(settings))
+    options = {name: schema["properties"]["queue"]["description"]
+               for name, schema in doc["components"]["schemas"].items()
+               if name in ("EchoEnqueue", "EmailEnqueue")}
+
+    assert options["EmailEnqueue"].startswith('The named queue; default "bulk"')
+    assert options["EchoEnqueue"].startswith('The named queue; default "default"')
 
 
 def test_upload_route_takes_a_multipart_form(app: Litestar) -> None:

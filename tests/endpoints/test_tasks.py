@@ -168,7 +168,9 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     ("text for a number", {"message": "m", "priority": "5"}, "priority"),
     ("text for a payload number", {"message": "m", "amount_cents": "5"}, "amount_cents"),
     ("unknown dependency", {"message": "m", "depends_on": ["nope"]}, "depends_on"),
-    ("not an object", [1, 2], None),
+    # Litestar's own error named no field here: the body as a whole is the one that is wrong
+    ("not an object", [1, 2], "body"),
+    ("a number", 5, "body"),
 ]
 
 
@@ -193,6 +195,22 @@ async def test_malformed_json_gets_400(client: AsyncTestClient[Litestar], raw: b
     response = await client.post("/api/tasks/echo", content=raw, headers=JSON)
 
     assert_error(response, 400)
+    assert await job_count(client) == 0
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (b"", "the request has no body; a JSON object is required"),
+    (b"null", "Input should be a valid dictionary or instance of EchoEnqueue"),
+    (b"[]", "Input should be a valid dictionary or instance of EchoEnqueue"),
+])
+async def test_a_body_that_is_no_object_gets_400_naming_the_body(
+    client: AsyncTestClient[Litestar], raw: bytes, message: str
+) -> None:
+    """Litestar's own error named no field (or its handler's parameter, `data`)."""
+    response = await client.post("/api/tasks/echo", content=raw, headers=JSON)
+
+    body = assert_error(response, 400, "body")
+    assert body["extra"] == [{"key": "body", "message": message, "source": "body"}]
     assert await job_count(client) == 0
 
 

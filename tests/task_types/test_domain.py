@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import secrets
 from datetime import UTC, date, datetime, timedelta, timezone
+from email.headerregistry import Address
+from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -17,6 +19,8 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
@@ -160,10 +164,26 @@ def test_bad_addresses_are_refused(address: str) -> None:
         domain.check_address(address)
 
 
-@pytest.mark.parametrize("text", ["Hi\r\nBcc: x@example.com", "Hi\nthere", "Hi\rthere", "Bell\x07"])
+@pytest.mark.parametrize("text", [
+    "Hi\r\nBcc: x@example.com", "Hi\nthere", "Hi\rthere", "Bell\x07", "Spring\u2028special",
+    "Spring\u2029special", "Spring\x85special", "trailing\u2028",
+])
 def test_header_text_refuses_line_breaks_and_controls(text: str) -> None:
     with pytest.raises(ValueError):  # noqa: PT011
         domain.check_header_text(text)
+
+
+@given(st.text())
+def test_header_text_that_passes_the_check_is_a_header_the_mail_library_takes(text: str) -> None:
+    """A subject the enqueue takes used to fail every attempt at sending (U+2028 and kin)."""
+    try:
+        domain.check_header_text(text)
+    except ValueError:
+        return
+    message = EmailMessage()
+    message["Subject"] = text
+    message["To"] = Address(display_name=text, addr_spec="ann@example.com")
+    message.as_bytes()
 
 
 def test_header_text_keeps_unicode_and_tabs() -> None:

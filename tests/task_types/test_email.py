@@ -265,6 +265,7 @@ async def test_connection_refused_is_retried_then_fails(runtimes: Runtimes) -> N
 @pytest.mark.parametrize(("field", "value"), [
     ("subject", "Hello\r\nBcc: everyone@example.com"),
     ("subject", "Hello\nBcc: everyone@example.com"),
+    ("subject", "Spring\u2028special"),
     ("recipients", [{"email": "ann@example.com", "name": "Ann\r\nBcc: everyone@example.com"}]),
     ("recipients", [{"email": "ann@example.com\r\nBcc: everyone@example.com"}]),
     ("recipients", [{"email": "ann@example.com>, everyone@example.com"}]),
