@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,7 +23,10 @@ def backoff_seconds(attempt: int, policy: RetryPolicy, rng: random.Random | None
     """The delay after failed attempt number `attempt` (1-based). The cap comes last: jitter
     spreads retries around the capped delay but never pushes one past `max_seconds` (at the
     cap the spread only goes downwards)."""
-    raw = policy.base_seconds * policy.factor ** max(attempt - 1, 0)
+    try:
+        raw = policy.base_seconds * policy.factor ** max(attempt - 1, 0)
+    except OverflowError:  # attempt 1025 of the default policy: far past the cap anyway
+        raw = math.inf
     delay = min(raw, policy.max_seconds)
     spread = delay * policy.jitter
     pick = (rng or random).uniform(-spread, spread)

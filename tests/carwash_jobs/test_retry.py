@@ -91,3 +91,16 @@ def test_next_attempt_at_is_never_later_than_the_cap() -> None:
     assert None not in ats  # attempts are left: a retry time each, not `no retry`
     latest = max(at for at in ats if at is not None)
     assert latest <= NOW + timedelta(seconds=60)
+
+
+@pytest.mark.parametrize(("policy", "attempt"), [
+    (RetryPolicy(), 1025),  # the default: 2.0 * 2.0**1024 overflowed instead of capping
+    (RetryPolicy(factor=3.0), 700),  # within the API's max_attempts of 1,000
+    (RetryPolicy(factor=2), 10**6),  # an int factor: the int power overflows the product
+])
+def test_a_late_attempt_waits_the_cap_instead_of_overflowing(
+    policy: RetryPolicy, attempt: int
+) -> None:
+    """The overflow left the attempt unrecorded: the job sat running until its lease ran out."""
+    assert policy.max_seconds * 0.9 <= backoff_seconds(attempt, policy) <= policy.max_seconds
+    assert next_attempt_at(attempt, attempt + 1, NOW, policy) is not None
