@@ -120,6 +120,19 @@ class TransactionAborted(CarwashError):
         )
 
 
+class WriteInsideTransaction(CarwashError):
+    """A write through the store, awaited by a transaction function of that same store on
+    SQLite: its one writer runs the function, so the write would wait for it forever."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a store write (a checkpoint, progress, an enqueue without tx=, a rate limit's "
+            "wait) was awaited inside a transaction function of the same SQLite store: its one "
+            "writer is running that function and would wait for itself; write through the "
+            "function's tx, or after it returns"
+        )
+
+
 class PermanentError(Exception):
     """Raised by a handler: the job cannot succeed; fail it now without further attempts."""
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from carwash_jobs import lifecycle, tracing, uploads
 from carwash_jobs.batcher import Batcher
-from carwash_jobs.errors import IllegalTransition, InvalidPayload
+from carwash_jobs.errors import IllegalTransition, InvalidPayload, WriteInsideTransaction
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.store.base import (
     MAX_JSON_DEPTH,
@@ -231,6 +231,7 @@ class JobQueue:
         the caller's transaction (see `transaction`) and is offered after that commits."""
         with tracing.span(f"enqueue {task_type}", **{"job.task_type": task_type}) as span:
             job = self.build(task_type, payload, options)
+            self._refuse_inside_own_transaction(tx)  # the handoff writes in a task of its own
             slot = self._reserve_handoff(job) if tx is None else None
             if slot is None:
                 (inserted,) = await self.insert([job], tx=tx)
@@ -306,10 +307,17 @@ class JobQueue:
                 raise
             raise refused from exc
 
+    def _refuse_inside_own_transaction(self, tx: Tx | None) -> None:
+        """An enqueue without `tx` inside a transaction function of a SQLite store would wait
+        for that function: the store's check cannot see it from the task that writes."""
+        if tx is None and self.store.in_own_transaction():
+            raise WriteInsideTransaction()
+
     async def insert(self, jobs: Sequence[NewJob], *, tx: Tx | None = None) -> list[Inserted]:
         """Write jobs that build() or build_many() made. build() has refused a payload holding
         NaN or an infinity; build_many() leaves that to the store, whose ValueError reaches the
         caller here (enqueue_many names the field instead)."""
+        self._refuse_inside_own_transaction(tx)  # the batcher writes in a task of its own
         if tx is None and len(jobs) == 1 and jobs[0].plain:
             # concurrent single enqueues share one set-based write (see batcher.py)
             results = [await self._plain_inserts.submit(jobs[0])]

@@ -698,6 +698,12 @@ class JobStore(Protocol):
         cancel raised inside it as a RuntimeError: see cancel_inside_as_error)."""
         ...
 
+    def in_own_transaction(self) -> bool:
+        """Whether the code running now is a transaction function of this store that another
+        write through the store would wait for (SQLite's one writer runs it): such a write
+        raises WriteInsideTransaction instead of waiting for itself."""
+        ...
+
     # -- the fleet ------------------------------------------------------------------------
     async def reserve_rate(
         self, name: str, interval_seconds: float, count: int, max_wait_seconds: float

@@ -802,6 +802,9 @@ class PostgresJobStore:
         rows = await self.pool.fetch(LIVE_PROCESSES, self._clock())
         return [ProcessInfo(*r) for r in rows]
 
+    def in_own_transaction(self) -> bool:
+        return False  # a write takes a connection of its own from the pool
+
     async def transaction(self, fn: TxFn[T]) -> T:
         async with _transaction(self.pool, callers_sql=True) as conn:
             tx = PostgresTx(conn)

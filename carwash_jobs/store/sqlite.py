@@ -717,6 +717,9 @@ class SqliteJobStore:
     async def transaction(self, fn: TxFn[T]) -> T:
         return await self.writer.run_async(fn)
 
+    def in_own_transaction(self) -> bool:
+        return self.writer.runs_current_task()
+
     # -- the fleet (on SQLite: the processes sharing one file) ---------------------------
     async def reserve_rate(
         self, name: str, interval_seconds: float, count: int, max_wait_seconds: float

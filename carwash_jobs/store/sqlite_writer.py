@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from carwash_jobs.errors import StoreUnavailable
+from carwash_jobs.errors import StoreUnavailable, WriteInsideTransaction
 from carwash_jobs.store.base import StatementFailures, cancel_inside_as_error
 
 T = TypeVar("T")
@@ -146,9 +146,16 @@ class SqliteWriter:
         """Run a caller's transaction function in the next group commit."""
         return await self._submit(_Op(asyncio.get_running_loop().create_future(), async_fn=fn))
 
+    def runs_current_task(self) -> bool:
+        """Whether the code running now runs in the writer's task: a caller's transaction
+        function (`run_async`), which a write submitted from it would wait for forever."""
+        return self._task is not None and asyncio.current_task() is self._task
+
     async def _submit(self, op: _Op[T]) -> T:
         if self._task is None or self._task.done():
             raise StoreUnavailable("the store is not open")
+        if self.runs_current_task():  # a caller's transaction function awaits this write
+            raise WriteInsideTransaction()
         self._pending.put_nowait(op)
         return await op.future
 

@@ -1893,3 +1893,34 @@ async def test_a_job_claimed_while_the_processor_stops_is_given_back_too(
     row = await h.get(job.id)
     assert (row.status, row.attempts, row.lease_owner) == (S.queued, 0, None)
     assert outcomes(row) == ["released"]
+
+
+@pytest.mark.parametrize("write", ["checkpoint", "progress", "enqueue"])
+async def test_a_write_awaited_inside_a_transaction_function_fails_the_attempt_not_the_writer(
+    harnesses: Harnesses, write: str
+) -> None:
+    """SQLite's one writer runs the function: a store write it awaited waited for that writer,
+    and every write of the process (enqueues, claims, completions) stopped for good."""
+
+    async def writes_inside(ctx: JobContext, payload: Item) -> None:
+        async def fn(tx: Tx) -> None:
+            await tx.execute("SELECT 1")
+            if write == "checkpoint":
+                await ctx.save_checkpoint({"at": 1})
+            elif write == "progress":
+                await ctx.progress(1, 1)
+            else:
+                await h.enqueue()
+
+        await ctx.transaction(fn)
+
+    h = await harnesses.make(task_type("inside", writes_inside))
+    async with asyncio.timeout(20):
+        job = await h.enqueue("inside", max_attempts=1)
+        await h.run_until_idle()
+        other = await h.enqueue()
+        await h.run_until_idle()
+    failed = await h.get(job.id)
+    assert failed.status == S.failed
+    assert (failed.error or "").startswith("WriteInsideTransaction: a store write")
+    assert (await h.get(other.id)).status == S.completed
