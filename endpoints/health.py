@@ -45,7 +45,9 @@ async def _metrics(
     metrics.in_memory.set(stats.in_memory)
     for status, count in stats.stats.by_status.items():
         metrics.by_status.labels(status).set(count)
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # the type as a header, not as media_type: Litestar appends "; charset=utf-8" to every
+    # text/* media type, and this one already ends with it (the header said charset twice)
+    return Response(generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def metrics_route(guards: Sequence[Guard]) -> HTTPRouteHandler:

@@ -4,18 +4,21 @@ Each route is one engine call (JobStore reads, JobQueue operations), the same on
 `jobs ...` commands make; engine errors become HTTP codes only in endpoints/errors.py.
 """
 
+import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.exceptions import NotAuthorizedException, NotFoundException, ValidationException
 from litestar.openapi.spec import Operation, RequestBody
 from litestar.params import Body, PathParameter, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
+from carwash_jobs.errors import InvalidPayload
 from carwash_jobs.lifecycle import JobStatus
-from carwash_jobs.store.base import MAX_PAGE, FailedFilter, JobFilter, as_utc, time_range_problem
+from carwash_jobs.store.base import MAX_PAGE, FailedFilter, JobFilter, as_utc, id_time, time_range_problem
 from carwash_jobs.types import JOB_ID_PATTERN, JobId
 from endpoints.deps import QueueDep, StoreDep
 from endpoints.errors import ConflictException, field_error
@@ -32,6 +35,11 @@ from endpoints.schemas import (
 #: a page's next_cursor is the id of its last job (32 hex digits, see types.new_job_id): any
 #: other text is refused, not read as a position (an id compared as text would restart the list)
 CURSOR_PATTERN = JOB_ID_PATTERN
+#: the 400 for a cursor that no job id can be (the store's own words for it, store.base.id_time)
+NOT_A_CURSOR = "not a cursor this list gave out"
+#: the list's query parameters: each takes one value (a repeat was read as its last value)
+LIST_PARAMS = ("status", "task_type", "tag", "queue", "created_after", "created_before", "limit", "cursor")
+REPEATED_PROBLEM = "given more than once; the list takes one value of each parameter"
 #: no length bound: an id longer than any job's is an unknown job id, a 404 (API.md), not a 400
 JobIdPath = Annotated[str, PathParameter(description="The job's id.", min_length=1)]
 
@@ -61,6 +69,44 @@ def _query_error(name: str, problem: str) -> ValidationException:
     return ValidationException(f"Validation failed: {problem}", extra=field_error(name, problem, "query"))
 
 
+def cursor_problem(cursor: str) -> str | None:
+    """Why `cursor` cannot be a job id a list gave out, or None.
+
+    Beyond its shape: an id starts with its creation millisecond (types.new_job_id), and one
+    past the last a datetime holds (the year 9999) is no job's. Judged before the store runs,
+    for every listing alike: the list by creation time places a cursor by that time and could
+    not (a 400 that named the body), while the list in id order took it as a position past every
+    job and answered the first page."""
+    if re.fullmatch(CURSOR_PATTERN, cursor) is None:
+        return NOT_A_CURSOR
+    try:
+        id_time(cursor)
+    except InvalidPayload:
+        return NOT_A_CURSOR
+    return None
+
+
+def repeated_param(params: Iterable[tuple[str, Any]], names: Collection[str]) -> str | None:
+    """The first of `names` that `params` (a query's name-value pairs, in order) holds more
+    than once, or None. The framework reads a repeated parameter as its last value, so
+    `status=queued&status=failed` silently listed only the failed jobs."""
+    seen: set[str] = set()
+    for name, _ in params:
+        if name in names:
+            if name in seen:
+                return name
+            seen.add(name)
+    return None
+
+
+def _check_list_query(request: Request[Any, Any, Any], cursor: str | None) -> None:
+    """The list's 400s that the parameters' own types cannot express."""
+    if (name := repeated_param(request.query_params.multi_items(), LIST_PARAMS)) is not None:
+        raise _query_error(name, f"{name} {REPEATED_PROBLEM}")
+    if cursor is not None and (problem := cursor_problem(cursor)) is not None:
+        raise _query_error("cursor", f"cursor is {problem}")
+
+
 @dataclass
 class _OptionalBody(Operation):
     """An operation whose request body may be left out (the framework marks every body required)."""
@@ -77,6 +123,7 @@ class JobController(Controller):
     @get("/", operation_id="list_jobs", raises=[ValidationException, NotAuthorizedException])
     async def list_jobs(
         self,
+        request: Request[Any, Any, Any],
         job_store: StoreDep,
         status: Annotated[JobStatus | None, QueryParameter(description="Only jobs in this state.")] = None,
         task_type: Annotated[str | None, QueryParameter(description="Only jobs of this task type.")] = None,
@@ -98,6 +145,7 @@ class JobController(Controller):
         ] = None,
     ) -> JobPage:
         """Newest first, keyset-paginated: a page stays correct while jobs are being added."""
+        _check_list_query(request, cursor)
         after = _utc_query(created_after, "created_after")
         before = _utc_query(created_before, "created_before")
         if problem := time_range_problem("created_after", after, before):

@@ -42,7 +42,7 @@ from carwash_jobs.store.base import (
 )
 from carwash_jobs.types import NUL_PROBLEM, JobId
 from endpoints.deps import QueueDep, StoreDep
-from endpoints.jobs import CURSOR_PATTERN, JobIdPath
+from endpoints.jobs import REPEATED_PROBLEM, JobIdPath, cursor_problem, repeated_param
 from endpoints.text import nul_location, refuse_nul_params
 from endpoints.ui_auth import CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE, SessionSigner, UiSession
 
@@ -56,6 +56,8 @@ CHART_MINUTES = 60
 PAGE_SIZES = (25, 50, 100, 200)
 #: the job list's form fields (its filters and page size)
 LIST_FIELDS = ("status", "task_type", "tag", "queue", "created_after", "created_before", "limit")
+#: the list's query parameters that take one value each: the form fields and the cursor
+LIST_PARAMS = (*LIST_FIELDS, "cursor")
 #: the follow-ups a job names in its result that the detail page looks up, at most
 FOLLOW_UPS_MAX = 50
 #: what a finished action says on the page it returns to; only these keys are shown, so a link
@@ -338,8 +340,8 @@ def _list_query(params: Mapping[str, str]) -> ListQuery:
             raise BadFilter(f"limit: one of {', '.join(map(str, PAGE_SIZES))}")
         limit = int(form["limit"])
     cursor = params.get("cursor") or None
-    if cursor is not None and re.fullmatch(CURSOR_PATTERN, cursor) is None:
-        raise BadFilter("cursor: not a cursor this page gave out")
+    if cursor is not None and (problem := cursor_problem(cursor)) is not None:
+        raise BadFilter(f"cursor: {problem}")
     after = _form_time(form["created_after"], "created_after")
     before = _form_time(form["created_before"], "created_before")
     _check_range("created_after", after, "created_before", before)
@@ -348,6 +350,12 @@ def _list_query(params: Mapping[str, str]) -> ListQuery:
         queue=form["queue"] or None, created_after=after, created_before=before,
     )
     return ListQuery(form, flt, limit, cursor)
+
+
+def _check_single(request: UiRequest) -> None:
+    """A repeated filter is refused as the API refuses it (endpoints/jobs.py says why)."""
+    if (name := repeated_param(request.query_params.multi_items(), LIST_PARAMS)) is not None:
+        raise BadFilter(f"{name}: {REPEATED_PROBLEM}")
 
 
 def _check_range(after_name: str, after: datetime | None, before_name: str, before: datetime | None) -> None:
@@ -382,6 +390,7 @@ async def _jobs_context(
         "first_page": not params.get("cursor"), "query": "", "retried": None,
     }
     try:
+        _check_single(request)
         query = _list_query(params)
     except BadFilter as exc:
         context["error"] = str(exc)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from endpoints.jobs import LIST_PARAMS, NOT_A_CURSOR, REPEATED_PROBLEM
 from tests.endpoints.conftest import assert_error, idle
 
 if TYPE_CHECKING:
@@ -133,6 +134,76 @@ async def test_list_with_bad_parameters_gets_400(
     client: AsyncTestClient[Litestar], params: dict[str, Any], field: str
 ) -> None:
     assert_error(await client.get("/api/jobs", params=params), 400, field)
+
+
+#: the shape of an id, but no job's: an id starts with its creation millisecond, and 0xffffffffffff
+#: ms is past the year 9999, the last a datetime holds
+IMPOSSIBLE_CURSOR = "f" * 32
+#: the id of a job made in the last millisecond a datetime holds: unlikely, but a position
+LAST_POSSIBLE_CURSOR = "e677d21fdbff" + "f" * 20
+#: each of the list's listings: in id order (with and without a tag) and by creation time
+LISTINGS = [{}, {"tag": "vip"}, {"created_after": "2020-01-01T00:00:00Z"},
+            {"created_before": "2030-01-01T00:00:00Z"}]
+LISTING_IDS = ["by-id", "by-id-tagged", "created-after", "created-before"]
+
+
+@pytest.mark.parametrize("params", LISTINGS, ids=LISTING_IDS)
+async def test_a_cursor_no_job_id_can_be_gets_400_from_every_listing(
+    client: AsyncTestClient[Litestar], params: dict[str, str]
+) -> None:
+    """One verdict for one cursor: the listings by creation time refused it naming a body field,
+    and those in id order read it as a position past every job and answered the first page."""
+    await enqueue(client, tags=["vip"], delay_seconds=600)
+
+    body = assert_error(await client.get("/api/jobs", params={**params, "cursor": IMPOSSIBLE_CURSOR}), 400)
+
+    assert body["extra"] == [{"key": "cursor", "message": f"cursor is {NOT_A_CURSOR}", "source": "query"}]
+
+
+@pytest.mark.parametrize("params", LISTINGS, ids=LISTING_IDS)
+async def test_a_cursor_at_the_last_possible_millisecond_is_a_position(
+    client: AsyncTestClient[Litestar], params: dict[str, str]
+) -> None:
+    job = await enqueue(client, tags=["vip"], delay_seconds=600)
+
+    response = await client.get("/api/jobs", params={**params, "cursor": LAST_POSSIBLE_CURSOR})
+
+    assert response.status_code == 200, response.text
+    assert [item["id"] for item in response.json()["items"]] == [job["id"]]
+
+
+#: two values of each list parameter, each accepted alone
+TWO_VALUES = {
+    "status": ("queued", "failed"), "task_type": ("echo", "fail"), "tag": ("a", "b"),
+    "queue": ("default", "critical"), "limit": ("1", "2"),
+    "created_after": ("2020-01-01T00:00:00Z", "2021-01-01T00:00:00Z"),
+    "created_before": ("2030-01-01T00:00:00Z", "2031-01-01T00:00:00Z"),
+    "cursor": ("0" * 32, "1" * 32),
+}
+
+
+def test_the_repeat_check_covers_every_list_parameter(app: Litestar) -> None:
+    """LIST_PARAMS, what the repeat check covers, names each query parameter the route takes."""
+    schema = app.openapi_schema.to_schema()
+    parameters = schema["paths"]["/api/jobs"]["get"]["parameters"]
+
+    assert {p["name"] for p in parameters if p["in"] == "query"} == set(LIST_PARAMS) == set(TWO_VALUES)
+
+
+@pytest.mark.parametrize("name", LIST_PARAMS)
+@pytest.mark.parametrize("same", [False, True], ids=["different", "identical"])
+async def test_a_repeated_list_parameter_gets_400_naming_it(
+    client: AsyncTestClient[Litestar], name: str, same: bool
+) -> None:
+    """A repeat was read as its last value: status=queued&status=failed listed the failed jobs
+    only. An identical repeat too, to keep the rule simple."""
+    first, second = TWO_VALUES[name]
+    assert (await client.get("/api/jobs", params={name: first})).status_code == 200  # alone, accepted
+
+    response = await client.get("/api/jobs", params=[(name, first), (name, first if same else second)])
+
+    body = assert_error(response, 400)
+    assert body["extra"] == [{"key": name, "message": f"{name} {REPEATED_PROBLEM}", "source": "query"}]
 
 
 # -- retry-failed ----------------------------------------------------------------------------------

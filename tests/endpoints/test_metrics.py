@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from carwash_jobs.app import JsonLogFormatter
@@ -55,6 +56,15 @@ async def enqueue(client: AsyncTestClient[Litestar], slug: str, body: dict[str, 
     assert response.status_code == 202, response.text
     job_id: str = response.json()["id"]
     return job_id
+
+
+async def test_the_content_type_is_prometheus_text_exactly(client: AsyncTestClient[Litestar]) -> None:
+    """Scrapers pick the format from this header; it carried the charset twice (Litestar
+    appends one to a text/* media type, and prometheus_client's type already ends with it)."""
+    response = await client.get("/metrics")
+
+    assert response.status_code == 200
+    assert response.headers.get_list("content-type") == [CONTENT_TYPE_LATEST]
 
 
 async def test_the_counters_move_as_jobs_run(

@@ -12,7 +12,7 @@ from litestar.testing import AsyncTestClient
 
 from carwash_jobs.app import create_app
 from carwash_jobs.store.base import MinuteCount
-from endpoints.ui import build_chart
+from endpoints.ui import LIST_PARAMS, build_chart
 from endpoints.ui_auth import SESSION_COOKIE, SessionSigner
 from tests.endpoints.conftest import AUTH, TOKEN, copy_template, idle, make_settings
 
@@ -284,6 +284,32 @@ async def test_a_bad_filter_is_a_400_naming_it(
 
     assert response.status_code == 400
     assert f"{named}:" in response.text
+
+
+@pytest.mark.parametrize("params", [{}, {"created_after": "2020-01-01T00:00:00Z"}], ids=["by-id", "by-time"])
+async def test_a_cursor_no_job_id_can_be_is_a_400_page_on_every_listing(
+    browser: AsyncTestClient[Litestar], params: dict[str, str]
+) -> None:
+    """Its first 48 bits, the creation millisecond, lie past the year 9999: the list in id order
+    showed its first page, the list by creation time answered with the API's JSON error."""
+    response = await browser.get("/ui/jobs", params={**params, "cursor": "f" * 32})
+
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("text/html")
+    assert "cursor:" in response.text
+
+
+@pytest.mark.parametrize("name", LIST_PARAMS)
+async def test_a_repeated_filter_is_a_400_naming_it(browser: AsyncTestClient[Litestar], name: str) -> None:
+    """A repeat was read as its last value, as by the API (tests/endpoints/test_jobs.py)."""
+    value = {"limit": "25", "created_after": "2020-01-01", "created_before": "2030-01-01",
+             "cursor": "0" * 32, "status": "failed"}.get(name, "x")
+    assert (await browser.get("/ui/jobs", params={name: value})).status_code == 200  # alone, accepted
+
+    response = await browser.get("/ui/jobs", params=[(name, value), (name, value)])
+
+    assert response.status_code == 400
+    assert f"{name}: given more than once" in response.text
 
 
 @pytest.mark.parametrize(("path", "named"), [
