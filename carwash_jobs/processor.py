@@ -56,6 +56,10 @@ CLAIM_BATCH_MAX = 100
 #: how long jobs of a task type found at its fleet-wide concurrency limit wait before the next
 #: claim asks again (a job of that type ending in this process asks at once)
 FLEET_FULL_BACKOFF_SECONDS = 0.5
+#: how often an outcome's record is tried, the waits between doubling from the first: about
+#: 16 s in all, well within a lease, which the heartbeat keeps extending meanwhile
+RECORD_TRIES = 7
+RECORD_RETRY_FIRST_WAIT_SECONDS = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,7 +447,7 @@ class QueueProcessor:
             state = running.state
             if state.progress_timer is not None or state.pending_progress is not None:
                 await state.write_pending_progress(job.id)  # a call that came too soon
-            await self._record(job, running.state, outcome)
+            await self._record_until_written(job, running.state, outcome)
         except Exception:
             log.exception("recording job %s failed; its lease will expire and it will run again",
                           job.id)
@@ -527,6 +531,29 @@ class QueueProcessor:
         except Exception as exc:
             return _raised(exc)
         return _completed(result)
+
+    async def _record_until_written(
+        self, job: JobRow, state: AttemptState, outcome: Outcome
+    ) -> None:
+        """Record the outcome; a write that failed on its way to the database (SQLite's lock
+        held by another program past the busy timeout, a dropped connection) is tried again
+        while the job stays leased here (the heartbeat extends it). Given up at once, the
+        outcome was lost: the job ran again once its lease ran out, and a success on its last
+        attempt ended failed as a lost worker."""
+        wait = RECORD_RETRY_FIRST_WAIT_SECONDS
+        for tries in range(1, RECORD_TRIES + 1):
+            try:
+                await self._record(job, state, outcome)
+                return
+            except StoreUnavailable:
+                raise  # the store is closing: nothing to wait for
+            except Exception as exc:
+                if tries == RECORD_TRIES or state.lease_lost:
+                    raise
+                log.warning("job %s: recording attempt %d failed (%s); trying again in %.2fs",
+                            job.id, job.attempts, _describe(exc), wait)
+            await asyncio.sleep(wait)
+            wait *= 2
 
     async def _record(self, job: JobRow, state: AttemptState, outcome: Outcome) -> None:
         """Write the outcome as the lifecycle transition it calls for."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -1924,3 +1925,46 @@ async def test_a_write_awaited_inside_a_transaction_function_fails_the_attempt_n
     assert failed.status == S.failed
     assert (failed.error or "").startswith("WriteInsideTransaction: a store write")
     assert (await h.get(other.id)).status == S.completed
+
+
+@pytest.mark.parametrize("ends", ["completed", "failed"])
+async def test_an_outcome_whose_write_fails_for_a_while_is_written_when_it_can_be(
+    harnesses: Harnesses, db_url: str, ends: str
+) -> None:
+    """Another program holds SQLite's write lock past the busy timeout as the handler returns.
+    The record was tried once: the job stayed running until its lease ran out, and the lease
+    check then failed it as a lost worker (its last attempt) although its handler succeeded."""
+    gate = Gate()
+    runs: list[int] = []
+
+    async def once(ctx: JobContext, payload: Item) -> None:
+        runs.append(ctx.attempt)
+        await gate.hold()
+        if ends == "failed":
+            raise PermanentError("the handler's own error")
+
+    store = SqliteJobStore(db_url, owner=OWNER, busy_timeout_ms=50)
+    await store.open()
+    h = await harnesses.make(task_type("once", once, max_attempts=1), store=store)
+    job = await h.enqueue("once")
+    await wait_for(gate.entered)
+    locked, unlock = threading.Event(), threading.Event()
+
+    def hold_the_write_lock() -> None:
+        other = sqlite3.connect(db_url.removeprefix("sqlite+aiosqlite:///"), isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        locked.set()
+        unlock.wait(10)
+        other.execute("COMMIT")
+        other.close()
+
+    holder = asyncio.ensure_future(asyncio.to_thread(hold_the_write_lock))
+    await asyncio.to_thread(locked.wait, 10)
+    gate.release.set()
+    await asyncio.sleep(0.6)  # the record has failed and is waiting to try again
+    assert (await store.get(job.id)).status == S.running
+    unlock.set()
+    await holder
+    await h.run_until_idle()
+    done = await h.get(job.id)
+    assert (done.status, runs, outcomes(done)) == (S(ends), [1], [ends if ends == "completed" else "error"])
