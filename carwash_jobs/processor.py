@@ -44,7 +44,7 @@ from carwash_jobs.store.base import MAX_JSON_DEPTH, Completion, json_text, neste
 from carwash_jobs.types import Clock, JobId, utc_now
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Awaitable, Mapping, Sequence
 
     from carwash_jobs.metrics import Metrics
     from carwash_jobs.queue import JobQueue
@@ -198,24 +198,15 @@ class QueueProcessor:
         off (a cancel there lost its on_completed hook, or on PostgreSQL rolled its completion
         back with the on_complete writes, and the job ran again), but has a grace period more."""
         self._stopping = True
-        dispatcher = self._tasks[:1]
-        for task in dispatcher:
-            task.cancel()
-        if dispatcher:  # a claim in flight completes and gives back what it won
-            await asyncio.wait(dispatcher)
-        await self._handoffs_settled.wait()  # an enqueue writing a job claimed for us: it runs
-        tasks = [r.task for r in self._running.values() if r.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=self._config.shutdown_grace.total_seconds())
-        for running in list(self._running.values()):
-            if running.task is not None and not running.finished:
-                running.state.shutting_down = True
-                running.task.cancel()
+        grace = self._config.shutdown_grace.total_seconds()
+        loop = asyncio.get_running_loop()
+        # the jobs running get the grace from here, whatever else stop() waits for meanwhile
+        await self._stop_claiming(deadline=loop.time() + grace)
+        await self._stop_running(deadline=loop.time() + grace)
+        deadline = loop.time() + grace  # the second grace: for the outcomes being written
         leftover = [r.task for r in self._running.values() if r.task is not None]
         if leftover:  # the releases of those just stopped, and the records in flight
-            _, stuck = await asyncio.wait(
-                leftover, timeout=self._config.shutdown_grace.total_seconds()
-            )
+            _, stuck = await asyncio.wait(leftover, timeout=grace)
             for task in stuck:  # left running: its lease runs out and it runs again
                 task.cancel()
             if stuck:
@@ -225,7 +216,31 @@ class QueueProcessor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        await self._completions.close()
+        if not await _settle("the last completions", self._completions.close(), deadline):
+            self._completions.cancel()  # their jobs' leases run out and they run again
+
+    async def _stop_claiming(self, deadline: float) -> None:
+        """End the dispatcher; a claim in flight completes and gives back what it won, and an
+        enqueue writing a job claimed for this process hands it over (it runs). Each bounded,
+        as every wait of stop() on a write is: a writer held up (a caller's transaction that
+        hangs) must not hold the stop."""
+        dispatcher = self._tasks[:1]
+        for task in dispatcher:
+            task.cancel()
+        if dispatcher:
+            await _settle("a claim in flight", asyncio.wait(dispatcher), deadline)
+        await _settle("an enqueue handing its job over", self._handoffs_settled.wait(), deadline)
+
+    async def _stop_running(self, deadline: float) -> None:
+        """Let the running handlers finish until `deadline`, then cancel the rest: they give
+        their job back without counting the attempt."""
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=max(deadline - asyncio.get_running_loop().time(), 0.0))
+        for running in list(self._running.values()):
+            if running.task is not None and not running.finished:
+                running.state.shutting_down = True
+                running.task.cancel()
 
     def cancel_local(self, job_id: JobId) -> bool:
         """Stop a job running here (it was cancelled, or its lease lost). A job whose handler
@@ -706,6 +721,19 @@ class QueueProcessor:
             log.warning("job %s: lease lost; stopping it", job_id)
             seen.state.lease_lost = True
             self.cancel_local(job_id)
+
+
+async def _settle(what: str, waiting: Awaitable[Any], deadline: float) -> bool:
+    """Wait for `waiting` until `deadline` (the loop's time); False, with a warning, if it is
+    still going then (it goes on; what it writes may be cut off when the store stops)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(waiting)
+    done, _ = await asyncio.wait([task], timeout=max(deadline - loop.time(), 0.0))
+    if done:
+        return True
+    log.warning("stopping: %s is still waiting for the database; not waiting for it", what)
+    task.cancel()
+    return False
 
 
 def _all(finalizers: list[Any]) -> Any:

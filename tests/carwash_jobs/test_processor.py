@@ -5,6 +5,7 @@ holds it and the test awaits the gate's event, never a sleep."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -1968,3 +1969,36 @@ async def test_an_outcome_whose_write_fails_for_a_while_is_written_when_it_can_b
     await h.run_until_idle()
     done = await h.get(job.id)
     assert (done.status, runs, outcomes(done)) == (S(ends), [1], [ends if ends == "completed" else "error"])
+
+
+async def test_stop_keeps_to_its_grace_while_a_callers_transaction_holds_the_writer(
+    harnesses: Harnesses,
+) -> None:
+    """An on_complete write that hangs (a call without a timeout) holds SQLite's one writer;
+    an enqueue handing its job over waits behind it. stop() waited for that hand-over, the
+    claim in flight and the last completions without limit: as long as the hang, whatever
+    the grace (systemd would SIGKILL the worker, and every running job lose its attempt)."""
+    hung, release = asyncio.Event(), asyncio.Event()
+
+    async def hangs_in_its_final_write(ctx: JobContext, payload: Item) -> None:
+        async def final(tx: Tx) -> None:
+            await tx.execute("SELECT 1")
+            hung.set()
+            await release.wait()
+
+        ctx.on_complete(final)
+
+    h = await harnesses.make(task_type("final", hangs_in_its_final_write),
+                             shutdown_grace=timedelta(seconds=0.3))
+    await h.enqueue("final")
+    await wait_for(hung)
+    handed_over = asyncio.ensure_future(h.enqueue())  # waits behind the hung transaction
+    await asyncio.sleep(0.05)
+    try:
+        async with asyncio.timeout(5):  # 0.3 s grace twice, and the rest
+            await h.processor.stop()
+        h.started = False
+    finally:
+        release.set()
+        with contextlib.suppress(Exception):
+            await handed_over
