@@ -526,6 +526,8 @@ class CronService:
             schedule.name, fire_at, job, skip_if_active_tag=skip_tag
         )
         if result.job is not None:
+            if result.job.id == job.id:  # not a job of that key written before
+                self._queue.count_enqueued([result.job])
             self._queue.offer([result.job])
             log.info("cron %s: fired %s as job %s", schedule.name, fire_at.isoformat(), result.job.id)
         elif result.outcome == "skipped":

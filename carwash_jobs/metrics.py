@@ -13,14 +13,18 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.enqueued = Counter("carwash_jobs_enqueued", "Jobs enqueued", ["task_type"], registry=r)
+        self.enqueued = Counter(
+            "carwash_jobs_enqueued", "Jobs created: enqueued, follow-ups, cron fires, reruns",
+            ["task_type"], registry=r,
+        )
         self.completed = Counter("carwash_jobs_completed", "Jobs completed", ["task_type"], registry=r)
         self.failed = Counter(
             "carwash_jobs_failed", "Jobs failed with no attempts left", ["task_type"], registry=r
         )
         self.retried = Counter(
-            "carwash_jobs_retried", "Attempts that failed and were rescheduled", ["task_type"],
-            registry=r,
+            "carwash_jobs_retried",
+            "Attempts that failed and were rescheduled (not a RetryLater that does not count)",
+            ["task_type"], registry=r,
         )
         self.duration = Histogram(
             "carwash_job_duration_seconds", "Handler run time per attempt", ["task_type"],

@@ -604,7 +604,12 @@ class QueueProcessor:
             await self._record(job, state, _completion_failed(exc))
             return
         self._queue.offer([applied.job, *applied.woken])
-        self._count(applied.job)
+        if state.follow_ups:
+            follow_ups = {job.id for job in state.follow_ups}
+            self._queue.count_enqueued(
+                job for job in [*applied.woken, *applied.cancelled] if job.id in follow_ups
+            )
+        self._count(applied.job, outcome)
         await self._registry.run_hooks(applied)
 
     async def _record_completion(self, job: JobRow, state: AttemptState, outcome: Completed) -> None:
@@ -673,9 +678,11 @@ class QueueProcessor:
         return lifecycle.schedule_retry(job.id, fence, run_at, outcome.error, outcome.traceback,
                                         outcome.outcome, now, count_attempt=outcome.count_attempt)
 
-    def _count(self, job: JobRow) -> None:
+    def _count(self, job: JobRow, outcome: Outcome) -> None:
         if self._metrics is None:
             return
+        if isinstance(outcome, Retryable) and not outcome.count_attempt:
+            return  # RetryLater that does not count the attempt (a rate limit's wait): no failure
         counter = {
             JobStatus.completed: self._metrics.completed,
             JobStatus.failed: self._metrics.failed,

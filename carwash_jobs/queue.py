@@ -325,15 +325,29 @@ class JobQueue:
             # the store joins only its own Tx: hand it the one a _QueueTx wraps
             results = await self.store.insert(jobs, tx=tx._tx if isinstance(tx, _QueueTx) else tx)
         created = [r.job for r in results if r.created]
-        if self._metrics is not None:
-            for job in created:
-                self._metrics.enqueued.labels(job.task_type).inc()
+        if isinstance(tx, _QueueTx):  # counted and offered once the transaction commits
+            tx.inserted.extend(created)
+            return results
+        self.count_enqueued(created)  # a store Tx of the caller's own: no commit to wait for
         if tx is None:
             self.offer(created)
             await self._hooks_of_born_cancelled(created)
-        elif isinstance(tx, _QueueTx):
-            tx.inserted.extend(created)
         return results
+
+    def count_enqueued(self, jobs: Iterable[JobRow]) -> None:
+        """The enqueued counter, for every job a committed write created: an enqueue, a
+        follow-up written with its job's completion, a cron fire."""
+        if self._metrics is not None:
+            for job in jobs:
+                self._metrics.enqueued.labels(job.task_type).inc()
+
+    def count_failed(self, jobs: Iterable[JobRow]) -> None:
+        """The failed counter, for the jobs that a lease check or a leftover recovery ended
+        failed (their worker is gone; the processor counts the ends of its own attempts)."""
+        if self._metrics is not None:
+            for job in jobs:
+                if job.status == JobStatus.failed:
+                    self._metrics.failed.labels(job.task_type).inc()
 
     async def transaction(self, fn: TxFn[T]) -> T:
         """Run the caller's own writes and enqueues in one transaction: each job it enqueues
@@ -348,6 +362,7 @@ class JobQueue:
 
         result = await self.store.transaction(run)
         if queue_tx is not None:
+            self.count_enqueued(queue_tx.inserted)
             self.offer(queue_tx.inserted)
             await self._hooks_of_born_cancelled(queue_tx.inserted)
         return result

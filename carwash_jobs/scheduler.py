@@ -129,6 +129,7 @@ class Scheduler:
             if isinstance(r, Exception) and not isinstance(r, IllegalTransition):
                 log.warning("releasing an expired lease failed: %s", r)
         self._queue.offer(released)
+        self._queue.count_failed(released)  # a last attempt's: no processor counts those
         for job in released:
             log.warning("job %s: lease of %s expired; now %s", job.id,
                         job.attempt_history[-1].get("owner") if job.attempt_history else "?",

@@ -233,7 +233,7 @@ class Harnesses:
             store = await open_sqlite(self.url, owner=owner, clock=clock)
         ready = ReadyQueue(queue_mode, weights)
         queue = JobQueue(store, registry_with(*task_types, defaults=defaults), ready=ready,
-                         clock=clock)
+                         clock=clock, metrics=metrics)
         processor = QueueProcessor(
             queue, owner=owner, clock=clock, metrics=metrics,
             config=ProcessorConfig(

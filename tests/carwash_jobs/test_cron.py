@@ -28,6 +28,7 @@ from carwash_jobs.cron import (
 )
 from carwash_jobs.errors import ConfigurationError
 from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.metrics import Metrics
 from carwash_jobs.queue import JobQueue
 from carwash_jobs.ready import ReadyQueue
 from carwash_jobs.registry import TaskRegistry
@@ -91,10 +92,11 @@ class Processes:
     clock: ManualClock
     started: list[Process] = field(default_factory=list)
 
-    async def start(self, owner: str = OWNER_A) -> Process:
+    async def start(self, owner: str = OWNER_A, metrics: Metrics | None = None) -> Process:
         store = open_store(self.url, owner=owner, clock=self.clock)
         await store.open()
-        queue = JobQueue(store, registry_with(), ready=ReadyQueue(), clock=self.clock)
+        queue = JobQueue(store, registry_with(), ready=ReadyQueue(), clock=self.clock,
+                         metrics=metrics)
         process = Process(store, queue, self.clock)
         self.started.append(process)
         return process
@@ -445,6 +447,23 @@ async def test_a_fire_inserts_one_job_with_its_key_tag_and_context(
     assert job.payload == {"label": "cron", "n": 0}
     assert process.queue.contains(job.id), "offered to this process's workers"
     assert await process.store.cron_fires(NAME, 10) == [CronFireRow(NAME, at(10, 0), job.id, OWNER_A)]
+
+
+async def test_a_fire_counts_its_job_as_enqueued_once_across_processes(
+    processes: Processes, cron_clock: ManualClock
+) -> None:
+    """A fire writes its job through the store, not through an enqueue: it was not counted."""
+    first, second = Metrics(), Metrics()
+    crons = [(await processes.start(OWNER_A, first)).cron(),
+             (await processes.start(OWNER_B, second)).cron()]
+    for cron in crons:
+        assert await cron.fire_due() == []
+    for cron in crons:
+        await tick(cron, cron_clock, at(10, 0, 5))
+
+    counted = [m.registry.get_sample_value("carwash_jobs_enqueued_total", {"task_type": "noop"})
+               for m in (first, second)]
+    assert sorted(counted, key=lambda n: n or 0) == [None, 1]
 
 
 async def test_fire_due_again_at_the_same_time_fires_nothing(

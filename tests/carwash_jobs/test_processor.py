@@ -2002,3 +2002,33 @@ async def test_stop_keeps_to_its_grace_while_a_callers_transaction_holds_the_wri
         release.set()
         with contextlib.suppress(Exception):
             await handed_over
+
+
+async def test_the_counters_count_follow_ups_as_enqueued_and_no_throttle_as_a_retry(
+    harnesses: Harnesses,
+) -> None:
+    """A follow-up is written with its job's completion, not through an enqueue: it was not
+    counted; a RetryLater that does not count the attempt (a rate limit's wait) was counted as
+    an attempt that failed."""
+    metrics = Metrics()
+    throttled: list[int] = []
+
+    async def leads_on(ctx: JobContext, payload: Item) -> None:
+        if payload.label == "wait" and not throttled:
+            throttled.append(ctx.attempt)
+            raise RetryLater(0, "the mail server's pace", count_attempt=False)
+        if payload.label == "parent":
+            ctx.enqueue("noop", {})
+
+    h = await harnesses.make(task_type("lead", leads_on), metrics=metrics)
+    await h.enqueue("lead", {"label": "parent"})
+    await h.enqueue("lead", {"label": "wait"})
+    await h.run_until_idle(include_timers=True)
+
+    def count(name: str, task: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"task_type": task})
+
+    assert (count("carwash_jobs_enqueued_total", "lead"),
+            count("carwash_jobs_enqueued_total", "noop")) == (2, 1)
+    assert count("carwash_jobs_completed_total", "lead") == 2
+    assert count("carwash_jobs_retried_total", "lead") is None

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.metrics import Metrics
 from carwash_jobs.registry import TaskHooks
 from carwash_jobs.scheduler import Scheduler
 from carwash_jobs.store.base import NewJob
@@ -142,7 +143,8 @@ async def test_a_job_failed_for_good_by_a_lost_lease_gets_on_failed_once_and_its
 
     hooked = task_type("hooked", noop, hooks=TaskHooks(on_failed=on_failed,
                                                        on_cancelled=on_cancelled))
-    h = await harnesses.make(hooked, clock=clock, start=False)
+    metrics = Metrics()
+    h = await harnesses.make(hooked, clock=clock, start=False, metrics=metrics)
     last = await insert(other_process, new_job(clock, task_type="hooked", max_attempts=1))
     retried = await insert(other_process, new_job(clock, task_type="hooked", max_attempts=2))
     waiting = await insert(other_process, new_job(clock, task_type="hooked", depends_on=(last,)))
@@ -154,6 +156,9 @@ async def test_a_job_failed_for_good_by_a_lost_lease_gets_on_failed_once_and_its
     assert failed == [(last, S.failed, f"worker {DEAD_OWNER} stopped renewing its lease")]
     assert cancelled == [(waiting, S.cancelled)]
     assert (await h.get(retried)).status == S.queued  # attempts left: not an end, no hook
+    # the counter the failure alerts watch: the processor that would have counted it is gone
+    assert metrics.registry.get_sample_value(
+        "carwash_jobs_failed_total", {"task_type": "hooked"}) == 1
 
 
 async def test_a_lease_renewed_by_the_heartbeat_is_not_released(
