@@ -1184,6 +1184,8 @@ async def _apply(
                        owner, t.message)
     if job.status == JobStatus.cancelled:
         await conn.execute(NOTIFY, CHANNEL, json_text({"e": "cancel", "id": job.id, "from": owner}))
+    elif job.status == JobStatus.queued:  # retried, or given back by a stop or a lease check
+        await _notify_new(conn, [job], owner)
     woken, cancelled = await _resolve_dependents(conn, job.id, job.status, owner, now)
     return Applied(job, woken, cancelled)
 
@@ -1198,6 +1200,8 @@ async def _apply_alike(
     ids = [x.job_id for x in transitions]
     rows = await conn.fetch(*alike_statement(t, ids, owner, now))
     jobs = {job.id: job for job in map(row_to_job, rows)}
+    # a bulk retry's jobs wake the other workers now, not at their next reload
+    await _notify_new(conn, list(jobs.values()), owner)
     left = [i for i in ids if i not in jobs]
     found = dict(await conn.fetch(SELECT_STATUSES, left)) if left else {}
     return [

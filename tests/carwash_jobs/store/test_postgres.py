@@ -12,7 +12,7 @@ import pytest
 
 from carwash_jobs import lifecycle
 from carwash_jobs.lifecycle import JobStatus
-from carwash_jobs.store.base import Completion
+from carwash_jobs.store.base import Completion, Notice
 from carwash_jobs.store.postgres import dsn_of
 from tests.carwash_jobs.store import test_contract as contract
 from tests.carwash_jobs.store.test_contract import claimed, new_job, waiting_for_locks
@@ -159,6 +159,31 @@ async def test_two_processes_firing_two_times_of_a_schedule_that_skips_overlaps_
         assert sorted(fire.outcome for fire in fires) == ["fired", "skipped"]
         (job,) = [fire.job for fire in fires if fire.job is not None]
         await store.apply(lifecycle.cancel(job.id, clock()))  # the next pair finds none active
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_jobs_put_back_in_the_queue_wake_the_other_processes_at_once(
+    store: JobStore, other_store: JobStore, clock: ManualClock,
+) -> None:
+    """A bulk retry, a stop's release and a lease check's recovery sent no notice: the other
+    workers found those jobs only at their next reload."""
+    failed = [await contract.failed(store, clock) for _ in range(2)]
+    released = await claimed(store, clock)
+    expected = {job.id for job in [*failed, released]}
+    notices: list[Notice] = []
+    all_told = asyncio.Event()
+
+    def on_notice(notice: Notice) -> None:
+        notices.append(notice)
+        if {due.id for seen in notices for due in seen.jobs} == expected:
+            all_told.set()
+
+    await other_store.listen(on_notice)
+    await store.apply_many([lifecycle.retry_failed(job.id, clock()) for job in failed])
+    await store.apply(lifecycle.release(released.id, released.fence, clock()))
+
+    await asyncio.wait_for(all_told.wait(), 10)
+    assert {notice.kind for notice in notices} == {"new"}
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
