@@ -514,6 +514,14 @@ class PrunedJob:
     payload: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class PruneBatch:
+    """What one `JobStore.prune` call deleted: its jobs, and how many rows of cron_fires."""
+
+    jobs: list[PrunedJob]
+    cron_fires: int
+
+
 class Tx(Protocol):
     """A database transaction handed to user code: portable SQL with `:name` parameters.
 
@@ -782,11 +790,14 @@ class JobStore(Protocol):
     # -- retention ------------------------------------------------------------------------
     async def prune(
         self, completed_before: datetime, failed_before: datetime, limit: int
-    ) -> list[PrunedJob]:
+    ) -> PruneBatch:
         """Delete up to `limit` finished jobs, oldest first, in one transaction: completed and
         cancelled ones that finished before `completed_before`, failed ones that finished before
-        `failed_before`, with their events and dependency edges. A small `limit` keeps each
-        transaction short, so enqueues and claims never wait long behind a prune."""
+        `failed_before`, with their events and dependency edges. In the same transaction, up to
+        `limit` rows of cron_fires whose fire time is before `completed_before`, except each
+        schedule's newest one, which cron reads to know where to resume (cron.py). A small
+        `limit` keeps each transaction short, so enqueues and claims never wait long behind a
+        prune."""
         ...
 
     async def vacuum(self, skip_if_vacuumed_within_seconds: float = 0.0) -> bool:

@@ -51,6 +51,7 @@ from carwash_jobs.store.base import (
     Notice,
     Page,
     ProcessInfo,
+    PruneBatch,
     PrunedJob,
     Reservation,
     StatementFailures,
@@ -433,6 +434,26 @@ PRUNE_DELETES = (
     "DELETE FROM worker_queue WHERE id = ANY($1::text[])",
 )
 PRUNED_STATUSES = ("completed", "cancelled", "failed")
+#: cron fires before $1, except each schedule's newest (cron resumes from it), locked so that a
+#: second pruning process skips them. The schedules come from a skip scan of the primary key
+#: (one probe per schedule), and each one's old fires from a range of it: never a scan of all
+#: the fires kept
+PRUNE_CRON_FIRES = """
+WITH RECURSIVE schedules(name) AS (
+  SELECT MIN(schedule) FROM cron_fires
+  UNION ALL
+  SELECT (SELECT MIN(schedule) FROM cron_fires WHERE schedule > name) FROM schedules
+  WHERE name IS NOT NULL),
+old AS (
+  SELECT f.schedule, f.fire_at FROM schedules JOIN cron_fires AS f ON f.schedule = schedules.name
+  WHERE f.fire_at < $1
+    AND f.fire_at < (SELECT MAX(fire_at) FROM cron_fires WHERE schedule = schedules.name)
+  LIMIT $2 FOR UPDATE OF f SKIP LOCKED),
+gone AS (
+  DELETE FROM cron_fires AS c USING old WHERE c.schedule = old.schedule AND c.fire_at = old.fire_at
+  RETURNING 1)
+SELECT COUNT(*) FROM gone
+"""
 #: the server's own vacuuming; store.vacuum leaves the tables to it when it is on
 AUTOVACUUM_ON = "SELECT current_setting('autovacuum')::bool"
 #: one vacuum at a time in the fleet: a session lock (VACUUM cannot run in a transaction), tried,
@@ -991,29 +1012,37 @@ class PostgresJobStore:
 
     async def prune(
         self, completed_before: datetime, failed_before: datetime, limit: int
-    ) -> list[PrunedJob]:
+    ) -> PruneBatch:
         """Also folds job_counts' per-connection rows (migration 0005), which only grow."""
         async with self.pool.acquire() as conn, conn.transaction():
             if await conn.fetchval(FOLD_COUNTS_LOCK):
                 await conn.execute(FOLD_COUNTS)
         if limit <= 0:
-            return []
-        cutoffs = {"completed": completed_before, "cancelled": completed_before,
-                   "failed": failed_before}
+            return PruneBatch([], 0)
         async with self.pool.acquire() as conn, conn.transaction():
-            found: list[Any] = []
-            for status in PRUNED_STATUSES:
-                if len(found) >= limit:
-                    break
-                found += await conn.fetch(
-                    PRUNABLE.format(status=status), cutoffs[status], limit - len(found)
-                )
-            if not found:
-                return []
-            ids = [r["id"] for r in found]
-            for sql in PRUNE_DELETES:
-                await conn.execute(sql, ids)
-        return [PrunedJob(JobId(r["id"]), r["task_type"], r["status"], r["payload"]) for r in found]
+            jobs = await _prune_jobs(conn, completed_before, failed_before, limit)
+            fires: int = await conn.fetchval(PRUNE_CRON_FIRES, completed_before, limit)
+        return PruneBatch(jobs, fires)
+
+
+async def _prune_jobs(
+    conn: asyncpg.Connection, completed_before: datetime, failed_before: datetime, limit: int
+) -> list[PrunedJob]:
+    """Up to `limit` finished jobs past their retention, oldest first, deleted with what they
+    left in the database, in the caller's transaction."""
+    cutoffs = {"completed": completed_before, "cancelled": completed_before,
+               "failed": failed_before}
+    found: list[Any] = []
+    for status in PRUNED_STATUSES:
+        if len(found) >= limit:
+            break
+        found += await conn.fetch(PRUNABLE.format(status=status), cutoffs[status], limit - len(found))
+    if not found:
+        return []
+    ids = [r["id"] for r in found]
+    for sql in PRUNE_DELETES:
+        await conn.execute(sql, ids)
+    return [PrunedJob(JobId(r["id"]), r["task_type"], r["status"], r["payload"]) for r in found]
 
 
 def _list_where(flt: JobFilter, cursor: str | None, key: str) -> tuple[str, dict[str, Any]]:

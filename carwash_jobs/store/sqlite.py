@@ -48,6 +48,7 @@ from carwash_jobs.store.base import (
     Notice,
     Page,
     ProcessInfo,
+    PruneBatch,
     PrunedJob,
     Reservation,
     Stats,
@@ -370,6 +371,22 @@ PRUNE_DELETES = (
     "DELETE FROM worker_queue WHERE id IN (SELECT value FROM json_each(:ids))",
 )
 PRUNED_STATUSES = ("completed", "cancelled", "failed")
+#: cron fires before :before, except each schedule's newest (cron resumes from it). The
+#: schedules come from a skip scan of the primary key (one probe per schedule), and each one's
+#: old fires from a range of it: never a scan of all the fires kept. CROSS JOIN keeps that order.
+#: It starts with DELETE, not WITH: sqlite3's rowcount counts only a statement that does
+PRUNE_CRON_FIRES = """
+DELETE FROM cron_fires WHERE rowid IN (
+  WITH RECURSIVE schedules(name) AS (
+    SELECT MIN(schedule) FROM cron_fires
+    UNION ALL
+    SELECT (SELECT MIN(schedule) FROM cron_fires WHERE schedule > name) FROM schedules
+    WHERE name IS NOT NULL)
+  SELECT f.rowid FROM schedules CROSS JOIN cron_fires AS f
+  WHERE f.schedule = schedules.name AND f.fire_at < :before
+    AND f.fire_at < (SELECT MAX(fire_at) FROM cron_fires WHERE schedule = schedules.name)
+  LIMIT :limit)
+"""
 #: the IN list repeats the partial index's own predicate word for word: only then may SQLite use
 #: ix_worker_queue_finished (a range of it, instead of a scan of the table)
 FINISHED_PER_MINUTE = """
@@ -894,11 +911,11 @@ class SqliteJobStore:
 
     async def prune(
         self, completed_before: datetime, failed_before: datetime, limit: int
-    ) -> list[PrunedJob]:
+    ) -> PruneBatch:
         cutoffs = {"completed": completed_before, "cancelled": completed_before,
                    "failed": failed_before}
 
-        def run(conn: sqlite3.Connection) -> list[PrunedJob]:
+        def prune_jobs(conn: sqlite3.Connection) -> list[PrunedJob]:
             found: list[Any] = []
             for status in PRUNED_STATUSES:
                 if len(found) >= limit:
@@ -916,8 +933,13 @@ class SqliteJobStore:
                 for r in found
             ]
 
+        def run(conn: sqlite3.Connection) -> PruneBatch:
+            jobs = prune_jobs(conn)
+            fires = conn.execute(PRUNE_CRON_FIRES, {"before": ts(completed_before), "limit": limit})
+            return PruneBatch(jobs, fires.rowcount)
+
         if limit <= 0:
-            return []
+            return PruneBatch([], 0)
         return await self.writer.run_sync(run)
 
 

@@ -22,7 +22,7 @@ from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
 from carwash_jobs.prune import Pruner
 from carwash_jobs.queue import JobQueue
 from carwash_jobs.registry import TaskRegistry
-from carwash_jobs.store.base import Completion, JobFilter, NewJob
+from carwash_jobs.store.base import Completion, JobFilter, NewJob, PruneBatch
 from carwash_jobs.types import new_job_id
 from carwash_jobs.uploads import is_upload
 from tests.carwash_jobs.store import test_contract as contract
@@ -86,7 +86,7 @@ async def test_old_finished_jobs_go_and_recent_and_unfinished_ones_stay(
     recent_failed = await failed(store, clock)
     now = clock()
 
-    pruned = await store.prune(now - timedelta(days=7), now - timedelta(days=30), limit=100)
+    pruned = (await store.prune(now - timedelta(days=7), now - timedelta(days=30), limit=100)).jobs
 
     assert {p.id for p in pruned} == {old_done.id, old_cancelled.id}
     assert {p.status for p in pruned} == {"completed", "cancelled"}
@@ -121,7 +121,7 @@ async def test_failed_jobs_go_after_their_longer_retention(store: JobStore, cloc
     clock.advance(31 * DAY)
     now = clock()
 
-    pruned = await store.prune(now - timedelta(days=7), now - timedelta(days=30), limit=100)
+    pruned = (await store.prune(now - timedelta(days=7), now - timedelta(days=30), limit=100)).jobs
 
     assert [p.id for p in pruned] == [old_failed.id]
     assert await store.events(old_failed.id) == []
@@ -135,13 +135,58 @@ async def test_prune_takes_at_most_limit_jobs_oldest_first(store: JobStore, cloc
     clock.advance(8 * DAY)
     cutoff = clock() - timedelta(days=7)
 
-    first = await store.prune(cutoff, cutoff, limit=2)
-    rest = await store.prune(cutoff, cutoff, limit=10)
-    none = await store.prune(cutoff, cutoff, limit=10)
+    first = (await store.prune(cutoff, cutoff, limit=2)).jobs
+    rest = (await store.prune(cutoff, cutoff, limit=10)).jobs
+    none = (await store.prune(cutoff, cutoff, limit=10)).jobs
 
     assert [p.id for p in first] == [j.id for j in jobs[:2]]
     assert [p.id for p in rest] == [j.id for j in jobs[2:]]
     assert none == []
+
+
+# -- cron fires --------------------------------------------------------------------------------
+async def fire(store: JobStore, clock: ManualClock, schedule: str, hours_ago: int) -> None:
+    """A fire of `schedule` `hours_ago` hours before now, recorded as cron records one."""
+    fire_at = clock() - timedelta(hours=hours_ago)
+    assert (await store.fire_cron(schedule, fire_at, contract.new_job(clock))).outcome == "fired"
+
+
+async def fires_kept(store: JobStore, clock: ManualClock) -> dict[str, list[int]]:
+    """How many hours ago each kept fire was, per schedule, oldest first."""
+    kept: dict[str, list[int]] = {}
+    for row in reversed(await store.cron_fires(None, 1000)):
+        kept.setdefault(row.schedule, []).append(round((clock() - row.fire_at) / timedelta(hours=1)))
+    return kept
+
+
+async def test_cron_fires_past_the_completed_retention_go_but_each_schedules_newest_stays(
+    store: JobStore, clock: ManualClock
+) -> None:
+    """cron_fires grew by a row per schedule and fire for ever. Cron resumes a schedule from
+    its newest fire (CronService._fire_schedule), so that one stays however old it is."""
+    for hours_ago in (300, 299, 298, 1):
+        await fire(store, clock, "hourly", hours_ago)
+    for hours_ago in (2000, 1000):  # a schedule that stopped firing (taken out of the file)
+        await fire(store, clock, "retired", hours_ago)
+    await fire(store, clock, "yearly", 5000)  # its only fire
+    now = clock()
+
+    batch = await store.prune(now - timedelta(days=7), now - timedelta(days=30), limit=100)
+
+    assert (batch.jobs, batch.cron_fires) == ([], 4)  # the fires' jobs are still queued
+    assert await fires_kept(store, clock) == {"hourly": [1], "retired": [1000], "yearly": [5000]}
+
+
+async def test_prune_takes_at_most_limit_cron_fires(store: JobStore, clock: ManualClock) -> None:
+    for hours_ago in (400, 300, 200, 1):
+        await fire(store, clock, "hourly", hours_ago)
+    cutoff = clock() - timedelta(days=7)
+
+    first = await store.prune(cutoff, cutoff, limit=2)
+    rest = await store.prune(cutoff, cutoff, limit=2)
+
+    assert (first.cron_fires, rest.cron_fires) == (2, 1)
+    assert await fires_kept(store, clock) == {"hourly": [1]}
 
 
 # -- the counts the triggers keep --------------------------------------------------------------
@@ -227,6 +272,86 @@ async def test_the_duty_removes_the_upload_files_of_pruned_jobs_only(
     assert outside.exists()  # not an upload under files_dir: left alone
     assert new_file.exists()
     assert (await store.get(recent.id)).status == JobStatus.cancelled
+
+
+def pruner_of(store: JobStore, clock: ManualClock, tmp_path: Path, batch: int) -> Pruner:
+    return Pruner(store, TaskRegistry([]), clock=clock, files_dir=str(tmp_path / "files"),
+                  completed_retention=timedelta(days=7), failed_retention=timedelta(days=30),
+                  batch=batch)
+
+
+async def cancelled_jobs(store: JobStore, clock: ManualClock, n: int) -> None:
+    inserted = await store.insert([contract.new_job(clock) for _ in range(n)])
+    await store.apply_many([lifecycle.cancel(i.job.id, clock()) for i in inserted])
+
+
+async def count_cancelled(store: JobStore) -> int:
+    return await count(store, "SELECT COUNT(*) AS n FROM worker_queue WHERE status = 'cancelled'")
+
+
+async def test_a_run_prunes_all_jobs_past_their_retention_however_many_batches_it_takes(
+    tmp_path: Path, clock: ManualClock, store: JobStore
+) -> None:
+    """A run stopped after 200 batches: with 101,000 jobs past retention, one run of the
+    default 500-job batches left 1,000, and a fleet finishing more than 333 jobs/s (the cap
+    over the 300 s interval) grew the table for ever. Batches of one make 250 jobs the same."""
+    await cancelled_jobs(store, clock, 250)
+    clock.advance(8 * DAY)
+    await cancelled_jobs(store, clock, 1)  # within its retention
+
+    assert await pruner_of(store, clock, tmp_path, batch=1).prune() == 250
+
+    assert await count_cancelled(store) == 1
+
+
+async def test_a_run_goes_on_while_batches_of_cron_fires_come_back_full(
+    tmp_path: Path, clock: ManualClock, store: JobStore
+) -> None:
+    for hours_ago in (300, 299, 298, 297, 296):
+        await fire(store, clock, "hourly", hours_ago)
+
+    assert await pruner_of(store, clock, tmp_path, batch=2).prune() == 0  # no finished jobs
+
+    assert await fires_kept(store, clock) == {"hourly": [296]}
+
+
+async def test_a_run_lets_other_work_in_between_batches_and_ends_when_stopped(
+    tmp_path: Path, clock: ManualClock, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run now goes on for as long as there is something to prune: the event loop's other
+    work (enqueues, claims, heartbeats) must get turns all along, and the scheduler's stop,
+    which cancels the duty, must end it there and then."""
+    await cancelled_jobs(store, clock, 10)
+    clock.advance(8 * DAY)
+    turns = 0
+    turns_at_each_batch: list[int] = []
+    third_batch = asyncio.Event()
+    prune = store.prune
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    async def watched_prune(*args: Any) -> PruneBatch:
+        turns_at_each_batch.append(turns)
+        if len(turns_at_each_batch) == 3:
+            third_batch.set()
+        return await prune(*args)
+
+    monkeypatch.setattr(store, "prune", watched_prune)
+    worker = asyncio.create_task(other_work())
+    run = asyncio.create_task(pruner_of(store, clock, tmp_path, batch=1).prune())
+    await third_batch.wait()
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    worker.cancel()
+
+    assert len(turns_at_each_batch) == 3  # no batch after the stop
+    assert turns_at_each_batch == sorted(set(turns_at_each_batch))  # other work in between
+    assert await count_cancelled(store) >= 7  # the rest waits for the next run
 
 
 async def test_the_runtime_runs_the_duty_on_its_interval(tmp_path: Path) -> None:
