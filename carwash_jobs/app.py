@@ -22,6 +22,7 @@ from carwash_jobs import gc_tuning, heap_trim
 from carwash_jobs.errors import CarwashError, ConfigurationError
 from carwash_jobs.registry import TaskDefaults, TaskRegistry
 from carwash_jobs.runtime import Role, Runtime
+from carwash_jobs.settings import env_name
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping, Sequence
@@ -57,6 +58,53 @@ def build_runtime(
     )
 
 
+# -- the directories a process writes to -----------------------------------------------------
+#: the local outbox's prefix in smtp_url (task_types/email.py delivers into that Maildir)
+OUTBOX_PREFIX = "outbox:"
+#: the subdirectories of a Maildir: a message is written into tmp/, then moved into new/
+MAILDIR_PARTS = ("tmp", "new", "cur")
+
+
+def prepare_directories(settings: Settings, role: Role) -> None:
+    """Create the directories this role writes to and check that it may write there: the SQLite
+    database's, `files_dir` for the HTTP roles (uploads) and the local outbox of `smtp_url` for
+    the roles that run jobs (mail). A path it cannot use stops the start-up with one line naming
+    the setting; unchecked, serve started and /health said 200, then every upload was a 500 and
+    every email job retried until it failed."""
+    if settings.is_sqlite:
+        _writable_directory(sqlite_path(settings).parent, "database_url")
+    if role != "worker":
+        _writable_directory(Path(settings.files_dir), "files_dir")
+    if role != "api" and settings.smtp_url.startswith(OUTBOX_PREFIX):
+        outbox = Path(settings.smtp_url.removeprefix(OUTBOX_PREFIX))
+        # private, with its parts, as mailbox.Maildir makes one; it makes the parts only with
+        # the outbox itself, so an outbox made without them here would refuse every message
+        for directory in (outbox, *(outbox / part for part in MAILDIR_PARTS)):
+            _writable_directory(directory, "smtp_url", mode=0o700)
+
+
+def sqlite_path(settings: Settings) -> Path:
+    """The SQLite database's file, absolute and with its symlinks resolved."""
+    return Path(settings.database_url.removeprefix("sqlite+aiosqlite:///")).resolve()
+
+
+def _writable_directory(directory: Path, setting: str, *, mode: int = 0o777) -> None:
+    """Create `directory` (and its parents) unless it exists, then write and remove a probe
+    file in it: permission bits alone do not say whether this process may write there (root
+    writes past them; a read-only mount refuses everyone)."""
+    probe = directory / f".carwash-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        directory.mkdir(mode=mode, parents=True, exist_ok=True)
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as exc:
+        reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        raise ConfigurationError(
+            f"{env_name(setting)} / {setting}: {directory} must be a directory this process "
+            f"can write to ({reason})"
+        ) from exc
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line, carrying the job fields a JobLogger attaches."""
 
@@ -90,8 +138,7 @@ def token_path(settings: Settings) -> Path:
             "CARWASH_API_TOKEN must be set when the database is PostgreSQL: processes on other "
             "hosts could not share a token generated here"
         )
-    database = Path(settings.database_url.removeprefix("sqlite+aiosqlite:///"))
-    return database.resolve().parent / TOKEN_FILE_NAME
+    return sqlite_path(settings).parent / TOKEN_FILE_NAME
 
 
 def ensure_api_token(settings: Settings) -> tuple[Settings, str | None]:
@@ -134,12 +181,28 @@ def _with_token(settings: Settings, token: str) -> Settings:
     return settings.model_copy(update={"api_token": SecretStr(token)})
 
 
-def create_app(settings: Settings, *, runtime: Runtime | None = None, role: Role = "all") -> Litestar:
+def with_api_token(settings: Settings) -> Settings:
+    """`settings` with an API token (ensure_api_token); one generated now is shown once."""
+    settings, generated = ensure_api_token(settings)
+    if generated is not None:
+        # Printed once, to the terminal, never logged: it is a credential.
+        print(
+            f"carwash-jobs: generated an API token, kept owner-only in {token_path(settings)}.\n"
+            f"Send it as 'Authorization: Bearer <token>':\n{generated}",
+            flush=True,
+        )
+    return settings
+
+
+def create_app(
+    settings: Settings, *, runtime: Runtime | None = None, role: Role = "all", migrate: bool = True
+) -> Litestar:
     """The Litestar application around a Runtime.
 
     Without `runtime`, each start of the app's lifespan builds a fresh Runtime (a stopped one
     cannot start again) and stops it gracefully at shutdown. A given runtime is started by the
-    lifespan unless it already runs, and stopped by whoever started it.
+    lifespan unless it already runs, and stopped by whoever started it. The lifespan's start
+    applies the migrations unless `migrate` is false (serve applied them before uvicorn ran).
     """
     from litestar import Litestar
     from litestar.datastructures import State
@@ -167,7 +230,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, role: Role
         rt = runtime if runtime is not None else build_runtime(settings, role=role, registry=registry)
         owned = not rt.started
         if owned:
-            await rt.start()
+            await rt.start(migrate=migrate)
         app.state[RUNTIME_KEY] = rt
         try:
             yield
@@ -211,21 +274,16 @@ def _version() -> str:
         return "0.0.0"
 
 
-async def serve_http(settings: Settings, *, role: Role, host: str, port: int) -> None:
+async def serve_http(runtime: Runtime, *, host: str, port: int) -> None:
     """Serve the API (role api) or the API with processor and scheduler (role all) with uvicorn
-    until SIGTERM or SIGINT; uvicorn then drains connections and the app's lifespan stops the
-    runtime, giving running jobs their grace period."""
+    until SIGTERM or SIGINT. The app's lifespan starts `runtime` (built, its settings holding the
+    API token, and its database migrated: `carwash-jobs serve` does that first, where a failure
+    is one line); at the end uvicorn drains connections and the lifespan stops the runtime,
+    giving running jobs their grace period."""
     import uvicorn
 
-    settings, generated = ensure_api_token(settings)
-    if generated is not None:
-        # Printed once, to the terminal, never logged: it is a credential.
-        print(
-            f"carwash-jobs: generated an API token, kept owner-only in {token_path(settings)}.\n"
-            f"Send it as 'Authorization: Bearer <token>':\n{generated}",
-            flush=True,
-        )
-    served = create_app(settings, role=role)
+    settings = runtime.settings
+    served = create_app(settings, runtime=runtime, migrate=False)
     served.on_startup.append(lambda _app: gc_tuning.settle_after_startup())  # after the runtime's
     served.on_startup.append(
         lambda _app: heap_trim.start_trimming(settings.heap_trim_interval_seconds)

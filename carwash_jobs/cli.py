@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Sequence
     from datetime import datetime
 
-    from carwash_jobs.runtime import Runtime
+    from carwash_jobs.runtime import Role, Runtime
 
 
 #: the (start, end) options of a time filter, in the commands that take one
@@ -145,26 +145,41 @@ def _print(value: Any) -> None:
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
+    app.prepare_directories(settings, args.role)
     if args.role == "worker":
-        return await _run_worker(settings)
-    await app.serve_http(settings, role=args.role, host=host, port=port)
+        return await _run_worker(await _ready_to_start(settings, "worker"))
+    settings = app.with_api_token(settings)
+    await app.serve_http(await _ready_to_start(settings, args.role), host=host, port=port)
     return 0
 
 
-async def _run_worker(settings: Settings) -> int:
+async def _ready_to_start(settings: Settings, role: Role) -> Runtime:
+    """The runtime `serve` starts, built and its database migrated before any server runs: the
+    task types, the cron schedules and the database are checked here, where a failure is one
+    line (main). Inside uvicorn's start-up each was a traceback of up to 145 lines."""
+    runtime = app.build_runtime(settings, role=role)
+    with _reaching_the_database():
+        await upgrade(settings.database_url)
+    return runtime
+
+
+async def _run_worker(runtime: Runtime) -> int:
     """Process jobs until SIGTERM or SIGINT, then stop gracefully."""
-    runtime = app.build_runtime(settings, role="worker")
+    settings = runtime.settings
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with runtime:
+    await runtime.start(migrate=False)  # _ready_to_start migrated
+    try:
         gc_tuning.settle_after_startup()
         heap_trim.start_trimming(settings.heap_trim_interval_seconds)
         logging.getLogger(__name__).info("worker %s processing", runtime.owner)
         await stop.wait()
         logging.getLogger(__name__).info("stopping: running jobs get %.0fs to finish",
                                          settings.shutdown_grace_seconds)
+    finally:
+        await runtime.stop()
     return 0
 
 
@@ -214,7 +229,14 @@ def _reaching_the_database() -> Iterator[None]:
     try:
         yield
     except (OSError, sa.exc.SQLAlchemyError) as exc:
-        raise StoreUnavailable(f"cannot reach the database: {exc}") from exc
+        raise StoreUnavailable(f"cannot reach the database: {_driver_reason(exc)}") from exc
+
+
+def _driver_reason(exc: Exception) -> str:
+    """The driver's own words: SQLAlchemy wraps them in its class name and a second line
+    pointing at its documentation."""
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else None
+    return (str(orig) if orig is not None else str(exc)).strip().split("\n", 1)[0]
 
 
 async def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
@@ -273,8 +295,10 @@ async def _jobs_retry_failed(settings: Settings, args: argparse.Namespace) -> in
 
 
 async def _demo_data(settings: Settings, args: argparse.Namespace) -> int:
-    _print(await app.demo_data(settings, tenants=args.tenants, customers=args.customers,
-                               employees=args.employees, transactions=args.transactions))
+    with _reaching_the_database():
+        made = await app.demo_data(settings, tenants=args.tenants, customers=args.customers,
+                                   employees=args.employees, transactions=args.transactions)
+    _print(made)
     return 0
 
 

@@ -39,3 +39,8 @@ class Metrics:
         self.by_status = Gauge(
             "carwash_queue_jobs", "Jobs in the database by status", ["status"], registry=r
         )
+        self.stats_up = Gauge(
+            "carwash_queue_stats_up",
+            "1 when the database answered this scrape's count of jobs by status "
+            "(carwash_queue_jobs), 0 when it did not and the counts are left out", registry=r,
+        )

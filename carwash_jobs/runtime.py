@@ -119,8 +119,20 @@ class Runtime:
                 self.scheduler.add_duty("vacuum", self._vacuum, settings.vacuum_interval_seconds)
 
     async def start(self, *, migrate: bool = True) -> None:
+        """Migrate (unless told not to), open the store and start the parts of this role. A
+        start that fails stops what it had started before it raises: a part left running (the
+        store's connection threads above all, which are no daemons) kept the process alive
+        after its start-up had failed, serving nothing."""
         if migrate:
             await upgrade(self.settings.database_url)
+        try:
+            await self._start_parts()
+        except BaseException:
+            await self._stop_after_failed_start()
+            raise
+        self.started = True
+
+    async def _start_parts(self) -> None:
         await self.store.open()
         await self.announce()
         self._announcer = asyncio.get_running_loop().create_task(
@@ -132,17 +144,27 @@ class Runtime:
             await self.queue.reload()
             await self.processor.start()
             await self.scheduler.start()
-        self.started = True
+
+    async def _stop_after_failed_start(self) -> None:
+        """stop() (each part's stop does nothing when that part never started), its own
+        failure logged: the caller must see why the start failed, not why the stop did."""
+        try:
+            await self.stop()
+        except Exception:
+            log.warning("stopping after a failed start failed too", exc_info=True)
 
     async def stop(self) -> None:
-        if self.scheduler is not None:
-            await self.scheduler.stop()
-        if self.processor is not None:
-            await self.processor.stop()
-        self.queue.close()
-        await self._retire()
-        await self.store.close()
-        self.started = False
+        try:
+            if self.scheduler is not None:
+                await self.scheduler.stop()
+            if self.processor is not None:
+                await self.processor.stop()
+            self.queue.close()
+            await self._retire()
+        finally:
+            # also when a part above failed to stop: an open store keeps the process alive
+            await self.store.close()
+            self.started = False
 
     async def __aenter__(self) -> Runtime:
         await self.start()
@@ -205,6 +227,7 @@ class Runtime:
         ]
         results = await self.store.apply_many(transitions)
         recovered = [r.job for r in results if not isinstance(r, Exception)]
+        self.queue.count_failed(recovered)  # a last attempt's: the dead process cannot count it
         log.warning("recovered %d jobs left running by dead processes %s", len(recovered), dead)
         for applied in results:  # on_failed, and on_cancelled of the dependents it cancelled
             if not isinstance(applied, Exception):

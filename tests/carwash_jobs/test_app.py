@@ -1,9 +1,10 @@
 """Tests for carwash_jobs/app.py: the API token kept beside the database, create_app's
-refusals, and the registry's defaults from the settings. (The app itself is tested through
-tests/endpoints/.)"""
+refusals, the registry's defaults from the settings, and the directories made at start-up.
+(The app itself is tested through tests/endpoints/.)"""
 
 from __future__ import annotations
 
+import mailbox
 import stat
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -15,6 +16,7 @@ from carwash_jobs.app import (
     build_registry,
     create_app,
     ensure_api_token,
+    prepare_directories,
     token_path,
 )
 from carwash_jobs.errors import ConfigurationError
@@ -22,6 +24,8 @@ from carwash_jobs.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from carwash_jobs.runtime import Role
 
 SAMPLE_TASKS = ["tests.endpoints.sample_tasks.echo"]
 
@@ -100,3 +104,55 @@ def test_the_registry_takes_attempts_and_timeout_defaults_from_the_settings(tmp_
     assert registry.defaults.max_attempts == 9
     assert registry.max_attempts(echo) == 3
     assert registry.timeout(echo) == timedelta(seconds=7.5)
+
+
+@pytest.mark.parametrize(("role", "smtp", "made"), [
+    ("all", "outbox", {"db", "files", "mail"}),
+    ("api", "outbox", {"db", "files"}),  # it sends no mail
+    ("worker", "outbox", {"db", "mail"}),  # it takes no uploads
+    ("worker", "smtp", {"db"}),
+])
+def test_start_up_makes_the_directories_its_role_writes_to(
+    tmp_path: Path, role: Role, smtp: str, made: set[str]
+) -> None:
+    smtp_url = f"outbox:{tmp_path / 'mail'}" if smtp == "outbox" else "smtp://mail.example:587"
+    settings = settings_in(tmp_path, files_dir=str(tmp_path / "files"), smtp_url=smtp_url)
+
+    prepare_directories(settings, role)
+
+    assert {p.name for p in tmp_path.iterdir()} == made
+    assert [p.name for p in (tmp_path / "db").iterdir()] == []  # the probe is gone
+    if "mail" in made:  # a Maildir, private, as the email task type's delivery makes one
+        assert sorted(p.name for p in (tmp_path / "mail").iterdir()) == ["cur", "new", "tmp"]
+        assert stat.S_IMODE((tmp_path / "mail").stat().st_mode) == 0o700
+
+
+def test_an_outbox_made_empty_beforehand_becomes_a_maildir_that_takes_mail(tmp_path: Path) -> None:
+    """mailbox.Maildir makes its tmp/, new/ and cur/ only with the outbox itself: in an outbox
+    that exists without them, every message failed."""
+    (tmp_path / "mail").mkdir()
+    settings = settings_in(tmp_path, smtp_url=f"outbox:{tmp_path / 'mail'}")
+
+    prepare_directories(settings, "worker")
+
+    mailbox.Maildir(tmp_path / "mail", create=False).add("Subject: hi\n\nbody\n")
+
+
+@pytest.mark.parametrize(("role", "setting"), [
+    ("all", "database_url"), ("api", "files_dir"), ("worker", "smtp_url"),
+])
+def test_a_directory_under_a_regular_file_is_refused_naming_its_setting(
+    tmp_path: Path, role: Role, setting: str
+) -> None:
+    """Under a regular file, because root (as tests often run) ignores permission bits."""
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("x", encoding="ascii")
+    usable = {"database_url": f"sqlite+aiosqlite:///{tmp_path / 'carwash.db'}",
+              "files_dir": str(tmp_path / "files"), "smtp_url": f"outbox:{tmp_path / 'mail'}"}
+    unusable = {"database_url": f"sqlite+aiosqlite:///{in_the_way / 'carwash.db'}",
+                "files_dir": str(in_the_way / "files"), "smtp_url": f"outbox:{in_the_way / 'mail'}"}
+    settings = load_settings(task_types=SAMPLE_TASKS, schedules_file="",
+                             **{**usable, setting: unusable[setting]})
+
+    with pytest.raises(ConfigurationError, match=rf"^CARWASH_{setting.upper()} / {setting}: "):
+        prepare_directories(settings, role)

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from carwash_jobs import lifecycle
 from carwash_jobs.cli import _utc_time, main
@@ -16,12 +21,21 @@ from carwash_jobs.lifecycle import AttemptOutcome, JobStatus
 from carwash_jobs.store.base import NewJob
 from carwash_jobs.store.migrations import current_revision, head_revision, upgrade
 from carwash_jobs.types import new_job_id
-from tests.carwash_jobs.support import OWNER, ManualClock, open_sqlite, sqlite_url
+from tests.carwash_jobs.support import (
+    OWNER,
+    POSTGRES_URL_ENV,
+    ManualClock,
+    open_sqlite,
+    postgres_url,
+    sqlite_url,
+)
 from tests.task_types.support import free_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = Path(sys.executable).parent / "carwash-jobs"
 
 FAILED_AT = datetime(2030, 1, 1, 8, 0, tzinfo=UTC)
 
@@ -229,3 +243,40 @@ def test_a_database_the_cli_cannot_reach_is_one_line_not_a_traceback(
         said = capsys.readouterr().err
         assert said.startswith("carwash-jobs: cannot reach the database: ")
         assert "Traceback" not in said
+
+
+def test_demo_data_with_a_database_it_cannot_reach_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """Through the console script, as an operator runs it: it printed a ConnectionRefusedError's
+    traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("CARWASH_")}
+    env |= {"PYTHONPATH": str(REPO), "CARWASH_LOG_LEVEL": "WARNING",
+            "CARWASH_DATABASE_URL": f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/x"}
+
+    done = subprocess.run([str(CLI), "demo-data"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=15, check=False)
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    (said,) = done.stderr.splitlines()
+    assert said.startswith("carwash-jobs: cannot reach the database: [Errno 111]")
+
+
+def test_a_server_that_refuses_the_login_is_one_line_in_the_drivers_words(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLAlchemy's message had its class name ahead and a second line pointing at its
+    documentation."""
+    server = os.environ.get(POSTGRES_URL_ENV)
+    if not server:
+        pytest.skip(f"{POSTGRES_URL_ENV} is not set")
+    nobody = make_url(postgres_url(server, "postgres")).set(username="no_such_role", password=None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CARWASH_LOG_LEVEL", "WARNING")
+    monkeypatch.setenv("CARWASH_DATABASE_URL", nobody.render_as_string(hide_password=False))
+
+    assert main(["db", "upgrade"]) == 1
+
+    (said,) = capsys.readouterr().err.splitlines()
+    assert said.startswith("carwash-jobs: cannot reach the database: ")
+    assert "no_such_role" in said  # the server's words: the role does not exist, or its login
+    assert "sqlalchemy" not in said.lower()

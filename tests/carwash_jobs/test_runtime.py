@@ -4,14 +4,18 @@ process left running (in-process; the SIGKILL/SIGTERM flows live in tests/accept
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import sqlite3
+import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
 
+from carwash_jobs.errors import StoreUnavailable
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.registry import TaskHooks
 from carwash_jobs.runtime import Runtime
@@ -108,6 +112,57 @@ async def test_the_api_role_writes_jobs_but_runs_none(db_url: str) -> None:
         assert (await runtime.store.get(job.id)).status == S.queued
 
 
+def drop_table(url: str, table: str) -> None:
+    """A migrated database without `table`: a real statement of the start fails on it."""
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite+aiosqlite:///"))) as conn:
+        conn.execute(f"DROP TABLE {table}")
+
+
+class SchedulerDown(Exception):
+    """The last part of a start failing, after every other part had started."""
+
+
+async def scheduler_down() -> None:
+    raise SchedulerDown
+
+
+@pytest.mark.parametrize("failing", ["announce", "scheduler"])
+async def test_a_start_that_fails_after_the_store_opened_stops_what_it_started(
+    db_url: str, failing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The announcement failing (as SQLite's lock held by another program made it fail) or the
+    last part failing (the processor, the announcer and the store running by then): the start
+    raises that error with nothing of the runtime left running. The store's connection
+    threads, left open, kept the process alive for good after its start-up had failed."""
+    threads_before = set(threading.enumerate())
+    runtime = Runtime(settings_for(db_url), registry_with())
+    expected: type[Exception] = sqlite3.OperationalError
+    if failing == "announce":
+        drop_table(db_url, "processes")
+    else:
+        assert runtime.scheduler is not None
+        monkeypatch.setattr(runtime.scheduler, "start", scheduler_down)
+        expected = SchedulerDown
+
+    with pytest.raises(expected):
+        await runtime.start()
+
+    assert not runtime.started
+    assert asyncio.all_tasks() == {asyncio.current_task()}  # the announcer, the processor's
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await runtime.store.ping()
+    for thread in set(threading.enumerate()) - threads_before:
+        if not thread.daemon and not thread.name.startswith("asyncio_"):  # those end with the loop
+            thread.join(timeout=5)
+            assert not thread.is_alive(), f"{thread.name} would keep the process alive"
+    if failing == "scheduler":  # it had announced itself: it takes that back
+        store = await open_sqlite(db_url)
+        try:
+            assert runtime.owner not in [p.owner for p in await store.live_processes()]
+        finally:
+            await store.close()
+
+
 async def test_each_runtime_has_its_own_owner_identity(db_url: str) -> None:
     first = Runtime(settings_for(db_url), registry_with())
     second = Runtime(settings_for(db_url), registry_with())
@@ -144,6 +199,8 @@ async def test_start_requeues_rows_left_running_by_a_dead_local_process(
         assert rows[orphan].attempt_history[0]["owner"] == dead
         assert (rows[orphan_last_try].status, outcomes(rows[orphan_last_try])) == (
             S.failed, ["worker_lost"])
+        assert runtime.metrics.registry.get_sample_value(
+            "carwash_jobs_failed_total", {"task_type": "noop"}) == 1
         assert rows[this_process].status == S.running  # maybe alive: its lease decides
         assert rows[other_host].status == S.running  # cannot tell from here
         assert rows[other_namespace].status == S.running

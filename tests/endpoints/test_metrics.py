@@ -5,28 +5,34 @@ run leave an OpenTelemetry span."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import logging
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import pytest
+from litestar.testing import AsyncTestClient
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from carwash_jobs.app import JsonLogFormatter
-from tests.endpoints.conftest import copy_template, idle, make_settings
+from carwash_jobs.app import JsonLogFormatter, create_app
+from carwash_jobs.store.postgres import dsn_of
+from endpoints import health
+from tests.carwash_jobs.support import postgres_database_from
+from tests.endpoints.conftest import copy_template, idle, in_app, make_settings
 from tests.endpoints.sample_tasks import MODULES
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from litestar import Litestar
-    from litestar.testing import AsyncTestClient
 
     from carwash_jobs.runtime import Runtime
     from carwash_jobs.settings import Settings
 
+STATS_UP = "carwash_queue_stats_up"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -107,6 +113,52 @@ async def test_the_depth_gauges_are_set_at_scrape_time(
     assert value(samples, "carwash_queue_jobs", status="queued") == 0
     assert ("carwash_queue_in_memory", ()) in samples
     assert value(samples, "carwash_jobs_running") == 0
+
+
+async def test_metrics_answer_with_the_local_series_while_the_database_fails(
+    client: AsyncTestClient[Litestar], runtime: Runtime
+) -> None:
+    """/metrics was a 500 while the database was down, and Prometheus lost every series of the
+    process during the outage. Its counts are left out then, and carwash_queue_stats_up says so."""
+    await enqueue(client, "echo", {"message": "before the outage"})
+    idle(client, runtime)
+    assert value(await scrape(client), "carwash_queue_stats_up") == 1
+
+    in_app(client, runtime.store.close)  # the store answers nothing from here on
+    samples = await scrape(client)
+
+    assert (STATS_UP, ()) in samples
+    assert value(samples, STATS_UP) == 0
+    assert value(samples, "carwash_jobs_enqueued_total", task_type="echo") == 1
+    assert value(samples, "carwash_jobs_completed_total", task_type="echo") == 1
+    assert value(samples, "carwash_job_duration_seconds_count", task_type="echo") == 1
+    assert ("carwash_queue_in_memory", ()) in samples
+    assert not [name for name, _ in samples if name == "carwash_queue_jobs"]  # not stale values
+
+
+async def test_metrics_answer_within_their_timeout_while_the_database_hangs(
+    tmp_path: Path, postgres_template: tuple[str, str] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The counts' table locked by another session: their query waits for it, and the scrape
+    waited as long (a scraper gives up after its own timeout, and the series are lost)."""
+    monkeypatch.setattr(health, "STATS_TIMEOUT_SECONDS", 0.2)
+    async with postgres_database_from(postgres_template, "t") as url:
+        app = create_app(make_settings(tmp_path, database_url=url))
+        async with AsyncTestClient(app) as client:
+            locker = await asyncpg.connect(dsn_of(url))
+            try:
+                async with locker.transaction():
+                    await locker.execute("LOCK TABLE job_counts IN ACCESS EXCLUSIVE MODE")
+                    async with asyncio.timeout(10):  # a hang fails the test, not the run
+                        samples = await scrape(client)
+                assert value(await scrape(client), STATS_UP) == 1  # the lock released
+            finally:
+                await locker.close()
+
+    assert (STATS_UP, ()) in samples
+    assert value(samples, STATS_UP) == 0
+    assert ("carwash_queue_in_memory", ()) in samples
+    assert not [name for name, _ in samples if name == "carwash_queue_jobs"]
 
 
 async def test_json_log_lines_of_a_run_carry_job_id_task_type_and_attempt(

@@ -3,9 +3,12 @@ real HTTP (uvicorn), a job polled from 202 to completed, and a graceful stop on 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -18,6 +21,7 @@ import httpx
 import pytest
 
 from carwash_jobs import heap_trim
+from carwash_jobs.store.migrations import upgrade
 from tests.endpoints.sample_tasks import MODULES
 from tests.task_types.support import free_port
 
@@ -51,20 +55,30 @@ class Server:
         return stdout, stderr
 
 
-def start(directory: Path, *args: str, token: str | None = None) -> Server:
+def configure(directory: Path, token: str | None = None, **settings: object) -> dict[str, str]:
+    """A config file in `directory` (an SQLite file and the uploads under data/, the sample
+    task types, `settings` on top) and an environment that reads it, and no CARWASH_* variable
+    of the developer's."""
     directory.mkdir(exist_ok=True)
+    values: dict[str, object] = {
+        "database_url": f"sqlite+aiosqlite:///{directory / 'data' / 'carwash.db'}",
+        "task_types": MODULES,
+        "files_dir": str(directory / "data" / "files"),
+        "schedules_file": "", "sqlite_synchronous": "NORMAL", "max_upload_bytes": 65536,
+        **settings,
+    }
     config = directory / "carwash.toml"
-    config.write_text(
-        f'database_url = "sqlite+aiosqlite:///{directory / "data" / "carwash.db"}"\n'
-        f"task_types = {json.dumps(MODULES)}\n"
-        f'files_dir = "{directory / "data" / "files"}"\n'
-        'schedules_file = ""\nsqlite_synchronous = "NORMAL"\nmax_upload_bytes = 65536\n',
-        encoding="utf-8",
-    )
+    config.write_text("".join(f"{name} = {json.dumps(value)}\n" for name, value in values.items()),
+                      encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("CARWASH_")}
     env |= {"CARWASH_CONFIG": str(config), "PYTHONPATH": str(REPO)}
     if token is not None:
         env["CARWASH_API_TOKEN"] = token
+    return env
+
+
+def start(directory: Path, *args: str, token: str | None = None) -> Server:
+    env = configure(directory, token)
     port = free_port()
     process = subprocess.Popen(
         [str(CLI), "serve", "--host", "127.0.0.1", "--port", str(port), *args],
@@ -197,3 +211,96 @@ def test_serve_with_a_configured_token_writes_no_token_file(tmp_path: Path) -> N
     finally:
         stdout, stderr = server.stop()
     assert "from-the-environment" not in stdout + stderr
+
+
+# -- start-ups that fail ---------------------------------------------------------------------
+#: how long a process whose start-up failed may take to exit: it starts Python and the app
+#: first, on a test machine of two shared cores
+EXIT_TIMEOUT = 15.0
+
+
+def run_cli(directory: Path, *argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`carwash-jobs argv` in `directory`, to its end (killed, and TimeoutExpired, past
+    EXIT_TIMEOUT)."""
+    return subprocess.run([str(CLI), *argv], cwd=directory, env=env, capture_output=True,
+                          text=True, timeout=EXIT_TIMEOUT, check=False)
+
+
+@pytest.mark.parametrize("role", ["all", "worker"])
+def test_serve_exits_when_its_start_fails_after_the_store_opened(tmp_path: Path, role: str) -> None:
+    """The process announcing itself fails, as it did when another program held SQLite's write
+    lock for a few seconds after the migrations (here its table is gone, which fails the same
+    statement every time): the process exits with an error. It stayed alive for good, serving
+    nothing (the store's connection threads were left open), and systemd saw an active unit."""
+    database = tmp_path / "data" / "carwash.db"
+    asyncio.run(upgrade(f"sqlite+aiosqlite:///{database}"))
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        conn.execute("DROP TABLE processes")
+    env = configure(tmp_path, token="t", log_level="WARNING")
+
+    done = run_cli(tmp_path, "serve", "--role", role, "--port", str(free_port()), env=env)
+
+    assert done.returncode != 0
+    assert "no such table: processes" in done.stderr
+
+
+def refusal(directory: Path, *argv: str, token: str | None = None, **settings: object) -> str:
+    """What `carwash-jobs argv` says as it refuses to start: it exits 1 with one line on stderr,
+    no traceback."""
+    done = run_cli(directory, *argv, env=configure(directory, token, log_level="WARNING", **settings))
+    assert "Traceback" not in done.stderr
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("carwash-jobs: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("role", ["all", "worker"])
+def test_serve_with_a_database_it_cannot_reach_says_so_in_one_line(tmp_path: Path, role: str) -> None:
+    """It was an ExceptionGroup of 145 lines from inside uvicorn (exit 3), or a
+    ConnectionRefusedError's traceback for the worker role."""
+    nobody = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/carwash"
+
+    said = refusal(tmp_path, "serve", "--role", role, token="t", database_url=nobody)
+
+    assert said.startswith("carwash-jobs: cannot reach the database: ")
+
+
+@pytest.mark.parametrize("role", ["all", "worker"])
+def test_serve_with_a_bad_cron_expression_says_so_in_one_line(tmp_path: Path, role: str) -> None:
+    """Role all printed 76 lines from inside uvicorn (exit 3); role worker already said it in one."""
+    tmp_path.joinpath("schedules.toml").write_text(
+        '[[schedules]]\nname = "nightly"\ntask_type = "echo"\ncron = "61 * * * *"\n'
+        'payload = { message = "m" }\n', encoding="utf-8",
+    )
+
+    said = refusal(tmp_path, "serve", "--role", role, schedules_file="schedules.toml")
+
+    assert said.startswith("carwash-jobs: schedules.toml: schedule 'nightly': cron: '61 * * * *'")
+
+
+@pytest.mark.parametrize(("role", "setting", "at"), [
+    ("all", "database_url", "data/carwash.db"),
+    ("worker", "database_url", "data/carwash.db"),
+    ("all", "files_dir", "files"),  # uploads: each was a 500
+    ("api", "files_dir", "files"),
+    ("all", "smtp_url", "outbox"),  # mail: each email job retried until it failed
+    ("worker", "smtp_url", "outbox"),
+])
+def test_serve_refuses_a_directory_it_cannot_write_to_in_one_line(
+    tmp_path: Path, role: str, setting: str, at: str
+) -> None:
+    """A path under a regular file (root ignores permission bits, not that). Of the database,
+    it was a FileExistsError's traceback; of the uploads and the outbox, a start that looked
+    fine, /health 200, and then the failures."""
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a directory\n", encoding="utf-8")
+    path = in_the_way / at
+    value = {"database_url": f"sqlite+aiosqlite:///{path}", "files_dir": str(path),
+             "smtp_url": f"outbox:{path}"}[setting]
+
+    said = refusal(tmp_path, "serve", "--role", role, **{setting: value})
+
+    assert said.startswith(f"carwash-jobs: CARWASH_{setting.upper()} / {setting}: ")
+    assert "must be a directory this process can write to" in said
