@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -27,8 +28,10 @@ from pydantic_settings import (
 
 from carwash_jobs.errors import ConfigurationError
 from carwash_jobs.heap_trim import TRIM_INTERVAL_SECONDS
+from carwash_jobs.types import MAX_DELAY_SECONDS
 
 if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
     from pydantic_core import ErrorDetails
 
 ENV_PREFIX = "CARWASH_"
@@ -36,10 +39,32 @@ ENV_PREFIX = "CARWASH_"
 CONFIG_ENV_VAR = "CARWASH_CONFIG"
 #: Relative to the working directory at load time, so `carwash-jobs serve` in a checkout finds it.
 CONFIG_FILE_DEFAULT = Path("config/carwash.toml")
+#: CARWASH_* variables that name no setting but are read on purpose.
+NOT_SETTINGS = frozenset({CONFIG_ENV_VAR})
+#: Reserved for the test suite, the benchmarks and .ci/run (CARWASH_TEST_POSTGRES_URL,
+#: CARWASH_TEST_RECORD_FILE, CARWASH_TEST_LONG_CAP_SECONDS), which also pass them to the
+#: `carwash-jobs serve` processes they start.
+TEST_ENV_PREFIX = "CARWASH_TEST_"
+#: How alike a misspelt variable and a setting must be for the message to suggest the setting.
+SUGGESTION_CUTOFF = 0.7
 
 DATABASE_SCHEMES = ("sqlite+aiosqlite://", "postgresql+asyncpg://")
 SMTP_SCHEMES = ("smtp", "smtps")
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+# Bounds of the numeric settings. Each float setting also refuses inf and nan: an absurd value
+# (a misplaced exponent) otherwise starts the service and crashes it later, far from the
+# setting, with an OverflowError in datetime arithmetic or a scheduler's interval.
+#: the shortest interval or timeout: a loop that waits less than this is a busy loop
+SHORTEST_INTERVAL_SECONDS = 0.01
+#: the longest interval of a periodic duty (reload, heartbeat, prune, heap trim, vacuum) and
+#: the longest shutdown grace; beyond it the duty is as good as never done
+ONE_DAY_SECONDS = 86_400
+#: the longest lease or handler timeout: ten years, as for a job's delay; far beyond it
+#: `now + lease` is past the year 9999, where datetime arithmetic overflows
+LONGEST_DURATION_SECONDS = MAX_DELAY_SECONDS
+#: the longest retention, a century; far beyond it `now - retention` is before the year 1
+LONGEST_RETENTION_DAYS = 36_500
 
 
 def env_name(field_name: str) -> str:
@@ -113,12 +138,16 @@ class Settings(BaseSettings):
         default=None,
         description="Where POS transactions are read from; None means the main database.",
     )
-    concurrency: int = Field(default=10, ge=1, description="Jobs run at once per process.")
+    concurrency: int = Field(
+        default=10, ge=1, le=10_000, description="Jobs run at once per process, 1 to 10,000."
+    )
     email_rate_per_minute: int = Field(
-        default=600, ge=1, description="Messages per minute across the fleet, so no spam flags."
+        default=600, ge=1, le=1_000_000,
+        description="Messages per minute across the fleet, so no spam flags; 1 to 1,000,000.",
     )
     max_upload_bytes: int = Field(
-        default=10_000_000, ge=1, description="Largest request body or uploaded file accepted."
+        default=10_000_000, ge=1, le=10**12,
+        description="Largest request body or uploaded file accepted, up to 1 TB.",
     )
     task_types: list[str] = Field(
         default=[
@@ -138,55 +167,71 @@ class Settings(BaseSettings):
         description="Queue name -> weight (weighted mode) or rank (priority mode); all > 0.",
     )
     reload_interval_seconds: float = Field(
-        default=2.0, gt=0, description="How often the scheduler reloads due rows from the database."
+        default=2.0, ge=SHORTEST_INTERVAL_SECONDS, le=ONE_DAY_SECONDS, allow_inf_nan=False,
+        description="How often the scheduler reloads due rows from the database, 0.01 s to a day.",
     )
     lease_seconds: float = Field(
-        default=60.0, gt=0, description="How long a claim holds a job before others may take it."
+        default=60.0, ge=SHORTEST_INTERVAL_SECONDS, le=LONGEST_DURATION_SECONDS,
+        allow_inf_nan=False,
+        description="How long a claim holds a job before others may take it, up to ten years.",
     )
     heartbeat_interval_seconds: float = Field(
-        default=15.0, gt=0, description="How often a running job's lease is renewed; < lease."
+        default=15.0, ge=SHORTEST_INTERVAL_SECONDS, le=ONE_DAY_SECONDS, allow_inf_nan=False,
+        description="How often a running job's lease is renewed, 0.01 s to a day; < lease.",
     )
     shutdown_grace_seconds: float = Field(
-        default=30.0, ge=0, description="How long shutdown waits for running jobs to finish."
+        default=30.0, ge=0, le=ONE_DAY_SECONDS, allow_inf_nan=False,
+        description="How long shutdown waits for running jobs to finish, 0 to a day.",
     )
     default_max_attempts: int = Field(
-        default=5, ge=1, description="Attempts of a job whose task type and request set none."
+        # the API's max_attempts allows as many (endpoints/schemas.py)
+        default=5, ge=1, le=1_000,
+        description="Attempts of a job whose task type and request set none, 1 to 1,000.",
     )
     default_timeout_seconds: float = Field(
-        default=1800.0, gt=0, description="Longest a handler may run when its task type sets none."
+        default=1800.0, ge=SHORTEST_INTERVAL_SECONDS, le=LONGEST_DURATION_SECONDS,
+        allow_inf_nan=False,
+        description="Longest a handler may run when its task type sets none, up to ten years.",
     )
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         default="FULL",
         description="FULL survives a power cut after the acknowledgement; NORMAL may lose the last.",
     )
     sqlite_busy_timeout_ms: int = Field(
-        default=5000, ge=0, description="How long SQLite waits for a lock held by another process."
+        # SQLite reads a busy timeout above 2**31 - 1 ms (24.8 days) as 0: no wait at all
+        default=5000, ge=0, le=ONE_DAY_SECONDS * 1000,
+        description="How long SQLite waits for a lock held by another process, up to a day.",
     )
-    write_batch_max: int = Field(default=500, ge=1, description="Most writes one group commit carries.")
+    write_batch_max: int = Field(
+        default=500, ge=1, le=100_000, description="Most writes one group commit carries."
+    )
     database_pool_size: int = Field(
-        default=10, ge=1,
-        description="PostgreSQL connections per process (plus one for LISTEN); SQLite ignores it.",
+        default=10, ge=1, le=1_000,
+        description="PostgreSQL connections per process (plus one for LISTEN), 1 to 1,000; "
+        "SQLite ignores it.",
     )
     files_dir: str = Field(default="./files", min_length=1, description="Where uploaded files are kept.")
     retention_completed_days: float = Field(
-        default=7.0, gt=0,
+        default=7.0, gt=0, le=LONGEST_RETENTION_DAYS, allow_inf_nan=False,
         description="Completed and cancelled jobs (with their events and files) are pruned this many "
-        "days after they finished.",
+        "days after they finished, up to 36,500.",
     )
     retention_failed_days: float = Field(
-        default=30.0, gt=0,
-        description="Failed jobs are kept this long after they finished, for inspection and retry.",
+        default=30.0, gt=0, le=LONGEST_RETENTION_DAYS, allow_inf_nan=False,
+        description="Failed jobs are kept this many days after they finished, for inspection and "
+        "retry, up to 36,500.",
     )
     prune_interval_seconds: float = Field(
-        default=300.0, gt=0, description="How often the scheduler prunes jobs past their retention."
+        default=300.0, ge=SHORTEST_INTERVAL_SECONDS, le=ONE_DAY_SECONDS, allow_inf_nan=False,
+        description="How often the scheduler prunes jobs past their retention, 0.01 s to a day.",
     )
     heap_trim_interval_seconds: float = Field(
-        default=TRIM_INTERVAL_SECONDS, ge=0, le=86_400,
+        default=TRIM_INTERVAL_SECONDS, ge=0, le=ONE_DAY_SECONDS, allow_inf_nan=False,
         description="How often a served process hands memory it freed back to the system "
         "(glibc's malloc_trim), 1 to 86400 seconds; 0 turns it off.",
     )
     vacuum_interval_seconds: float = Field(
-        default=30.0, ge=0, le=86_400,
+        default=30.0, ge=0, le=ONE_DAY_SECONDS, allow_inf_nan=False,
         description="How often the scheduler vacuums the queue's tables on a PostgreSQL server "
         "whose autovacuum is off, 1 to 86400 seconds; 0 turns it off. With autovacuum on it "
         "leaves them to the server.",
@@ -220,11 +265,11 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file is looked up at every construction, not at import time, so tests and
-        # `chdir` see the file of the moment. Earlier sources win.
+        # `chdir` see the file of the moment. Earlier sources win, each value whole.
         return (
             init_settings,
-            env_settings,
-            TomlConfigSettingsSource(settings_cls, toml_file=config_path()),
+            _UnlessSetAbove(env_settings),
+            _UnlessSetAbove(TomlConfigSettingsSource(settings_cls, toml_file=config_path())),
         )
 
     @property
@@ -318,6 +363,28 @@ class Settings(BaseSettings):
         return self
 
 
+class _UnlessSetAbove(PydanticBaseSettingsSource):
+    """A source's values of the settings that no earlier (stronger) source sets.
+
+    pydantic-settings merges a table key by key into the stronger source's, so the file's
+    `[queues]` kept its other queues under `CARWASH_QUEUES`: a queue could not be removed
+    through the environment, which is meant to override the file.
+    """
+
+    def __init__(self, source: PydanticBaseSettingsSource) -> None:
+        super().__init__(source.settings_cls)
+        self._source = source
+        # pydantic-settings names a source's values by this in its debug log
+        self.__name__ = type(source).__name__
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        set_above = self.current_state
+        return {name: value for name, value in self._source().items() if name not in set_above}
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build the Settings for this process, failing with a message an operator can act on.
 
@@ -326,13 +393,13 @@ def load_settings(**overrides: Any) -> Settings:
     came from; pydantic's own error is kept as the cause.
     """
     path = config_path()
+    _refuse_unknown_environment_variables()
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         origins = _Origins(path, overrides)
         lines = [_describe(error, origins) for error in exc.errors(include_url=False)]
-        message = lines[0] if len(lines) == 1 else "invalid settings:\n  " + "\n  ".join(lines)
-        raise ConfigurationError(message) from exc
+        raise ConfigurationError(_one_message(lines)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"{path} is not valid TOML: {exc}") from exc
     except OSError as exc:
@@ -345,6 +412,42 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigurationError(
             f"{name}{exc}{cause} (lists and tables in environment variables are written as JSON)"
         ) from exc
+
+
+def _refuse_unknown_environment_variables() -> None:
+    """extra="forbid" refuses an unknown key in the file only: pydantic-settings reads just the
+    variables that name a setting, so a misspelt one ran the service on the default."""
+    unknown = [name for name in sorted(os.environ) if _is_unknown_variable(name)]
+    if unknown:
+        raise ConfigurationError(_one_message([_describe_unknown_variable(name) for name in unknown]))
+
+
+def _is_unknown_variable(name: str) -> bool:
+    # upper(): pydantic-settings reads the variables whatever their case
+    upper = name.upper()
+    return (
+        upper.startswith(ENV_PREFIX)
+        and upper not in _known_variables()
+        and not upper.startswith(TEST_ENV_PREFIX)
+    )
+
+
+def _known_variables() -> list[str]:
+    """Sorted, so that of two settings alike a misspelling suggests the same one every time."""
+    return sorted(NOT_SETTINGS | {env_name(field_name) for field_name in Settings.model_fields})
+
+
+def _describe_unknown_variable(name: str) -> str:
+    closest = difflib.get_close_matches(name.upper(), _known_variables(), n=1, cutoff=SUGGESTION_CUTOFF)
+    suggestion = f"; did you mean {closest[0]}?" if closest else ""
+    return (
+        f"unknown setting {name} (set in the environment{suggestion}); "
+        "see config/carwash.toml for the list"
+    )
+
+
+def _one_message(lines: list[str]) -> str:
+    return lines[0] if len(lines) == 1 else "invalid settings:\n  " + "\n  ".join(lines)
 
 
 class _Origins:

@@ -135,7 +135,7 @@ def test_invalid_value_in_config_file_says_where_it_was_set(tmp_path: Path) -> N
     with pytest.raises(
         ConfigurationError,
         match=r"CARWASH_LEASE_SECONDS / lease_seconds: "
-        r"Input should be greater than 0 \(in config/carwash\.toml\)",
+        r"Input should be greater than or equal to 0\.01 \(in config/carwash\.toml\)",
     ):
         load_settings()
 
@@ -342,3 +342,176 @@ def test_the_vacuum_interval_is_zero_for_off_or_one_second_to_a_day() -> None:
     for refused in (-1, 0.5, 86_401, float("inf"), float("nan")):
         with pytest.raises(ConfigurationError, match="vacuum_interval_seconds"):
             load_settings(vacuum_interval_seconds=refused)
+
+
+NUMERIC_SETTINGS = [
+    name for name, field in Settings.model_fields.items() if field.annotation in (int, float)
+]
+FLOAT_SETTINGS = [name for name in NUMERIC_SETTINGS if Settings.model_fields[name].annotation is float]
+
+
+@pytest.mark.parametrize("name", NUMERIC_SETTINGS)
+def test_every_numeric_setting_has_a_least_and_a_greatest_value(name: str) -> None:
+    """A setting without a maximum took 1e12 or a misplaced exponent and crashed later, far
+    from the setting (an OverflowError in timedelta, an interval no scheduler can reach)."""
+    kinds = {type(constraint).__name__ for constraint in Settings.model_fields[name].metadata}
+
+    assert kinds & {"Ge", "Gt"}
+    assert kinds & {"Le", "Lt"}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        # no float setting takes inf or nan
+        *((name, value) for name in FLOAT_SETTINGS for value in ("inf", "-inf", "nan")),
+        # each of these crashed or hung `carwash-jobs serve` (or `jobs list`) before
+        ("shutdown_grace_seconds", "86401"),
+        ("shutdown_grace_seconds", "-1"),
+        ("retention_failed_days", "1e10"),
+        ("retention_failed_days", "36501"),
+        ("retention_completed_days", "36501"),
+        ("retention_completed_days", "0"),
+        ("reload_interval_seconds", "1e12"),
+        ("reload_interval_seconds", "0.001"),
+        ("lease_seconds", "1e12"),
+        ("prune_interval_seconds", "1e12"),
+        ("prune_interval_seconds", "0"),
+        ("default_timeout_seconds", "1e300"),
+        ("default_timeout_seconds", "0.001"),
+        ("heartbeat_interval_seconds", "1e-9"),
+        ("heartbeat_interval_seconds", "86401"),
+        ("heap_trim_interval_seconds", "86401"),
+        ("vacuum_interval_seconds", "86401"),
+        ("concurrency", "10001"),
+        ("email_rate_per_minute", "1000001"),
+        ("max_upload_bytes", "1000000000001"),
+        ("default_max_attempts", "1001"),
+        ("sqlite_busy_timeout_ms", "2147483648"),
+        ("sqlite_busy_timeout_ms", "-1"),
+        ("write_batch_max", "100001"),
+        ("database_pool_size", "1001"),
+        ("port", "65536"),
+    ],
+)
+def test_out_of_range_value_is_refused_naming_the_setting(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(env_name(name), value)
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert caught.value.message.startswith(f"{env_name(name)} / {name}: ")
+    assert caught.value.message.endswith(f"(set by {env_name(name)})")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"shutdown_grace_seconds": 0.0},
+        {"shutdown_grace_seconds": 86_400.0},
+        {"retention_completed_days": 36_500.0, "retention_failed_days": 36_500.0},
+        {"reload_interval_seconds": 0.01, "prune_interval_seconds": 0.01},
+        {"reload_interval_seconds": 86_400.0, "prune_interval_seconds": 86_400.0},
+        {"heartbeat_interval_seconds": 0.01, "lease_seconds": 0.02},
+        {"heartbeat_interval_seconds": 86_400.0, "lease_seconds": 10 * 365 * 86_400.0},
+        {"default_timeout_seconds": 0.01},
+        {"default_timeout_seconds": 10 * 365 * 86_400.0},
+        {"concurrency": 10_000, "database_pool_size": 1_000, "write_batch_max": 100_000},
+        {"email_rate_per_minute": 1_000_000, "max_upload_bytes": 10**12},
+        {"default_max_attempts": 1_000, "sqlite_busy_timeout_ms": 86_400_000},
+    ],
+)
+def test_values_at_the_bounds_are_accepted(values: dict[str, float]) -> None:
+    settings = load_settings(**values)
+
+    assert {name: getattr(settings, name) for name in values} == values
+
+
+@pytest.mark.parametrize(
+    ("variable", "suggestion"),
+    [
+        ("CARWASH_CONCURENCY", "CARWASH_CONCURRENCY"),
+        ("CARWASH_SHUTDOWN_GRACE", "CARWASH_SHUTDOWN_GRACE_SECONDS"),
+        ("carwash_concurency", "CARWASH_CONCURRENCY"),  # pydantic-settings reads any case
+        ("CARWASH_CONFIG_FILE", "CARWASH_CONFIG"),
+    ],
+)
+def test_misspelt_environment_variable_fails_naming_it_and_the_setting_meant(
+    variable: str, suggestion: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, "30")
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert caught.value.message == (
+        f"unknown setting {variable} (set in the environment; did you mean {suggestion}?); "
+        "see config/carwash.toml for the list"
+    )
+
+
+def test_unknown_environment_variable_without_a_close_setting_fails_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CARWASH_XYZZY", "1")
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert caught.value.message == (
+        "unknown setting CARWASH_XYZZY (set in the environment); see config/carwash.toml for the list"
+    )
+
+
+def test_every_unknown_environment_variable_is_reported_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CARWASH_CONCURENCY", "30")
+    monkeypatch.setenv("CARWASH_SHUTDOWN_GRACE", "120")
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert caught.value.message.startswith("invalid settings:\n")
+    assert "unknown setting CARWASH_CONCURENCY" in caught.value.message
+    assert "unknown setting CARWASH_SHUTDOWN_GRACE " in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "CARWASH_CONFIG",
+        # read by the test suite, the benchmarks and .ci/run, in the environment of the
+        # `carwash-jobs serve` processes they start too
+        "CARWASH_TEST_POSTGRES_URL",
+        "CARWASH_TEST_RECORD_FILE",
+        "CARWASH_TEST_LONG_CAP_SECONDS",
+    ],
+)
+def test_environment_variables_that_are_not_settings_on_purpose_are_allowed(
+    variable: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_config(tmp_path, "concurrency = 3\n")
+    monkeypatch.setenv(variable, str(tmp_path / "config" / "carwash.toml"))
+
+    assert load_settings().concurrency == 3
+
+
+def test_a_table_in_the_environment_replaces_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_config(tmp_path, "[queues]\ndefault = 5\nfast = 50\n")
+    monkeypatch.setenv("CARWASH_QUEUES", '{"default": 1}')
+
+    assert load_settings().queues == {"default": 1}
+
+
+def test_a_table_passed_to_load_settings_replaces_the_environments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_config(tmp_path, "[queues]\ndefault = 5\nfast = 50\n")
+    monkeypatch.setenv("CARWASH_QUEUES", '{"default": 1, "reports": 2}')
+
+    assert load_settings(queues={"default": 3}).queues == {"default": 3}
