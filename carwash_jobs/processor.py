@@ -201,8 +201,9 @@ class QueueProcessor:
         grace = self._config.shutdown_grace.total_seconds()
         loop = asyncio.get_running_loop()
         # the jobs running get the grace from here, whatever else stop() waits for meanwhile
-        await self._stop_claiming(deadline=loop.time() + grace)
-        await self._stop_running(deadline=loop.time() + grace)
+        deadline = loop.time() + grace
+        await self._stop_claiming(deadline)
+        await self._stop_running(deadline)
         deadline = loop.time() + grace  # the second grace: for the outcomes being written
         leftover = [r.task for r in self._running.values() if r.task is not None]
         if leftover:  # the releases of those just stopped, and the records in flight
@@ -623,7 +624,13 @@ class QueueProcessor:
         if self._metrics is not None:
             self._metrics.completed.labels(job.task_type).inc()
         if self._registry.hook(job.task_type, JobStatus.completed) is not None:
-            await self._registry.run_hook(await self._store.get(job.id))
+            try:
+                row = await self._store.get(job.id)
+            except Exception as exc:  # the completion is committed: no retry may write it again
+                log.warning("job %s: on_completed not run, reading the completed job failed: %s",
+                            job.id, _describe(exc))
+                return
+            await self._registry.run_hook(row)
 
     async def _hook_if_cancelled_here(self, job: JobRow, state: AttemptState) -> None:
         """The attempt ended without a record of its own. If that is because the job was

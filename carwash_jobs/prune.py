@@ -69,9 +69,6 @@ class Pruner:
             await asyncio.to_thread(self._remove_files, batch.jobs)
             if not self._full(batch):
                 break
-            # a turn of the event loop for the service's other work (and a stop) before the next
-            # batch, whatever the store and the file removal did or did not wait for
-            await asyncio.sleep(0)
         if jobs or fires:
             log.info("pruned %d finished jobs and %d cron fires past their retention", jobs, fires)
         return jobs

@@ -328,7 +328,9 @@ class JobQueue:
         if isinstance(tx, _QueueTx):  # counted and offered once the transaction commits
             tx.inserted.extend(created)
             return results
-        self.count_enqueued(created)  # a store Tx of the caller's own: no commit to wait for
+        # a store Tx of the caller's own (ctx.transaction's): its commit is not seen here, so
+        # its jobs count now, even if it rolls back afterwards
+        self.count_enqueued(created)
         if tx is None:
             self.offer(created)
             await self._hooks_of_born_cancelled(created)
@@ -538,8 +540,13 @@ class JobQueue:
                 loaded += 1
         return loaded
 
+    @property
+    def in_memory(self) -> int:
+        """Job ids this process holds ready to run."""
+        return len(self.ready) if self.ready else 0
+
     async def stats(self) -> QueueStats:
-        return QueueStats(len(self.ready) if self.ready else 0, await self.store.stats())
+        return QueueStats(self.in_memory, await self.store.stats())
 
 
 class _QueueTx:

@@ -38,6 +38,9 @@ Role = Literal["all", "api", "worker"]
 
 log = logging.getLogger(__name__)
 
+#: how long a stop waits to take this process out of the fleet's list (else it expires there)
+RETIRE_TIMEOUT_SECONDS = 5.0
+
 
 async def vacuum_duty(store: JobStore, interval_seconds: float) -> bool:
     """A worker's vacuum every `interval_seconds`, as its scheduler runs it (and the benchmarks'
@@ -205,7 +208,10 @@ class Runtime:
             await self._announcer
         self._announcer = None
         try:
-            await self.store.retire_process(self.owner)
+            # bounded: on SQLite this write waits behind a caller's transaction that hangs,
+            # which the processor's stop has already given up on
+            async with asyncio.timeout(RETIRE_TIMEOUT_SECONDS):
+                await self.store.retire_process(self.owner)
         except Exception:
             log.warning("could not remove process %s from the fleet; it expires by itself",
                         self.owner, exc_info=True)

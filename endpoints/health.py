@@ -51,7 +51,7 @@ async def _metrics(
     database that fails or hangs leaves its counts out of the scrape, and the series of this
     process in: /metrics was a 500 during an outage, and Prometheus lost every series just when
     they mattered."""
-    metrics.in_memory.set(0 if job_queue.ready is None else len(job_queue.ready))
+    metrics.in_memory.set(job_queue.in_memory)
     metrics.stats_up.set(1 if await _count_jobs_by_status(job_store, metrics) else 0)
     # the type as a header, not as media_type: Litestar appends "; charset=utf-8" to every
     # text/* media type, and this one already ends with it (the header said charset twice)

@@ -18,7 +18,15 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from carwash_jobs.errors import InvalidPayload
 from carwash_jobs.lifecycle import JobStatus
-from carwash_jobs.store.base import MAX_PAGE, FailedFilter, JobFilter, as_utc, id_time, time_range_problem
+from carwash_jobs.store.base import (
+    MAX_PAGE,
+    NOT_A_CURSOR,
+    FailedFilter,
+    JobFilter,
+    as_utc,
+    id_time,
+    time_range_problem,
+)
 from carwash_jobs.types import JOB_ID_PATTERN, JobId
 from endpoints.deps import QueueDep, StoreDep
 from endpoints.errors import ConflictException, field_error
@@ -35,8 +43,6 @@ from endpoints.schemas import (
 #: a page's next_cursor is the id of its last job (32 hex digits, see types.new_job_id): any
 #: other text is refused, not read as a position (an id compared as text would restart the list)
 CURSOR_PATTERN = JOB_ID_PATTERN
-#: the 400 for a cursor that no job id can be (the store's own words for it, store.base.id_time)
-NOT_A_CURSOR = "not a cursor this list gave out"
 #: the list's query parameters: each takes one value (a repeat was read as its last value)
 LIST_PARAMS = ("status", "task_type", "tag", "queue", "created_after", "created_before", "limit", "cursor")
 REPEATED_PROBLEM = "given more than once; the list takes one value of each parameter"

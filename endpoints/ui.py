@@ -42,7 +42,7 @@ from carwash_jobs.store.base import (
 )
 from carwash_jobs.types import NUL_PROBLEM, JobId
 from endpoints.deps import QueueDep, StoreDep
-from endpoints.jobs import REPEATED_PROBLEM, JobIdPath, cursor_problem, repeated_param
+from endpoints.jobs import LIST_PARAMS, REPEATED_PROBLEM, JobIdPath, cursor_problem, repeated_param
 from endpoints.text import nul_location, refuse_nul_params
 from endpoints.ui_auth import CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE, SessionSigner, UiSession
 
@@ -56,8 +56,6 @@ CHART_MINUTES = 60
 PAGE_SIZES = (25, 50, 100, 200)
 #: the job list's form fields (its filters and page size)
 LIST_FIELDS = ("status", "task_type", "tag", "queue", "created_after", "created_before", "limit")
-#: the list's query parameters that take one value each: the form fields and the cursor
-LIST_PARAMS = (*LIST_FIELDS, "cursor")
 #: the follow-ups a job names in its result that the detail page looks up, at most
 FOLLOW_UPS_MAX = 50
 #: what a finished action says on the page it returns to; only these keys are shown, so a link

@@ -418,13 +418,17 @@ class CreatedKeyset:
         return cls(flt.created_after, before, cursor)
 
 
+#: what a cursor that no list gave out is told (the API and the dashboard say it too)
+NOT_A_CURSOR = "not a cursor this list gave out"
+
+
 def id_time(job_id: str) -> datetime:
     """The creation millisecond a job id starts with (see types.new_job_id)."""
     try:
         ms = int(job_id[:12], 16)
         return datetime.fromtimestamp(ms / 1000, UTC)
     except (ValueError, OverflowError, OSError):
-        raise InvalidPayload("cursor", "not a cursor this list gave out") from None
+        raise InvalidPayload("cursor", NOT_A_CURSOR) from None
 
 
 @dataclass(frozen=True, slots=True)

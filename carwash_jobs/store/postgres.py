@@ -365,16 +365,16 @@ ON CONFLICT (schedule, fire_at) DO NOTHING
 RETURNING schedule
 """
 SET_CRON_FIRE_JOB = "UPDATE cron_fires SET job_id = $1 WHERE schedule = $2 AND fire_at = $3"
-#: an unfinished job of a schedule (overlap = skip): the unfinished jobs of its task type, in two
-#: parts that each match a partial index (migration 0008: running jobs are in the lease index
-#: only), each checked for the tag; one IN list with 'running' in it matched neither and walked
-#: the primary key
 #: taken before a schedule that skips overlaps looks for its active job: two processes firing
 #: different fire times of it at once (a process a tick behind, a sub-minute schedule) write
 #: different fire rows, which do not make one wait for the other, and each found no active
 #: job and inserted one. The two-key form: its key space is not the single-key one of the
 #: task types' and the vacuum's locks.
 CRON_SCHEDULE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('carwash_jobs.cron'), hashtext($1))"
+#: an unfinished job of a schedule (overlap = skip): the unfinished jobs of its task type, in two
+#: parts that each match a partial index (migration 0008: running jobs are in the lease index
+#: only), each checked for the tag; one IN list with 'running' in it matched neither and walked
+#: the primary key
 ACTIVE_TAGGED_JOB = f"""
 SELECT id FROM (
   SELECT w.id FROM worker_queue w JOIN job_tags t ON t.tag = $2 AND t.job_id = w.id
@@ -1213,7 +1213,9 @@ async def _apply(
                        owner, t.message)
     if job.status == JobStatus.cancelled:
         await conn.execute(NOTIFY, CHANNEL, json_text({"e": "cancel", "id": job.id, "from": owner}))
-    elif job.status == JobStatus.queued:  # retried, or given back by a stop or a lease check
+    elif job.status == JobStatus.queued and t.event != "dependencies_met":
+        # retried, or given back by a stop or a lease check (freed dependents: one notice for
+        # all of them, from _resolve_dependents)
         await _notify_new(conn, [job], owner)
     woken, cancelled = await _resolve_dependents(conn, job.id, job.status, owner, now)
     return Applied(job, woken, cancelled)

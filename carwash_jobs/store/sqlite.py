@@ -735,7 +735,7 @@ class SqliteJobStore:
         return await self.writer.run_async(fn)
 
     def in_own_transaction(self) -> bool:
-        return self.writer.runs_current_task()
+        return self.writer.inside_caller_transaction()
 
     # -- the fleet (on SQLite: the processes sharing one file) ---------------------------
     async def reserve_rate(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import sqlite3
@@ -32,6 +33,11 @@ T = TypeVar("T")
 SyncFn = Callable[[sqlite3.Connection], T]
 
 log = logging.getLogger(__name__)
+
+#: the caller's transaction function a writer is running, in its context and its tasks'
+_CALLER_OP: contextvars.ContextVar[_Op[Any] | None] = contextvars.ContextVar(
+    "carwash_sqlite_caller_op", default=None
+)
 
 #: how long stop() lets the writes submitted before it finish (a commit takes milliseconds;
 #: only a caller's own transaction that hangs needs the limit)
@@ -99,6 +105,8 @@ class SqliteWriter:
         #: set by a stop that cut the batch in flight off; read by the writer thread
         self._cut_off = False
         self._commit_lock = threading.Lock()
+        #: the caller's transaction function running now (inside_caller_transaction)
+        self._caller_op: _Op[Any] | None = None
         self.batches = 0  #: commits made; with `writes` it shows how well writes are grouped
         self.writes = 0
 
@@ -146,15 +154,18 @@ class SqliteWriter:
         """Run a caller's transaction function in the next group commit."""
         return await self._submit(_Op(asyncio.get_running_loop().create_future(), async_fn=fn))
 
-    def runs_current_task(self) -> bool:
-        """Whether the code running now runs in the writer's task: a caller's transaction
-        function (`run_async`), which a write submitted from it would wait for forever."""
-        return self._task is not None and asyncio.current_task() is self._task
+    def inside_caller_transaction(self) -> bool:
+        """Whether the code running now is a caller's transaction function that this writer
+        is running (`run_async`), or a task it started and may await: a write submitted from
+        there would wait for that function, forever. A task it started that writes after the
+        function has ended waits as any writer does."""
+        running = _CALLER_OP.get()
+        return running is not None and running is self._caller_op
 
     async def _submit(self, op: _Op[T]) -> T:
         if self._task is None or self._task.done():
             raise StoreUnavailable("the store is not open")
-        if self.runs_current_task():  # a caller's transaction function awaits this write
+        if self.inside_caller_transaction():  # a caller's transaction function awaits this write
             raise WriteInsideTransaction()
         self._pending.put_nowait(op)
         return await op.future
@@ -261,6 +272,8 @@ class SqliteWriter:
         assert op.async_fn is not None
         await self.in_thread(lambda conn: conn.execute("SAVEPOINT op"))
         tx = SqliteTx(self)
+        self._caller_op = op
+        running = _CALLER_OP.set(op)  # seen by the function and by the tasks it starts
         try:
             with cancel_inside_as_error():  # a stop() cutting the writer off still passes
                 value = await op.async_fn(tx)
@@ -271,6 +284,9 @@ class SqliteWriter:
         else:
             await self.in_thread(lambda conn: conn.execute("RELEASE op"))
             op.outcome = (True, value)
+        finally:
+            _CALLER_OP.reset(running)
+            self._caller_op = None
 
 
 def _run_group(conn: sqlite3.Connection, *, group: list[_Op[Any]]) -> None:

@@ -173,7 +173,7 @@ async def test_a_runtime_is_a_live_process_while_it_runs_and_renews_its_announce
     finally:
         await observer.close()
 
-    host, pid, started, _ = runtime.owner.split("/")
+    host, pid, started, _, _ = runtime.owner.split("/")
     assert (first.owner, first.role, first.host, first.pid) == (runtime.owner, "worker", host,
                                                                  int(pid))
     assert first.started_at.timestamp() == int(started)

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -264,10 +265,16 @@ async def test_a_delayed_job_is_scheduled_then_runs_when_due(harnesses: Harnesse
 async def test_a_delayed_dependent_freed_before_its_time_runs_on_the_timer_when_due(
     harnesses: Harnesses,
 ) -> None:
-    h = await harnesses.make()
-    first = await h.enqueue()
+    gate = Gate()
+
+    async def held(ctx: JobContext, payload: Item) -> None:
+        await gate.hold()
+
+    h = await harnesses.make(task_type("held", held))
+    first = await h.enqueue("held")
     later = await h.enqueue(delay_seconds=0.3, depends_on=[first.id])
     assert later.status == S.waiting
+    gate.release.set()
     await h.run_until_idle(include_timers=True)
     done = await h.get(later.id)
     assert done.status == S.completed
@@ -1897,7 +1904,7 @@ async def test_a_job_claimed_while_the_processor_stops_is_given_back_too(
     assert outcomes(row) == ["released"]
 
 
-@pytest.mark.parametrize("write", ["checkpoint", "progress", "enqueue"])
+@pytest.mark.parametrize("write", ["checkpoint", "progress", "enqueue", "gathered checkpoint"])
 async def test_a_write_awaited_inside_a_transaction_function_fails_the_attempt_not_the_writer(
     harnesses: Harnesses, write: str
 ) -> None:
@@ -1911,6 +1918,8 @@ async def test_a_write_awaited_inside_a_transaction_function_fails_the_attempt_n
                 await ctx.save_checkpoint({"at": 1})
             elif write == "progress":
                 await ctx.progress(1, 1)
+            elif write == "gathered checkpoint":  # awaited through a task of its own
+                await asyncio.gather(ctx.save_checkpoint({"at": 1}))
             else:
                 await h.enqueue()
 
@@ -1926,6 +1935,19 @@ async def test_a_write_awaited_inside_a_transaction_function_fails_the_attempt_n
     assert failed.status == S.failed
     assert (failed.error or "").startswith("WriteInsideTransaction: a store write")
     assert (await h.get(other.id)).status == S.completed
+
+
+class _LogSeen(logging.Handler):
+    """Sets `seen` once a record holding `text` is logged (in the event loop's thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.WARNING)
+        self.text = text
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
 
 
 @pytest.mark.parametrize("ends", ["completed", "failed"])
@@ -1961,8 +1983,13 @@ async def test_an_outcome_whose_write_fails_for_a_while_is_written_when_it_can_b
 
     holder = asyncio.ensure_future(asyncio.to_thread(hold_the_write_lock))
     await asyncio.to_thread(locked.wait, 10)
-    gate.release.set()
-    await asyncio.sleep(0.6)  # the record has failed and is waiting to try again
+    retrying = _LogSeen("trying again in")
+    logging.getLogger("carwash_jobs.processor").addHandler(retrying)
+    try:
+        gate.release.set()
+        await asyncio.wait_for(retrying.seen.wait(), 10)  # the record failed, and waits
+    finally:
+        logging.getLogger("carwash_jobs.processor").removeHandler(retrying)
     assert (await store.get(job.id)).status == S.running
     unlock.set()
     await holder
@@ -1988,16 +2015,20 @@ async def test_stop_keeps_to_its_grace_while_a_callers_transaction_holds_the_wri
 
         ctx.on_complete(final)
 
+    grace = 1.0
     h = await harnesses.make(task_type("final", hangs_in_its_final_write),
-                             shutdown_grace=timedelta(seconds=0.3))
+                             shutdown_grace=timedelta(seconds=grace))
     await h.enqueue("final")
     await wait_for(hung)
-    handed_over = asyncio.ensure_future(h.enqueue())  # waits behind the hung transaction
-    await asyncio.sleep(0.05)
+    handed_over = asyncio.ensure_future(h.enqueue())
+    await _until(lambda: h.store.writer.queued > 0)  # its write waits behind the hung one
     try:
-        async with asyncio.timeout(5):  # 0.3 s grace twice, and the rest
+        started = time.monotonic()
+        async with asyncio.timeout(10):
             await h.processor.stop()
         h.started = False
+        # two grace periods (the running jobs', then the outcomes'), not three or more
+        assert time.monotonic() - started < 2.6 * grace
     finally:
         release.set()
         with contextlib.suppress(Exception):

@@ -184,7 +184,7 @@ async def test_start_requeues_rows_left_running_by_a_dead_local_process(
     other_host = await running_row(store, clock, f"another-host/1/0/x/{here}")
     # this hostname, but pids counted elsewhere (a container on the host's network): alive
     # for all this process can tell, as is an identity that does not say its namespace
-    other_namespace = await running_row(store, clock, f"{host}/{gone}/0/x/4026531999{here}")
+    other_namespace = await running_row(store, clock, f"{host}/{gone}/0/x/elsewhere")
     unknown_namespace = await running_row(store, clock, f"{host}/{gone}/0/x")
     await store.close()
 

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from endpoints.jobs import LIST_PARAMS, NOT_A_CURSOR, REPEATED_PROBLEM
+from carwash_jobs.store.base import NOT_A_CURSOR
+from endpoints.jobs import LIST_PARAMS, REPEATED_PROBLEM
 from tests.endpoints.conftest import assert_error, idle
 
 if TYPE_CHECKING:

@@ -12,7 +12,8 @@ from litestar.testing import AsyncTestClient
 
 from carwash_jobs.app import create_app
 from carwash_jobs.store.base import MinuteCount
-from endpoints.ui import LIST_PARAMS, build_chart
+from endpoints.jobs import LIST_PARAMS
+from endpoints.ui import build_chart
 from endpoints.ui_auth import SESSION_COOKIE, SessionSigner
 from tests.endpoints.conftest import AUTH, TOKEN, copy_template, idle, make_settings
 
