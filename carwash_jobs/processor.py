@@ -606,9 +606,9 @@ class QueueProcessor:
             return
         self._queue.offer([applied.job, *applied.woken])
         if state.follow_ups:
-            follow_ups = {job.id for job in state.follow_ups}
+            follow_ups = {f.id for f in state.follow_ups}
             self._queue.count_enqueued(
-                job for job in [*applied.woken, *applied.cancelled] if job.id in follow_ups
+                new for new in [*applied.woken, *applied.cancelled] if new.id in follow_ups
             )
         self._count(applied.job, outcome)
         await self._registry.run_hooks(applied)

@@ -231,7 +231,6 @@ class JobQueue:
         the caller's transaction (see `transaction`) and is offered after that commits."""
         with tracing.span(f"enqueue {task_type}", **{"job.task_type": task_type}) as span:
             job = self.build(task_type, payload, options)
-            self._refuse_inside_own_transaction(tx)  # the handoff writes in a task of its own
             slot = self._reserve_handoff(job) if tx is None else None
             if slot is None:
                 (inserted,) = await self.insert([job], tx=tx)
@@ -309,7 +308,8 @@ class JobQueue:
 
     def _refuse_inside_own_transaction(self, tx: Tx | None) -> None:
         """An enqueue without `tx` inside a transaction function of a SQLite store would wait
-        for that function: the store's check cannot see it from the task that writes."""
+        for that function: the store's own check cannot see it from the batcher's task, which
+        does the write. (A hand-over's write runs in a task the enqueue starts: it gets here.)"""
         if tx is None and self.store.in_own_transaction():
             raise WriteInsideTransaction()
 
@@ -317,7 +317,7 @@ class JobQueue:
         """Write jobs that build() or build_many() made. build() has refused a payload holding
         NaN or an infinity; build_many() leaves that to the store, whose ValueError reaches the
         caller here (enqueue_many names the field instead)."""
-        self._refuse_inside_own_transaction(tx)  # the batcher writes in a task of its own
+        self._refuse_inside_own_transaction(tx)
         if tx is None and len(jobs) == 1 and jobs[0].plain:
             # concurrent single enqueues share one set-based write (see batcher.py)
             results = [await self._plain_inserts.submit(jobs[0])]

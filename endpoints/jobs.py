@@ -5,7 +5,6 @@ Each route is one engine call (JobStore reads, JobQueue operations), the same on
 """
 
 import re
-from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
@@ -92,13 +91,13 @@ def cursor_problem(cursor: str) -> str | None:
     return None
 
 
-def repeated_param(params: Iterable[tuple[str, Any]], names: Collection[str]) -> str | None:
-    """The first of `names` that `params` (a query's name-value pairs, in order) holds more
-    than once, or None. The framework reads a repeated parameter as its last value, so
+def repeated_list_param(request: Request[Any, Any, Any]) -> str | None:
+    """The first of the list's parameters (LIST_PARAMS) that the query holds more than once,
+    or None. The framework reads a repeated parameter as its last value, so
     `status=queued&status=failed` silently listed only the failed jobs."""
     seen: set[str] = set()
-    for name, _ in params:
-        if name in names:
+    for name, _ in request.query_params.multi_items():
+        if name in LIST_PARAMS:
             if name in seen:
                 return name
             seen.add(name)
@@ -107,7 +106,7 @@ def repeated_param(params: Iterable[tuple[str, Any]], names: Collection[str]) ->
 
 def _check_list_query(request: Request[Any, Any, Any], cursor: str | None) -> None:
     """The list's 400s that the parameters' own types cannot express."""
-    if (name := repeated_param(request.query_params.multi_items(), LIST_PARAMS)) is not None:
+    if (name := repeated_list_param(request)) is not None:
         raise _query_error(name, f"{name} {REPEATED_PROBLEM}")
     if cursor is not None and (problem := cursor_problem(cursor)) is not None:
         raise _query_error("cursor", f"cursor is {problem}")

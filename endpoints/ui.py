@@ -42,7 +42,7 @@ from carwash_jobs.store.base import (
 )
 from carwash_jobs.types import NUL_PROBLEM, JobId
 from endpoints.deps import QueueDep, StoreDep
-from endpoints.jobs import LIST_PARAMS, REPEATED_PROBLEM, JobIdPath, cursor_problem, repeated_param
+from endpoints.jobs import REPEATED_PROBLEM, JobIdPath, cursor_problem, repeated_list_param
 from endpoints.text import nul_location, refuse_nul_params
 from endpoints.ui_auth import CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE, SessionSigner, UiSession
 
@@ -352,7 +352,7 @@ def _list_query(params: Mapping[str, str]) -> ListQuery:
 
 def _check_single(request: UiRequest) -> None:
     """A repeated filter is refused as the API refuses it (endpoints/jobs.py says why)."""
-    if (name := repeated_param(request.query_params.multi_items(), LIST_PARAMS)) is not None:
+    if (name := repeated_list_param(request)) is not None:
         raise BadFilter(f"{name}: {REPEATED_PROBLEM}")
 
 

@@ -273,6 +273,10 @@ class Gate:
         finally:
             self.inside -= 1
 
+    async def handler(self, ctx: JobContext, payload: Item) -> None:
+        """A handler that holds its job here: `task_type("held", gate.handler)`."""
+        await self.hold()
+
 
 async def autovacuum_is_on(dsn: str) -> bool:
     """Whether the PostgreSQL server at `dsn` vacuums the tables itself (the store then leaves

@@ -77,11 +77,7 @@ async def test_a_process_that_finds_the_limit_reached_waits_before_asking_again(
     harnesses: Harnesses,
 ) -> None:
     gate = Gate()
-
-    async def held(ctx: JobContext, payload: Item) -> None:
-        await gate.hold()
-
-    kind = task_type("held", held, concurrency=1)
+    kind = task_type("held", gate.handler, concurrency=1)
     busy = await harnesses.make(kind)
     idle = await harnesses.make(kind, owner=OTHER, start=False)
     first = await busy.enqueue("held")

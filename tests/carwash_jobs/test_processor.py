@@ -266,11 +266,7 @@ async def test_a_delayed_dependent_freed_before_its_time_runs_on_the_timer_when_
     harnesses: Harnesses,
 ) -> None:
     gate = Gate()
-
-    async def held(ctx: JobContext, payload: Item) -> None:
-        await gate.hold()
-
-    h = await harnesses.make(task_type("held", held))
+    h = await harnesses.make(task_type("held", gate.handler))
     first = await h.enqueue("held")
     later = await h.enqueue(delay_seconds=0.3, depends_on=[first.id])
     assert later.status == S.waiting
@@ -303,11 +299,7 @@ async def test_with_no_free_slot_an_enqueue_is_queued_and_claimed_later(
     harnesses: Harnesses,
 ) -> None:
     gate = Gate()
-
-    async def held(ctx: JobContext, payload: Item) -> None:
-        await gate.hold()
-
-    h = await harnesses.make(task_type("held", held), concurrency=1)
+    h = await harnesses.make(task_type("held", gate.handler), concurrency=1)
     first = await h.enqueue("held")
     await wait_for(gate.entered)
 
