@@ -80,14 +80,21 @@ INSERT INTO worker_queue ({_COLS}) VALUES (
   NULL, NULL, :error, NULL, '[]', :idempotency_key, :rerun_of, :depends_on)
 ON CONFLICT (idempotency_key) DO NOTHING
 """
-#: a plain job (no idempotency key, no dependencies, not claimed): only the columns that vary.
-#: Run with executemany: SQLite steps one prepared statement per row, which took less than
-#: reading the rows out of one JSON array (`json_each` and a `->>` per column) did
-INSERT_PLAIN_JOB = f"""
-INSERT INTO worker_queue ({_COLS}) VALUES (
-  ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, NULL, NULL, NULL, NULL, 0,
-  NULL, NULL, NULL, NULL, NULL, '[]', NULL, ?, '[]')
+#: plain jobs (no idempotency key, no dependencies, not claimed): only the columns that vary,
+#: read from one JSON array of rows in one statement. A prepared statement stepped once a row
+#: through executemany took 9.1 against 7.0 us a job for this one (batches of 1,000): each of
+#: its rows binds 12 parameters in Python; this statement runs in SQLite from start to end
+INSERT_PLAIN_JOBS = f"""
+INSERT INTO worker_queue ({_COLS})
+SELECT r ->> '$[0]', r ->> '$[1]', r ->> '$[2]', r ->> '$[3]', r ->> '$[4]', r ->> '$[5]',
+  r ->> '$[6]', r ->> '$[7]', 0, r ->> '$[8]', r ->> '$[9]', r ->> '$[10]', NULL, NULL, NULL,
+  NULL, 0, NULL, NULL, NULL, NULL, NULL, '[]', NULL, r ->> '$[11]', '[]'
+FROM (SELECT value AS r FROM json_each(:rows))
 """
+#: the payload and context text one INSERT_PLAIN_JOBS reads at most (unless a single job holds
+#: more): SQLite refuses a string longer than a billion bytes, and a bulk enqueue of large
+#: payloads would hold all of them twice at once
+PLAIN_ROWS_MAX_CHARS = 8 * 1024 * 1024
 SELECT_BY_IDEMPOTENCY_KEY = f"SELECT {_COLS} FROM worker_queue WHERE idempotency_key = ?"
 INSERT_DEPENDENCY = "INSERT INTO job_dependencies (job_id, depends_on_id) VALUES (?, ?)"
 INSERT_EVENT = """
@@ -562,8 +569,16 @@ class SqliteJobStore:
 
     # -- writes ------------------------------------------------------------------------
     async def insert(self, jobs: Sequence[NewJob], tx: Tx | None = None) -> list[Inserted]:
+        now = self._clock()
+        if tx is None and all(job.plain for job in jobs):
+            # made ready and answered here, in the event loop's thread: the writer's thread
+            # only runs their SQL (bulk enqueues 5-15 % faster than with all of it there)
+            plain = _PlainJobs(jobs, now)
+            await self.writer.run_sync(lambda conn: plain.write(conn, self._owner))
+            return plain.inserted()
+
         def run(conn: sqlite3.Connection) -> list[Inserted]:
-            return _insert(conn, jobs, self._owner, self._clock())
+            return _insert(conn, jobs, self._owner, now)
 
         if tx is not None:
             assert isinstance(tx, SqliteTx), "a SqliteJobStore joins only its own transactions"
@@ -1011,26 +1026,53 @@ def _insert(
 def _insert_plain(
     conn: sqlite3.Connection, jobs: Sequence[NewJob], owner: str, now: datetime
 ) -> list[Inserted]:
-    """Many plain jobs through one prepared statement run once a job, then their events: a
-    plain job needs no read, so nothing is decided row by row."""
-    rows: list[tuple[Any, ...]] = []
-    enqueued: dict[str, list[tuple[JobId, int]]] = {}
-    results: list[Inserted] = []
-    stamps = _Stamps()
-    for job in jobs:
-        status, _ = lifecycle.initial_status(job.run_at, now, {})
-        rows.append((
-            job.id, job.task_type, job.queue, status.value, job.priority, json_types_text(job.payload),
-            _dump(job.context), json_text(list(job.tags)) if job.tags else "[]",
-            job.max_attempts, stamps[job.run_at], stamps[job.created_at], job.rerun_of,
-        ))
-        enqueued.setdefault(status.value, []).append((job.id, 0))
-        results.append(Inserted(_stored(job, status, None, now), created=True))
-    conn.executemany(INSERT_PLAIN_JOB, rows)
-    _insert_tags(conn, jobs)
-    for starting, ids in enqueued.items():  # queued, scheduled: each job's run_at decides
-        _insert_events(conn, ids, "enqueued", starting, owner, now)
-    return results
+    plain = _PlainJobs(jobs, now)
+    plain.write(conn, owner)
+    return plain.inserted()
+
+
+class _PlainJobs:
+    """Plain jobs: nothing is decided row by row (no read, no conflict), so their rows,
+    statuses and events are known before they are written, and what an enqueue returns is
+    known without a read back. Many are written in one statement, then their events."""
+
+    def __init__(self, jobs: Sequence[NewJob], now: datetime) -> None:
+        self.jobs = jobs
+        self.now = now
+        self.statuses = [lifecycle.initial_status(job.run_at, now, {})[0] for job in jobs]
+        #: INSERT_PLAIN_JOBS's JSON arrays, each of at most about PLAIN_ROWS_MAX_CHARS
+        self.row_arrays: list[str] = []
+        rows: list[list[Any]] = []
+        size = 0
+        stamps = _Stamps()
+        for job, status in zip(jobs, self.statuses, strict=True):
+            payload, context = json_types_text(job.payload), _dump(job.context)
+            chars = len(payload) + len(context or "")
+            if rows and size + chars > PLAIN_ROWS_MAX_CHARS:
+                self.row_arrays.append(to_json(rows).decode())
+                rows, size = [], 0
+            rows.append([
+                job.id, job.task_type, job.queue, status.value, job.priority, payload, context,
+                json_text(list(job.tags)) if job.tags else "[]", job.max_attempts,
+                stamps[job.run_at], stamps[job.created_at], job.rerun_of,
+            ])
+            size += chars
+        if rows:
+            self.row_arrays.append(to_json(rows).decode())
+
+    def write(self, conn: sqlite3.Connection, owner: str) -> None:
+        for rows in self.row_arrays:
+            conn.execute(INSERT_PLAIN_JOBS, {"rows": rows})
+        _insert_tags(conn, self.jobs)
+        enqueued: dict[str, list[tuple[JobId, int]]] = {}
+        for job, status in zip(self.jobs, self.statuses, strict=True):
+            enqueued.setdefault(status.value, []).append((job.id, 0))
+        for starting, ids in enqueued.items():  # queued, scheduled: each job's run_at decides
+            _insert_events(conn, ids, "enqueued", starting, owner, self.now)
+
+    def inserted(self) -> list[Inserted]:
+        return [Inserted(_stored(job, status, None, self.now), created=True)
+                for job, status in zip(self.jobs, self.statuses, strict=True)]
 
 
 def _insert_events(

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from datetime import UTC, datetime
+import tempfile
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from carwash_jobs import lifecycle
 from carwash_jobs.errors import StoreUnavailable
 from carwash_jobs.lifecycle import JobStatus
 from carwash_jobs.store import open_store
+from carwash_jobs.store import sqlite as sqlite_store
 from carwash_jobs.store.base import FailedFilter, JobFilter, NewJob
 from carwash_jobs.store.sqlite import (
     ACTIVE_TAGGED_JOB,
@@ -31,14 +37,17 @@ from carwash_jobs.store.sqlite import (
     _list_where,
     _transition_sql,
 )
-from carwash_jobs.types import new_job_id
-from tests.carwash_jobs.support import OWNER, count_rows, open_sqlite
+from carwash_jobs.types import JobId, new_job_id
+from tests.carwash_jobs.support import (
+    OWNER,
+    ManualClock,
+    copy_database,
+    count_rows,
+    open_sqlite,
+)
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from carwash_jobs.store.base import Tx
-    from tests.carwash_jobs.support import ManualClock
 
 
 def new_job(clock: ManualClock) -> NewJob:
@@ -133,6 +142,93 @@ async def test_a_failed_commit_fails_every_waiting_caller_and_keeps_none_of_thei
     # the writer goes on: the next write commits
     (inserted,) = await store.insert([new_job(clock)])
     assert (await store.get(inserted.job.id)).status == JobStatus.queued
+
+
+#: text an enqueue takes for a queue, a tag or a context (no NUL, no lone surrogate)
+_NAME = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
+                min_size=1, max_size=12)
+#: a payload as the queue's JSON-mode dump makes it: JSON types, any text (a lone surrogate
+#: too), integers beyond 64 bits; no NaN or infinity (the queue refuses them)
+_PAYLOAD = st.dictionaries(st.text(max_size=6), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+), max_size=5)
+
+
+@settings(deadline=None, max_examples=60)  # a busy machine: a slow example is not a failure
+@given(
+    payloads=st.lists(_PAYLOAD, min_size=2, max_size=4),
+    queue=_NAME,
+    tags=st.lists(_NAME, max_size=3, unique=True),
+    context=st.none() | st.dictionaries(_NAME, _NAME, max_size=2),
+    priority=st.integers(-1000, 1000),
+    delay=st.sampled_from([0, 60]),
+)
+def test_plain_jobs_written_in_one_statement_read_back_as_jobs_written_one_by_one(
+    migrated_template: Path, payloads: list[dict[str, Any]], queue: str, tags: list[str],
+    context: dict[str, str] | None, priority: int, delay: int,
+) -> None:
+    """Plain jobs go in through one statement that reads their rows from a JSON array; a job
+    with an idempotency key through a statement run once a row. Whatever the text and numbers,
+    each reads back as the other path writes it, and as its insert returned it."""
+    clock = ManualClock()
+
+    def jobs(key: str | None) -> list[NewJob]:
+        return [
+            NewJob(id=new_job_id(), task_type="noop", payload=p, status=JobStatus.queued,
+                   run_at=clock() + timedelta(seconds=delay), created_at=clock(), queue=queue,
+                   priority=priority, tags=tags, context=context,
+                   idempotency_key=None if key is None else f"{key}-{i}")
+            for i, p in enumerate(payloads)
+        ]
+
+    async def check(url: str) -> None:
+        store = await open_sqlite(url, clock=clock)
+        try:
+            plain, keyed = jobs(None), jobs("k")
+            returned = [r.job for r in await store.insert(plain)]
+            await store.insert(keyed)
+            read = await store.get_many([j.id for j in plain + keyed])
+        finally:
+            await store.close()
+        by_id = {row.id: row for row in read}
+        assert [by_id[j.id] for j in plain] == returned
+        assert [replace(by_id[j.id], id=JobId(""), idempotency_key=None) for j in plain] == [
+            replace(by_id[j.id], id=JobId(""), idempotency_key=None) for j in keyed
+        ]
+
+    with tempfile.TemporaryDirectory() as directory:
+        asyncio.run(check(copy_database(migrated_template, Path(directory) / "jobs.db")))
+
+
+async def test_plain_jobs_past_the_text_one_statement_reads_go_in_through_several(
+    store: SqliteJobStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk enqueue of large payloads: SQLite refuses a string over a billion bytes, so the
+    rows' JSON arrays are cut at PLAIN_ROWS_MAX_CHARS (here 250), a job larger than that alone
+    in its own. Every job and its event is written, in one commit."""
+    monkeypatch.setattr(sqlite_store, "PLAIN_ROWS_MAX_CHARS", 250)
+    statements: list[str] = []
+    sizes = [100, 100, 100, 400, 10, 10]
+    jobs = [replace(new_job(clock), payload={"text": "x" * n}) for n in sizes]
+
+    def trace(conn: sqlite3.Connection) -> None:
+        conn.set_trace_callback(statements.append)
+
+    await store.writer.in_thread(trace)
+    results = await store.insert(jobs)
+    await store.writer.in_thread(lambda conn: conn.set_trace_callback(None))
+
+    # each payload's text is 11 more than its size: [100, 100], [100], [400], [10, 10]
+    assert len([s for s in statements if "INSERT INTO worker_queue" in s]) == 4
+    assert statements.count("COMMIT") == 1
+    read = {row.id: row for row in await store.get_many([j.id for j in jobs])}
+    assert [read[j.id] for j in jobs] == [r.job for r in results]
+    assert [len(read[j.id].payload["text"]) for j in jobs] == sizes
+    for job in jobs:
+        assert [e.event for e in await store.events(job.id)] == ["enqueued"]
 
 
 async def test_the_writer_runs_in_wal_mode_with_synchronous_full_and_temp_store_memory(
