@@ -111,6 +111,8 @@ class _Running:
     #: its task has taken its first step: a task cancelled before that never runs its body,
     #: nor the cleanup in it, so a cancel before then only flags the attempt
     started: bool = False
+    #: its lease as last written (by its claim, then by each heartbeat that extended it)
+    lease_until: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -439,7 +441,7 @@ class QueueProcessor:
             # stopped by a cancel (no handler run; on_cancelled here, where the row says it ran)
             self._cancelled_while_claiming.discard(job.id)
             state.cancel_requested.set()
-        running = _Running(job, state)
+        running = _Running(job, state, lease_until=job.lease_until)
         self._running[job.id] = running
         self._held += 1
         running.task = asyncio.get_running_loop().create_task(
@@ -719,21 +721,41 @@ class QueueProcessor:
         the write's answer only because its own record committed first: it is not lost, and is
         left alone. So is a job claimed again meanwhile: its claim wrote a fresh lease."""
         before = dict(self._running)
+        lease_until = self._clock() + self._config.lease
         try:
-            held = await self._store.extend_leases(
-                self._owner, list(before), self._clock() + self._config.lease
-            )
+            held = await self._store.extend_leases(self._owner, list(before), lease_until)
         except Exception:
             log.exception("heartbeat failed: not claiming new jobs until it succeeds")
             self._claims_allowed.clear()
+            self._stop_leases_running_out(before)
             return
         self._claims_allowed.set()
         for job_id, seen in before.items():
             running = self._running.get(job_id)
-            if job_id in held or running is not seen or seen.finished:
+            if running is not seen or seen.finished:
+                continue
+            if job_id in held:
+                seen.lease_until = lease_until
                 continue
             log.warning("job %s: lease lost; stopping it", job_id)
             seen.state.lease_lost = True
+            self.cancel_local(job_id)
+
+    def _stop_leases_running_out(self, seen: dict[JobId, _Running]) -> None:
+        """While the heartbeat cannot write (the database is out of reach from here), stop the
+        jobs whose leases run out before the next heartbeat: once a lease has run out, another
+        process may claim the job, and two attempts of it would run at once. Stopped before,
+        this attempt ends as a lost lease does; the job runs again once its lease has run
+        out (here, or in a process that reaches the database)."""
+        horizon = self._clock() + self._config.heartbeat_interval
+        for job_id, running in seen.items():
+            if self._running.get(job_id) is not running or running.finished:
+                continue  # ended meanwhile, or recording its end (its record finds out)
+            if running.lease_until is None or running.lease_until > horizon:
+                continue
+            log.warning("job %s: its lease runs out before the database can be reached to "
+                        "extend it; stopping it", job_id)
+            running.state.lease_lost = True
             self.cancel_local(job_id)
 
 

@@ -222,6 +222,9 @@ class Harnesses:
         concurrency: int = 4,
         lease: timedelta = timedelta(seconds=60),
         shutdown_grace: timedelta = timedelta(seconds=0.1),
+        # never comes by itself in a test (tests call processor.heartbeat()); it still says how
+        # soon the next one would come, so a failing one stops the jobs whose leases run out
+        heartbeat_interval: timedelta = timedelta(hours=1),
         middleware: Sequence[Middleware] = (),
         queue_mode: QueueMode = "weighted",
         weights: Mapping[str, int] | None = None,
@@ -237,9 +240,7 @@ class Harnesses:
         processor = QueueProcessor(
             queue, owner=owner, clock=clock, metrics=metrics,
             config=ProcessorConfig(
-                concurrency=concurrency, lease=lease,
-                # never fires by itself in a test: tests call processor.heartbeat()
-                heartbeat_interval=timedelta(hours=1),
+                concurrency=concurrency, lease=lease, heartbeat_interval=heartbeat_interval,
                 shutdown_grace=shutdown_grace, middleware=middleware, handoff=handoff,
             ),
         )

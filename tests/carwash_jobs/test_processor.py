@@ -1181,7 +1181,9 @@ async def test_while_heartbeat_writes_fail_the_processor_claims_nothing_new(
 
     store = HeartbeatFailingStore(db_url, owner=OWNER)
     await store.open()
-    h = await harnesses.make(task_type("slow", slow), store=store)
+    # the lease (60 s) outlasts the next heartbeat: the running job goes on
+    h = await harnesses.make(task_type("slow", slow), store=store,
+                             heartbeat_interval=timedelta(seconds=15))
     first = await h.enqueue("slow")
     await wait_for(gate.entered)
     store.broken = True
@@ -1197,6 +1199,56 @@ async def test_while_heartbeat_writes_fail_the_processor_claims_nothing_new(
     await h.run_until_idle()
     assert (await h.get(second.id)).status == S.completed
     assert (await h.get(first.id)).status == S.completed
+
+
+async def test_a_job_whose_lease_runs_out_before_the_next_heartbeat_could_extend_it_is_stopped(
+    harnesses: Harnesses, db_url: str, clock: ManualClock
+) -> None:
+    """A worker cut off from the database: its heartbeats fail, and once a job's lease runs out,
+    another process may claim the job. The attempt is stopped at the last failed heartbeat
+    before that (a lost lease: nothing recorded, nothing written); the job runs again once the
+    lease has run out, so two attempts never run at once."""
+    gate = Gate()
+    stopped = asyncio.Event()
+
+    async def slow(ctx: JobContext, payload: Item) -> str:
+        if ctx.attempt == 1:
+            try:
+                await gate.hold()
+            except asyncio.CancelledError:
+                stopped.set()
+                raise
+        return f"attempt {ctx.attempt}"
+
+    store = HeartbeatFailingStore(db_url, owner=OWNER, clock=clock)
+    await store.open()
+    h = await harnesses.make(task_type("slow", slow), store=store, clock=clock,
+                             heartbeat_interval=timedelta(seconds=15))
+    job = await h.enqueue("slow")
+    await wait_for(gate.entered)
+    clock.advance(30)
+    await h.processor.heartbeat()  # extends the lease to 90 s from the claim
+    store.broken = True
+    clock.advance(30)  # 60 s: the lease runs out in 30 s, after the next heartbeat
+    await h.processor.heartbeat()
+    assert not stopped.is_set()
+    assert h.processor.running_ids == [job.id]
+    clock.advance(15)  # 75 s: it runs out before the next heartbeat could extend it
+    await h.processor.heartbeat()
+    await wait_for(stopped)
+    await h.run_until_idle()
+    assert h.processor.running_ids == []
+    row = await h.get(job.id)
+    assert (row.status, row.attempts, row.lease_until) == (S.running, 1, clock() + timedelta(seconds=15))
+
+    store.broken = False
+    await h.processor.heartbeat()  # the database is back: claims again
+    clock.advance(16)  # past the lease: any process's lease check takes the job back
+    assert await h.scheduler.release_expired_leases() == 1
+    await h.run_until_idle()
+    row = await h.get(job.id)
+    assert (row.status, row.result) == (S.completed, "attempt 2")
+    assert outcomes(row) == ["worker_lost", "completed"]
 
 
 async def test_a_heartbeat_while_a_finished_job_runs_its_hook_does_not_stop_it(
