@@ -1337,6 +1337,13 @@ class _Listener:
     since notices sent while it was away are lost."""
 
     RETRY_SECONDS = 1.0
+    #: how long the connection may stay silent before it is asked a question. A connection
+    #: whose other end vanished without closing it (the server's host lost, a NAT or firewall
+    #: that forgot the flow: a half-open TCP connection) raises nothing: notices just stop
+    #: coming, and this process would find other processes' jobs only at its reloads
+    PROBE_SECONDS = 10.0
+    #: how long the answer may take before the connection is given up
+    PROBE_TIMEOUT_SECONDS = 5.0
 
     def __init__(self, dsn: str, owner: str, on_notice: Callable[[Notice], None]) -> None:
         self._dsn = dsn
@@ -1360,13 +1367,14 @@ class _Listener:
 
     async def _connect(self) -> None:
         self._lost.clear()
-        self._conn = await asyncpg.connect(self._dsn)
-        self._conn.add_termination_listener(lambda _conn: self._lost.set())
-        await self._conn.add_listener(CHANNEL, self._received)
+        conn = self._conn = await asyncpg.connect(self._dsn)
+        # a connection given up earlier may report its end after this one has started
+        conn.add_termination_listener(lambda ended: self._lost.set() if ended is conn else None)
+        await conn.add_listener(CHANNEL, self._received)
 
     async def _supervise(self) -> None:
         while True:
-            await self._lost.wait()
+            await self._until_lost()
             log.warning("LISTEN connection lost; reconnecting")
             while True:
                 try:
@@ -1376,6 +1384,22 @@ class _Listener:
                     log.warning("LISTEN reconnect failed (%s); retrying", exc)
                     await asyncio.sleep(self.RETRY_SECONDS)
             self._on_notice(Notice("reload"))
+
+    async def _until_lost(self) -> None:
+        """Until the connection ends, or does not answer a probe (it is then ended here)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), self.PROBE_SECONDS)
+                return
+            conn = self._conn
+            assert conn is not None
+            try:
+                await asyncio.wait_for(conn.fetchval("SELECT 1"), self.PROBE_TIMEOUT_SECONDS)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("LISTEN connection did not answer (%s); giving it up",
+                            str(exc) or "no answer in time")
+                conn.terminate()
+                return
 
     def _received(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         try:

@@ -4,22 +4,25 @@ transactions of two processes. Skipped while CARWASH_TEST_POSTGRES_URL is unset.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from carwash_jobs import lifecycle
 from carwash_jobs.lifecycle import JobStatus
+from carwash_jobs.store import open_store
 from carwash_jobs.store.base import Completion, Notice
-from carwash_jobs.store.postgres import dsn_of
+from carwash_jobs.store.postgres import _Listener, dsn_of
 from tests.carwash_jobs.store import test_contract as contract
 from tests.carwash_jobs.store.test_contract import claimed, new_job, waiting_for_locks
-from tests.carwash_jobs.support import skip_unless_autovacuum_is_off
+from tests.carwash_jobs.support import OWNER, skip_unless_autovacuum_is_off
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from carwash_jobs.store.base import JobStore
     from tests.carwash_jobs.support import ManualClock
@@ -184,6 +187,134 @@ async def test_jobs_put_back_in_the_queue_wake_the_other_processes_at_once(
 
     await asyncio.wait_for(all_told.wait(), 10)
     assert {notice.kind for notice in notices} == {"new"}
+
+
+class FreezingProxy:
+    """A TCP proxy on loopback in front of the PostgreSQL server. freeze() stops relaying on
+    the connections open at that moment, closing nothing: to both ends they look as a
+    connection does whose other end vanished (a half-open connection). Later connections are
+    relayed as before."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._target = (target_host, target_port)
+        self._open: list[asyncio.Event] = []
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def freeze(self) -> None:
+        for flowing in self._open:
+            flowing.clear()
+        self._open = []
+
+    async def stop(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(*self._target)
+        self._writers += [client_w, server_w]
+        flowing = asyncio.Event()
+        flowing.set()
+        self._open.append(flowing)
+        await asyncio.gather(self._pipe(client_r, server_w, flowing),
+                             self._pipe(server_r, client_w, flowing), return_exceptions=True)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    flowing: asyncio.Event) -> None:
+        while data := await reader.read(65536):
+            await flowing.wait()
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def through_proxy(database_url: str) -> AsyncIterator[tuple[str, FreezingProxy]]:
+    """`database_url`, its host and port those of a FreezingProxy in front of the server."""
+    parts = urlsplit(database_url)
+    proxy = FreezingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    await proxy.start()
+    netloc = parts.netloc.rsplit("@", 1)
+    address = f"127.0.0.1:{proxy.port}"
+    proxied = urlunsplit(parts._replace(netloc=f"{netloc[0]}@{address}" if len(netloc) == 2 else address))
+    try:
+        yield proxied, proxy
+    finally:
+        await proxy.stop()
+
+
+def _collect(notices: list[Notice]) -> tuple[Callable[[Notice], None], asyncio.Event]:
+    arrived = asyncio.Event()
+
+    def on_notice(notice: Notice) -> None:
+        notices.append(notice)
+        arrived.set()
+
+    return on_notice, arrived
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_listen_connection_ended_by_the_server_reconnects_and_asks_for_a_reload(
+    database_url: str, store: JobStore, other_store: JobStore, clock: ManualClock,
+) -> None:
+    """The notices sent while it was away are lost: the reload finds those jobs."""
+    notices: list[Notice] = []
+    on_notice, arrived = _collect(notices)
+    await store.listen(on_notice)
+    admin = await asyncpg.connect(dsn_of(database_url))
+    try:
+        ended = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN%'")
+    finally:
+        await admin.close()
+    assert ended == 1
+    await asyncio.wait_for(arrived.wait(), 10)
+    assert [n.kind for n in notices] == ["reload"]
+    arrived.clear()
+    (job,) = [r.job for r in await other_store.insert([new_job(clock)])]
+    await asyncio.wait_for(arrived.wait(), 10)
+    assert [due.id for due in notices[-1].jobs] == [job.id]
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_listen_connection_that_went_silent_is_given_up_and_replaced(
+    database_url: str, other_store: JobStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A half-open connection raises nothing: notices just stop. Asked a question after a
+    silence and not answering, it is given up; the new connection asks for a reload and hears
+    the notices again."""
+    monkeypatch.setattr(_Listener, "PROBE_SECONDS", 0.2)
+    monkeypatch.setattr(_Listener, "PROBE_TIMEOUT_SECONDS", 0.5)
+    notices: list[Notice] = []
+    on_notice, arrived = _collect(notices)
+    async with through_proxy(database_url) as (proxied_url, proxy):
+        store = open_store(proxied_url, owner=OWNER, clock=clock)
+        await store.open()
+        try:
+            await store.listen(on_notice)
+            await asyncio.sleep(0.5)  # a probe or two answered: nothing happens
+            assert notices == []
+            proxy.freeze()
+            (lost,) = [r.job for r in await other_store.insert([new_job(clock)])]
+            await asyncio.wait_for(arrived.wait(), 10)
+            assert [n.kind for n in notices] == ["reload"]  # the notice of `lost` never came
+            arrived.clear()
+            (job,) = [r.job for r in await other_store.insert([new_job(clock)])]
+            await asyncio.wait_for(arrived.wait(), 10)
+            assert [due.id for due in notices[-1].jobs] == [job.id] != [lost.id]
+        finally:
+            await proxy.stop()  # the frozen connections end: the store's close need not wait
+            await store.close()
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
