@@ -639,8 +639,13 @@ class PostgresJobStore:
             await self._listener.stop()
             self._listener = None
         if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            try:  # a connection whose server has vanished without a word never answers a close
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_SECONDS)
+            except TimeoutError:
+                log.warning("the database did not answer the close within %.0fs; dropping "
+                            "the connections", CLOSE_TIMEOUT_SECONDS)
+                pool.terminate()
 
     async def ping(self) -> None:
         try:
@@ -1332,15 +1337,20 @@ async def _resolve_dependents(
     return woken, cancelled
 
 
+#: how long a close may wait for the server's answer: a connection whose server vanished
+#: without a word (a half-open one) never answers, and a stop would wait for it for good
+CLOSE_TIMEOUT_SECONDS = 5.0
+
+
 class _Listener:
     """LISTENs on its own connection; reconnects when it drops and then asks for a reload,
     since notices sent while it was away are lost."""
 
     RETRY_SECONDS = 1.0
-    #: how long the connection may stay silent before it is asked a question. A connection
-    #: whose other end vanished without closing it (the server's host lost, a NAT or firewall
-    #: that forgot the flow: a half-open TCP connection) raises nothing: notices just stop
-    #: coming, and this process would find other processes' jobs only at its reloads
+    #: how often the connection is asked a question. A connection whose other end vanished
+    #: without closing it (the server's host lost, a NAT or firewall that forgot the flow: a
+    #: half-open TCP connection) raises nothing: notices just stop coming, and this process
+    #: would find other processes' jobs only at its reloads
     PROBE_SECONDS = 10.0
     #: how long the answer may take before the connection is given up
     PROBE_TIMEOUT_SECONDS = 5.0
@@ -1362,15 +1372,22 @@ class _Listener:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._conn is not None and not self._conn.is_closed():
-            await self._conn.close()
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:  # one that went silent never answers a close: dropped after the timeout
+                await conn.close(timeout=CLOSE_TIMEOUT_SECONDS)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                conn.terminate()
 
     async def _connect(self) -> None:
         self._lost.clear()
-        conn = self._conn = await asyncpg.connect(self._dsn)
-        # a connection given up earlier may report its end after this one has started
-        conn.add_termination_listener(lambda ended: self._lost.set() if ended is conn else None)
-        await conn.add_listener(CHANNEL, self._received)
+        self._conn = await asyncpg.connect(self._dsn)
+        # only the connection in use: one given up reports its end later, maybe after its
+        # successor has started
+        self._conn.add_termination_listener(
+            lambda ended: self._lost.set() if ended is self._conn else None
+        )
+        await self._conn.add_listener(CHANNEL, self._received)
 
     async def _supervise(self) -> None:
         while True:
@@ -1380,7 +1397,7 @@ class _Listener:
                 try:
                     await self._connect()
                     break
-                except (OSError, asyncpg.PostgresError) as exc:
+                except Exception as exc:  # the supervisor must not end: the notices would stop
                     log.warning("LISTEN reconnect failed (%s); retrying", exc)
                     await asyncio.sleep(self.RETRY_SECONDS)
             self._on_notice(Notice("reload"))
@@ -1395,9 +1412,10 @@ class _Listener:
             assert conn is not None
             try:
                 await asyncio.wait_for(conn.fetchval("SELECT 1"), self.PROBE_TIMEOUT_SECONDS)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # whatever went wrong, this connection is done with
                 log.warning("LISTEN connection did not answer (%s); giving it up",
                             str(exc) or "no answer in time")
+                self._conn = None  # before its end is reported: it is no longer the one in use
                 conn.terminate()
                 return
 
