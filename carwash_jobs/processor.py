@@ -723,7 +723,7 @@ class QueueProcessor:
         before = dict(self._running)
         lease_until = self._clock() + self._config.lease
         try:
-            held = await self._store.extend_leases(self._owner, list(before), lease_until)
+            held = await self._extend_leases(list(before), lease_until)
         except Exception:
             log.exception("heartbeat failed: not claiming new jobs until it succeeds")
             self._claims_allowed.clear()
@@ -741,13 +741,34 @@ class QueueProcessor:
             seen.state.lease_lost = True
             self.cancel_local(job_id)
 
+    async def _extend_leases(self, ids: list[JobId], lease_until: datetime) -> set[JobId]:
+        """The heartbeat's write, given half an interval: a write to a database that vanished
+        without a word (a half-open connection) neither ends nor fails, and the heartbeat
+        would wait with it, stopping nothing. Its task is cancelled, not awaited: the cancel
+        of such a write may not end either."""
+        write = asyncio.ensure_future(self._store.extend_leases(self._owner, ids, lease_until))
+        write.add_done_callback(_retrieved)
+        try:
+            done, _ = await asyncio.wait(
+                {write}, timeout=self._config.heartbeat_interval.total_seconds() / 2
+            )
+        finally:
+            if not write.done():
+                write.cancel()
+        if not done:
+            raise TimeoutError("the database did not answer the lease extension within half "
+                               "a heartbeat interval")
+        return write.result()
+
     def _stop_leases_running_out(self, seen: dict[JobId, _Running]) -> None:
         """While the heartbeat cannot write (the database is out of reach from here), stop the
-        jobs whose leases run out before the next heartbeat: once a lease has run out, another
-        process may claim the job, and two attempts of it would run at once. Stopped before,
-        this attempt ends as a lost lease does; the job runs again once its lease has run
-        out (here, or in a process that reaches the database)."""
-        horizon = self._clock() + self._config.heartbeat_interval
+        jobs whose leases would otherwise run out before the heartbeat after next: once a
+        lease has run out, another process may claim the job, and two attempts of it would
+        run at once. The next heartbeat ends within one and a half intervals (its write is
+        given half of one); the other half is the margin left for the hosts' clocks and for
+        the handler to stop. Stopped, this attempt ends as a lost lease does; the job runs
+        again once its lease has run out (here, or in a process that reaches the database)."""
+        horizon = self._clock() + 2 * self._config.heartbeat_interval
         for job_id, running in seen.items():
             if self._running.get(job_id) is not running or running.finished:
                 continue  # ended meanwhile, or recording its end (its record finds out)
@@ -757,6 +778,12 @@ class QueueProcessor:
                         "extend it; stopping it", job_id)
             running.state.lease_lost = True
             self.cancel_local(job_id)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Reads a task's exception so that an abandoned one is not reported as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _settle(what: str, waiting: Awaitable[Any], deadline: float) -> bool:

@@ -1158,16 +1158,21 @@ async def test_a_lease_expired_and_reclaimed_by_the_same_process_stops_the_old_a
 
 class HeartbeatFailingStore(SqliteJobStore):
     """The one test double of this suite: a real SqliteJobStore whose lease-extending write
-    fails while `broken` is set. No real database fault can make only the heartbeat's write
-    fail simply (closing the connection would fail the claims and outcomes too)."""
+    fails while `broken` is set, and neither ends nor fails while `silent` is (a connection
+    whose server vanished without a word). No real database fault can make only the
+    heartbeat's write fail simply (closing the connection would fail the claims and outcomes
+    too)."""
 
     broken = False
+    silent = False
 
     async def extend_leases(
         self, owner: str, ids: Sequence[JobId], lease_until: Any
     ) -> set[JobId]:
         if self.broken:
             raise sqlite3.OperationalError("disk I/O error")
+        if self.silent:
+            await asyncio.Event().wait()
         return await super().extend_leases(owner, ids, lease_until)
 
 
@@ -1201,13 +1206,13 @@ async def test_while_heartbeat_writes_fail_the_processor_claims_nothing_new(
     assert (await h.get(first.id)).status == S.completed
 
 
-async def test_a_job_whose_lease_runs_out_before_the_next_heartbeat_could_extend_it_is_stopped(
+async def test_while_heartbeats_fail_a_job_is_stopped_before_its_lease_runs_out(
     harnesses: Harnesses, db_url: str, clock: ManualClock
 ) -> None:
     """A worker cut off from the database: its heartbeats fail, and once a job's lease runs out,
-    another process may claim the job. The attempt is stopped at the last failed heartbeat
-    before that (a lost lease: nothing recorded, nothing written); the job runs again once the
-    lease has run out, so two attempts never run at once."""
+    another process may claim the job. The attempt is stopped at the first failed heartbeat
+    whose next-but-one would come too late (a lost lease: nothing recorded, nothing written);
+    the job runs again once the lease has run out, so two attempts do not run at once."""
     gate = Gate()
     stopped = asyncio.Event()
 
@@ -1229,26 +1234,61 @@ async def test_a_job_whose_lease_runs_out_before_the_next_heartbeat_could_extend
     clock.advance(30)
     await h.processor.heartbeat()  # extends the lease to 90 s from the claim
     store.broken = True
-    clock.advance(30)  # 60 s: the lease runs out in 30 s, after the next heartbeat
+    clock.advance(25)  # 55 s: the lease runs out in 35 s, after the heartbeat after next
     await h.processor.heartbeat()
+    await asyncio.sleep(0.05)  # a cancel, had there been one, would have reached the handler
     assert not stopped.is_set()
     assert h.processor.running_ids == [job.id]
-    clock.advance(15)  # 75 s: it runs out before the next heartbeat could extend it
+    clock.advance(5)  # 60 s: it runs out within two intervals
     await h.processor.heartbeat()
     await wait_for(stopped)
     await h.run_until_idle()
     assert h.processor.running_ids == []
     row = await h.get(job.id)
-    assert (row.status, row.attempts, row.lease_until) == (S.running, 1, clock() + timedelta(seconds=15))
+    assert (row.status, row.attempts, row.lease_until) == (S.running, 1, clock() + timedelta(seconds=30))
 
     store.broken = False
     await h.processor.heartbeat()  # the database is back: claims again
-    clock.advance(16)  # past the lease: any process's lease check takes the job back
+    clock.advance(31)  # past the lease: any process's lease check takes the job back
     assert await h.scheduler.release_expired_leases() == 1
     await h.run_until_idle()
     row = await h.get(job.id)
     assert (row.status, row.result) == (S.completed, "attempt 2")
     assert outcomes(row) == ["worker_lost", "completed"]
+
+
+async def test_a_heartbeat_write_that_never_answers_counts_as_failed_after_half_an_interval(
+    harnesses: Harnesses, db_url: str, clock: ManualClock
+) -> None:
+    """Its server gone without a word, the write neither ends nor fails: the heartbeat gives
+    it up after half an interval, claims nothing new and stops the jobs whose leases run out."""
+    gate = Gate()
+    stopped = asyncio.Event()
+
+    async def slow(ctx: JobContext, payload: Item) -> None:
+        try:
+            await gate.hold()
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    store = HeartbeatFailingStore(db_url, owner=OWNER, clock=clock)
+    await store.open()
+    h = await harnesses.make(task_type("slow", slow), store=store, clock=clock,
+                             heartbeat_interval=timedelta(seconds=0.2))
+    job = await h.enqueue("slow")
+    await wait_for(gate.entered)
+    store.silent = True
+    started = time.monotonic()
+    await asyncio.wait_for(h.processor.heartbeat(), 5)
+    assert 0.1 <= time.monotonic() - started < 2
+    assert not stopped.is_set()  # the lease has 60 s to run
+    second = await h.enqueue("noop")
+    clock.advance(59.7)  # the lease runs out within two intervals
+    await asyncio.wait_for(h.processor.heartbeat(), 5)
+    await wait_for(stopped)
+    assert (await h.get(second.id)).status == S.queued  # claims wait for a heartbeat to succeed
+    assert (await h.get(job.id)).status == S.running  # nothing could be recorded: its lease decides
 
 
 async def test_a_heartbeat_while_a_finished_job_runs_its_hook_does_not_stop_it(
