@@ -264,6 +264,8 @@ class Gate:
     def __init__(self) -> None:
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
+        #: a held handler was cancelled (stopped) here
+        self.stopped = asyncio.Event()
         self.inside = 0
 
     async def hold(self) -> None:
@@ -271,6 +273,9 @@ class Gate:
         self.entered.set()
         try:
             await self.release.wait()
+        except asyncio.CancelledError:
+            self.stopped.set()
+            raise
         finally:
             self.inside -= 1
 

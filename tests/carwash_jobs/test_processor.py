@@ -1107,21 +1107,12 @@ async def test_a_heartbeat_that_finds_its_lease_gone_stops_the_handler(
     harnesses: Harnesses, clock: ManualClock
 ) -> None:
     gate = Gate()
-    stopped = asyncio.Event()
-
-    async def slow(ctx: JobContext, payload: Item) -> None:
-        try:
-            await gate.hold()
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-
-    h = await harnesses.make(task_type("slow", slow), clock=clock)
+    h = await harnesses.make(task_type("slow", gate.handler), clock=clock)
     job = await h.enqueue("slow")
     await wait_for(gate.entered)
     newer = await _take_over(h, job.id, clock)
     await h.processor.heartbeat()
-    await wait_for(stopped)
+    await wait_for(gate.stopped)
     await h.run_until_idle()
     assert h.processor.running_ids == []
     assert await h.get(job.id) == newer
@@ -1263,18 +1254,9 @@ async def test_a_heartbeat_write_that_never_answers_counts_as_failed_after_half_
     """Its server gone without a word, the write neither ends nor fails: the heartbeat gives
     it up after half an interval, claims nothing new and stops the jobs whose leases run out."""
     gate = Gate()
-    stopped = asyncio.Event()
-
-    async def slow(ctx: JobContext, payload: Item) -> None:
-        try:
-            await gate.hold()
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-
     store = HeartbeatFailingStore(db_url, owner=OWNER, clock=clock)
     await store.open()
-    h = await harnesses.make(task_type("slow", slow), store=store, clock=clock,
+    h = await harnesses.make(task_type("slow", gate.handler), store=store, clock=clock,
                              heartbeat_interval=timedelta(seconds=0.2))
     job = await h.enqueue("slow")
     await wait_for(gate.entered)
@@ -1282,11 +1264,11 @@ async def test_a_heartbeat_write_that_never_answers_counts_as_failed_after_half_
     started = time.monotonic()
     await asyncio.wait_for(h.processor.heartbeat(), 5)
     assert 0.1 <= time.monotonic() - started < 2
-    assert not stopped.is_set()  # the lease has 60 s to run
+    assert not gate.stopped.is_set()  # the lease has 60 s to run
     second = await h.enqueue("noop")
     clock.advance(59.7)  # the lease runs out within two intervals
     await asyncio.wait_for(h.processor.heartbeat(), 5)
-    await wait_for(stopped)
+    await wait_for(gate.stopped)
     assert (await h.get(second.id)).status == S.queued  # claims wait for a heartbeat to succeed
     assert (await h.get(job.id)).status == S.running  # nothing could be recorded: its lease decides
 
