@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 MAX_CONTEXT_BYTES = 4096
 #: priorities fit a 32-bit column (PostgreSQL's INTEGER), either way from 0
 PRIORITY_MAX = 2**31 - 1
+MAX_ATTEMPTS_MAX = 2**31 - 1
 #: worker_queue.queue is a VARCHAR(64)
 QUEUE_NAME_MAX_LENGTH = 64
 #: failed jobs a bulk retry moves in one transaction (it goes on until none is left). Measured
@@ -629,10 +630,12 @@ def _depends_on(options: EnqueueOptions) -> tuple[JobId, ...]:
 
 
 def _max_attempts(options: EnqueueOptions, task_type_default: int) -> int:
+    """Bounded as the column is on PostgreSQL (32 bits): SQLite would have kept a larger one,
+    from 2**63 as an approximate float."""
     if options.max_attempts is None:
         return task_type_default
-    if not _is_int(options.max_attempts) or options.max_attempts < 1:
-        raise InvalidPayload("max_attempts", "must be an integer >= 1")
+    if not _is_int(options.max_attempts) or not 1 <= options.max_attempts <= MAX_ATTEMPTS_MAX:
+        raise InvalidPayload("max_attempts", f"must be an integer from 1 to {MAX_ATTEMPTS_MAX}")
     return options.max_attempts
 
 

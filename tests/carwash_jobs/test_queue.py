@@ -135,6 +135,9 @@ async def test_a_context_as_deep_as_allowed_is_written(idle: Harness) -> None:
         ({"run_at": datetime(2030, 1, 1, tzinfo=UTC), "delay_seconds": 5}, "run_at"),
         ({"max_attempts": 0}, "max_attempts"),
         ({"max_attempts": "3"}, "max_attempts"),
+        # past PostgreSQL's 32-bit column; SQLite kept one from 2**63 as an approximate float
+        ({"max_attempts": 2**31}, "max_attempts"),
+        ({"max_attempts": 2**63}, "max_attempts"),
         # written, a text priority could not be ordered against the others: every reload of
         # the due jobs failed on it, and so did every start of the runtime
         ({"priority": "high"}, "priority"),

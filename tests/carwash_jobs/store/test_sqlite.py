@@ -207,9 +207,10 @@ async def test_plain_jobs_past_the_text_one_statement_reads_go_in_through_severa
     store: SqliteJobStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bulk enqueue of large payloads: SQLite refuses a string over a billion bytes, so the
-    rows' JSON arrays are cut at PLAIN_ROWS_MAX_CHARS (here 250), a job larger than that alone
-    in its own. Every job and its event is written, in one commit."""
-    monkeypatch.setattr(sqlite_store, "PLAIN_ROWS_MAX_CHARS", 250)
+    rows' JSON arrays are cut at about PLAIN_ROWS_MAX_CHARS (here 1,100; each row counts 402
+    besides its payload), a job larger than that alone in its own. Every job and its event is
+    written, in one commit."""
+    monkeypatch.setattr(sqlite_store, "PLAIN_ROWS_MAX_CHARS", 1100)
     statements: list[str] = []
     sizes = [100, 100, 100, 400, 10, 10]
     jobs = [replace(new_job(clock), payload={"text": "x" * n}) for n in sizes]
@@ -229,6 +230,41 @@ async def test_plain_jobs_past_the_text_one_statement_reads_go_in_through_severa
     assert [len(read[j.id].payload["text"]) for j in jobs] == sizes
     for job in jobs:
         assert [e.event for e in await store.events(job.id)] == ["enqueued"]
+
+
+async def test_a_large_bulk_of_plain_jobs_lets_the_event_loop_run_between_its_parts(
+    store: SqliteJobStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain jobs are made ready in the event loop's thread, PLAIN_PART_JOBS (here 2) at a time,
+    the loop's other work running between two parts, and all of them written in one commit."""
+    monkeypatch.setattr(sqlite_store, "PLAIN_PART_JOBS", 2)
+    turns = 0
+    seen_at_part: list[int] = []
+    make_part = sqlite_store._PlainJobs
+
+    def part(jobs: list[NewJob], now: datetime) -> Any:
+        seen_at_part.append(turns)
+        return make_part(jobs, now)
+
+    monkeypatch.setattr(sqlite_store, "_PlainJobs", part)
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    ticking = asyncio.create_task(other_work())
+    await asyncio.sleep(0)  # it has started
+    try:
+        jobs = [new_job(clock) for _ in range(5)]
+        results = await store.insert(jobs)
+    finally:
+        ticking.cancel()
+    assert len(seen_at_part) == 3
+    assert seen_at_part == sorted(set(seen_at_part))  # the loop turned between every two parts
+    assert [r.job.id for r in results] == [j.id for j in jobs]
+    assert len(await store.get_many([j.id for j in jobs])) == 5
 
 
 async def test_the_writer_runs_in_wal_mode_with_synchronous_full_and_temp_store_memory(
