@@ -576,7 +576,7 @@ class SqliteJobStore:
     async def insert(self, jobs: Sequence[NewJob], tx: Tx | None = None) -> list[Inserted]:
         now = self._clock()
         if tx is None and all(job.plain for job in jobs):
-            return await self._insert_plain(jobs, now)
+            return await self._insert_plain_parts(jobs, now)
 
         def run(conn: sqlite3.Connection) -> list[Inserted]:
             return _insert(conn, jobs, self._owner, now)
@@ -586,7 +586,7 @@ class SqliteJobStore:
             return await tx.run_sync(run)
         return await self.writer.run_sync(run)
 
-    async def _insert_plain(self, jobs: Sequence[NewJob], now: datetime) -> list[Inserted]:
+    async def _insert_plain_parts(self, jobs: Sequence[NewJob], now: datetime) -> list[Inserted]:
         """Plain jobs made ready and answered here, in the event loop's thread: the writer's
         thread only runs their SQL (bulk enqueues 5-15 % faster than with all of it there). A
         part of PLAIN_PART_JOBS at a time, the loop's other work running between two: a bulk
