@@ -747,15 +747,7 @@ class QueueProcessor:
         would wait with it, stopping nothing. Its task is cancelled, not awaited: the cancel
         of such a write may not end either."""
         write = asyncio.ensure_future(self._store.extend_leases(self._owner, ids, lease_until))
-        write.add_done_callback(_retrieved)
-        try:
-            done, _ = await asyncio.wait(
-                {write}, timeout=self._config.heartbeat_interval.total_seconds() / 2
-            )
-        finally:
-            if not write.done():
-                write.cancel()
-        if not done:
+        if not await _done_within(write, self._config.heartbeat_interval.total_seconds() / 2):
             raise TimeoutError("the database did not answer the lease extension within half "
                                "a heartbeat interval")
         return write.result()
@@ -780,22 +772,32 @@ class QueueProcessor:
             self.cancel_local(job_id)
 
 
+async def _done_within(task: asyncio.Future[Any], seconds: float) -> bool:
+    """Wait for `task` at most `seconds`; False if it is still going then, and it is cancelled
+    but not awaited: the cancel of a write to a database that vanished without a word (a
+    half-open connection) may not end either. Its outcome is read when it comes, so that an
+    abandoned task's error is not reported as never retrieved."""
+    task.add_done_callback(_retrieved)
+    try:
+        done, _ = await asyncio.wait([task], timeout=max(seconds, 0.0))
+    finally:
+        if not task.done():
+            task.cancel()
+    return bool(done)
+
+
 def _retrieved(task: asyncio.Future[Any]) -> None:
-    """Reads a task's exception so that an abandoned one is not reported as never retrieved."""
     if not task.cancelled():
         task.exception()
 
 
 async def _settle(what: str, waiting: Awaitable[Any], deadline: float) -> bool:
     """Wait for `waiting` until `deadline` (the loop's time); False, with a warning, if it is
-    still going then (it goes on; what it writes may be cut off when the store stops)."""
+    still going then (it is cancelled; what it writes may be cut off when the store stops)."""
     loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(waiting)
-    done, _ = await asyncio.wait([task], timeout=max(deadline - loop.time(), 0.0))
-    if done:
+    if await _done_within(asyncio.ensure_future(waiting), deadline - loop.time()):
         return True
     log.warning("stopping: %s is still waiting for the database; not waiting for it", what)
-    task.cancel()
     return False
 
 

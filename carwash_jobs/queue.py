@@ -307,20 +307,16 @@ class JobQueue:
                 raise
             raise refused from exc
 
-    def _refuse_inside_own_transaction(self, tx: Tx | None) -> None:
-        """An enqueue without `tx` inside a transaction function of a SQLite store would wait
-        for that function: the store's own check cannot see it from the batcher's task, which
-        does the write. (A hand-over's write runs in a task the enqueue starts: it gets here.)"""
-        if tx is None and self.store.in_own_transaction():
-            raise WriteInsideTransaction()
-
     async def insert(self, jobs: Sequence[NewJob], *, tx: Tx | None = None) -> list[Inserted]:
         """Write jobs that build() or build_many() made. build() has refused a payload holding
         NaN or an infinity; build_many() leaves that to the store, whose ValueError reaches the
         caller here (enqueue_many names the field instead)."""
-        self._refuse_inside_own_transaction(tx)
         if tx is None and len(jobs) == 1 and jobs[0].plain:
-            # concurrent single enqueues share one set-based write (see batcher.py)
+            # concurrent single enqueues share one set-based write (see batcher.py). Inside a
+            # transaction function of a SQLite store it would wait for that function; the
+            # store's own check (its writer's) cannot see that from the batcher's task
+            if self.store.in_own_transaction():
+                raise WriteInsideTransaction()
             results = [await self._plain_inserts.submit(jobs[0])]
         else:
             # the store joins only its own Tx: hand it the one a _QueueTx wraps

@@ -64,11 +64,12 @@ Handler = Callable[..., Awaitable[Response[JobOut]]]
 
 
 def task_routes(registry: TaskRegistry, settings: Settings) -> list[HTTPRouteHandler]:
-    return [
-        _upload_route(t, _queue_field(settings, t), settings) if t.upload_field
-        else _json_route(t, _queue_field(settings, t))
-        for t in registry
-    ]
+    routes: list[HTTPRouteHandler] = []
+    for t in registry:
+        queue_field = _queue_field(settings, t)
+        routes.append(_upload_route(t, queue_field, settings) if t.upload_field
+                      else _json_route(t, queue_field))
+    return routes
 
 
 def _queue_field(settings: Settings, task: AnyTaskType) -> tuple[Any, Any]:

@@ -640,12 +640,7 @@ class PostgresJobStore:
             self._listener = None
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            try:  # a connection whose server has vanished without a word never answers a close
-                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_SECONDS)
-            except TimeoutError:
-                log.warning("the database did not answer the close within %.0fs; dropping "
-                            "the connections", CLOSE_TIMEOUT_SECONDS)
-                pool.terminate()
+            await _close_or_drop(pool)
 
     async def ping(self) -> None:
         try:
@@ -1206,8 +1201,11 @@ def _stored(job: NewJob, status: JobStatus, error: str | None, now: datetime) ->
 
 
 async def _apply(
-    conn: asyncpg.Connection, t: Transition, owner: str, now: datetime
+    conn: asyncpg.Connection, t: Transition, owner: str, now: datetime, *, notify: bool = True
 ) -> Applied:
+    """`t` on one job, its event, its dependents; a job it puts back in the queue (retried, or
+    given back by a stop or a lease check) is told to the other processes unless `notify` is
+    false (freed dependents: _resolve_dependents tells them all in one notice)."""
     sql, params = _transition_sql(t, now, "id = :id")
     text, args = numbered(sql, {**params, "id": t.job_id})
     row = await conn.fetchrow(text, *args)
@@ -1218,9 +1216,7 @@ async def _apply(
                        owner, t.message)
     if job.status == JobStatus.cancelled:
         await conn.execute(NOTIFY, CHANNEL, json_text({"e": "cancel", "id": job.id, "from": owner}))
-    elif job.status == JobStatus.queued and t.event != "dependencies_met":
-        # retried, or given back by a stop or a lease check (freed dependents: one notice for
-        # all of them, from _resolve_dependents)
+    elif job.status == JobStatus.queued and notify:
         await _notify_new(conn, [job], owner)
     woken, cancelled = await _resolve_dependents(conn, job.id, job.status, owner, now)
     return Applied(job, woken, cancelled)
@@ -1322,7 +1318,7 @@ async def _resolve_dependents(
             if await conn.fetchval(UNFINISHED_DEPENDENCIES, dependent_id):
                 continue
             release = lifecycle.dependencies_met(JobId(dependent_id), run_at, now)
-            applied = await _apply(conn, release, owner, now)
+            applied = await _apply(conn, release, owner, now, notify=False)
             woken.append(applied.job)
         else:
             transition = lifecycle.dependency_failed(JobId(dependent_id), JobId(job_id), status, now)
@@ -1340,6 +1336,17 @@ async def _resolve_dependents(
 #: how long a close may wait for the server's answer: a connection whose server vanished
 #: without a word (a half-open one) never answers, and a stop would wait for it for good
 CLOSE_TIMEOUT_SECONDS = 5.0
+
+
+async def _close_or_drop(closable: asyncpg.Pool | asyncpg.Connection) -> None:
+    """Close a pool or a connection, and drop it (terminate) if its server does not answer
+    the close within CLOSE_TIMEOUT_SECONDS, or the close fails."""
+    try:
+        await asyncio.wait_for(closable.close(), CLOSE_TIMEOUT_SECONDS)
+    except Exception:
+        log.warning("the database did not answer the close within %.0fs; dropping the "
+                    "connections", CLOSE_TIMEOUT_SECONDS)
+        closable.terminate()
 
 
 class _Listener:
@@ -1374,10 +1381,7 @@ class _Listener:
                 await self._task
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
-            try:  # one that went silent never answers a close: dropped after the timeout
-                await conn.close(timeout=CLOSE_TIMEOUT_SECONDS)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                conn.terminate()
+            await _close_or_drop(conn)
 
     async def _connect(self) -> None:
         self._lost.clear()

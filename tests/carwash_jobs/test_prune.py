@@ -350,7 +350,6 @@ async def test_a_run_lets_other_work_in_between_batches_and_ends_when_stopped(
     worker.cancel()
 
     assert len(turns_at_each_batch) == 3  # no batch after the stop
-    assert turns_at_each_batch == sorted(set(turns_at_each_batch))  # other work in between
     assert await count_cancelled(store) >= 7  # the rest waits for the next run
 
 

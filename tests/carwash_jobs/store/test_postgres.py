@@ -253,12 +253,6 @@ async def through_proxy(database_url: str) -> AsyncIterator[tuple[str, FreezingP
         await proxy.stop()
 
 
-async def _until(check: Callable[[], bool]) -> None:
-    async with asyncio.timeout(10):
-        while not check():  # noqa: ASYNC110 - a plain list filled by a callback
-            await asyncio.sleep(0.01)
-
-
 def _collect(notices: list[Notice]) -> tuple[Callable[[Notice], None], asyncio.Event]:
     arrived = asyncio.Event()
 
@@ -318,7 +312,10 @@ async def test_a_listen_connection_that_went_silent_is_given_up_and_replaced(
             await asyncio.sleep(0.6)  # more probes, on the new connection: answered
             assert [n.kind for n in notices] == ["reload"]
             (job,) = [r.job for r in await other_store.insert([new_job(clock)])]
-            await _until(lambda: len(notices) == 2)
+            async def both_told() -> bool:
+                return len(notices) == 2
+
+            await until(both_told, asyncio.get_running_loop().create_future())
             await asyncio.sleep(0.3)  # a second connection left listening would tell it twice
             assert [(n.kind, [due.id for due in n.jobs]) for n in notices[1:]] == [("new", [job.id])]
         finally:
